@@ -1,0 +1,161 @@
+//! Settings: one place for every address, secret and tunable. Each field is an environment variable
+//! (the names in ARCHITECTURE.md are public interface) and also a `--flag`.
+//!
+//! The per-service structs compose small `clap::Args` groups so ingest and worker share one
+//! definition of, say, `DATABASE_URL`.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+use secrecy::SecretString;
+use url::Url;
+
+/// Parses a flag or variable straight into a secret so it never sits in a plain `String`.
+fn secret(value: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(value.to_owned()))
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL; the database is created if it does not exist.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/calsync")]
+    pub database_url: String,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct AmqpArgs {
+    /// RabbitMQ URL. Wrapped as a secret because it usually carries a password.
+    #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f", value_parser = secret, hide_default_value = true)]
+    pub amqp_url: SecretString,
+
+    /// Prefix for every exchange and queue name. Empty in production; tests and side-by-side
+    /// deployments on one vhost use it to keep their topologies apart.
+    #[arg(long, env = "AMQP_TOPOLOGY_PREFIX", default_value = "", hide = true)]
+    pub amqp_topology_prefix: String,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct CalendlyArgs {
+    #[arg(long, env = "CALENDLY_API_BASE_URL", default_value = "https://api.calendly.com")]
+    pub calendly_api_base_url: Url,
+
+    #[arg(long, env = "CALENDLY_AUTH_BASE_URL", default_value = "https://auth.calendly.com")]
+    pub calendly_auth_base_url: Url,
+
+    #[arg(long, env = "CALENDLY_OAUTH_CLIENT_ID")]
+    pub calendly_oauth_client_id: Option<String>,
+
+    #[arg(long, env = "CALENDLY_OAUTH_CLIENT_SECRET", value_parser = secret)]
+    pub calendly_oauth_client_secret: Option<SecretString>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TokenKeyArgs {
+    /// Base64 of 32 bytes. Required: without it tokens could not be stored or read.
+    #[arg(long, env = "TOKEN_ENCRYPTION_KEY", value_parser = secret)]
+    pub token_encryption_key: Option<SecretString>,
+
+    /// Older keys, comma-separated, still accepted for decryption during a rotation.
+    #[arg(long, env = "TOKEN_ENCRYPTION_PREVIOUS_KEYS", value_parser = secret, value_delimiter = ',')]
+    pub token_encryption_previous_keys: Vec<SecretString>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct InboxArgs {
+    /// How old an unmatched delivery may be and still be replayed when its Calendly user connects.
+    #[arg(long, env = "INBOX_REPLAY_DAYS", default_value_t = 7)]
+    pub inbox_replay_days: u32,
+}
+
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TelemetryArgs {
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+}
+
+/// Settings of `calsync-ingest`.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "calsync-ingest", version, about = "Verifies Calendly webhooks and queues them durably")]
+pub struct IngestSettings {
+    #[arg(long, env = "INGEST_ADDR", default_value = "0.0.0.0:8080")]
+    pub ingest_addr: String,
+
+    /// Every key verifies (rotation). Required: ingest refuses to start without one.
+    #[arg(long, env = "CALENDLY_WEBHOOK_SIGNING_KEYS", value_parser = secret, value_delimiter = ',')]
+    pub calendly_webhook_signing_keys: Vec<SecretString>,
+
+    /// How old a signature timestamp may be, in seconds.
+    #[arg(long, env = "CALENDLY_WEBHOOK_TOLERANCE_SECS", default_value_t = 180)]
+    pub calendly_webhook_tolerance_secs: u64,
+
+    /// Where Calendly should deliver webhooks; unset = do not create subscriptions.
+    #[arg(long, env = "CALENDLY_WEBHOOK_CALLBACK_URL")]
+    pub calendly_webhook_callback_url: Option<Url>,
+
+    #[arg(long, env = "CALENDLY_OAUTH_REDIRECT_URI", default_value = "http://127.0.0.1:8080/oauth/calendly/callback")]
+    pub calendly_oauth_redirect_uri: Url,
+
+    /// Bearer token of the connection API; the API answers 503 until it is set.
+    #[arg(long, env = "INTERNAL_API_TOKEN", value_parser = secret)]
+    pub internal_api_token: Option<SecretString>,
+
+    /// Where the OAuth callback redirects on success; unset = a small HTML result page.
+    #[arg(long, env = "CONNECT_RETURN_URL")]
+    pub connect_return_url: Option<Url>,
+
+    /// How long a webhook request waits for the broker's confirm before answering 503.
+    #[arg(long, env = "INGEST_PUBLISH_TIMEOUT_MS", default_value_t = 5000, hide = true)]
+    pub ingest_publish_timeout_ms: u64,
+
+    /// Confirm-mode channels shared by all requests.
+    #[arg(long, env = "INGEST_PUBLISH_CHANNELS", default_value_t = 4, hide = true)]
+    pub ingest_publish_channels: usize,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    #[command(flatten)]
+    pub calendly: CalendlyArgs,
+    #[command(flatten)]
+    pub token_keys: TokenKeyArgs,
+    #[command(flatten)]
+    pub inbox: InboxArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+impl IngestSettings {
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest_publish_timeout_ms)
+    }
+
+    /// Fail closed: the settings without which ingest must not run, named by their variable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.calendly_webhook_signing_keys.is_empty() {
+            return Err(ConfigError::Missing("CALENDLY_WEBHOOK_SIGNING_KEYS"));
+        }
+        if self.token_keys.token_encryption_key.is_none() {
+            return Err(ConfigError::Missing("TOKEN_ENCRYPTION_KEY"));
+        }
+        if self.ingest_publish_channels == 0 {
+            return Err(ConfigError::Invalid("INGEST_PUBLISH_CHANNELS", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0} is not set; calsync refuses to start without it (see .env.example)")]
+    Missing(&'static str),
+    #[error("{0} is invalid: {1}")]
+    Invalid(&'static str, String),
+}

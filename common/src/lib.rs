@@ -1,0 +1,21 @@
+//! Shared building blocks of calsync's services.
+//!
+//! - [`config`]: every address, secret and tunable, read from the environment (or `--flags`) by clap.
+//! - [`telemetry`]: tracing subscriber (pretty or JSON) and the Prometheus recorder.
+//! - [`shutdown`]: SIGTERM / Ctrl-C turned into one [`tokio_util::sync::CancellationToken`].
+//! - [`retry`]: the one place retry and reconnect policies live.
+//! - [`crypto`]: AES-256-GCM token encryption with associated data and key rotation.
+//! - [`calendly`]: Calendly wire formats, the webhook signature check, and the API client.
+//! - [`queue`]: RabbitMQ topology, the confirming publisher, and message shapes.
+//! - [`db`]: PostgreSQL pool, migrations, and the data access used by both services.
+//! - [`http`]: outgoing HTTP clients (rustls + ring).
+
+pub mod calendly;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod http;
+pub mod queue;
+pub mod retry;
+pub mod shutdown;
+pub mod telemetry;

@@ -1,0 +1,266 @@
+//! One RabbitMQ connection per process, kept alive by a supervisor task, with a small pool of
+//! confirm-mode channels that every publisher shares.
+//!
+//! Why this shape: a channel per request would cost a round trip per webhook and exhaust the
+//! broker's channel limit under load; one channel would serialise everything behind one confirm
+//! stream. A few channels with many publishes pipelined on each is what RabbitMQ recommends.
+//! Callers never wait for a reconnect: while the link is down `publish` fails at once, which
+//! ingest turns into a fast 503 so Calendly retries later.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
+use secrecy::{ExposeSecret, SecretString};
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{Outgoing, Topology};
+use crate::retry;
+
+/// How long one connection attempt (TCP + AMQP handshake + topology) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the supervisor checks that the connection is still up.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
+
+#[derive(Clone)]
+pub struct BrokerConfig {
+    pub url: SecretString,
+    pub topology: Topology,
+    /// Confirm-mode channels in the publish pool (0 for a consume-only process).
+    pub publish_channels: usize,
+    /// Longest wait for a publisher confirm before the publish counts as failed.
+    pub confirm_timeout: Duration,
+    /// Shown in the RabbitMQ management UI, so operators can tell ingest from workers.
+    pub connection_name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("not connected to RabbitMQ")]
+    Unavailable,
+    #[error("RabbitMQ has blocked publishing (memory or disk alarm)")]
+    Blocked,
+    #[error("RabbitMQ did not confirm within {0:?}")]
+    Timeout(Duration),
+    #[error("RabbitMQ could not route the message (missing queue or binding)")]
+    Unroutable,
+    #[error("RabbitMQ refused the message (nack)")]
+    Nacked,
+    #[error("publishing failed: {0}")]
+    Channel(#[source] lapin::Error),
+}
+
+struct Link {
+    /// Held for its lifetime: dropping a lapin `Connection` closes it.
+    conn: Connection,
+    publish: Vec<Channel>,
+    /// Wakes the supervisor when a publish saw this link fail before its health poll did. Per
+    /// link, so a wake-up meant for a dead link can never tear down its replacement.
+    broken: Notify,
+}
+
+struct Inner {
+    config: BrokerConfig,
+    link: RwLock<Option<Arc<Link>>>,
+    /// Round-robin cursor over the publish channels.
+    next: AtomicUsize,
+    /// Counts established links; consumers watch it to re-subscribe after a reconnect.
+    generation: watch::Sender<u64>,
+    stop: CancellationToken,
+}
+
+/// Cheap to clone; all clones share one connection.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<Inner>,
+}
+
+impl Broker {
+    /// Starts the supervisor, which connects (and keeps reconnecting) in the background. Returns
+    /// at once: a process must be able to start, and answer 503, while the broker is down.
+    pub fn start(config: BrokerConfig) -> Self {
+        let inner = Arc::new(Inner {
+            config,
+            link: RwLock::new(None),
+            next: AtomicUsize::new(0),
+            generation: watch::channel(0).0,
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(supervise(inner.clone()));
+        Self { inner }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.inner.config.topology
+    }
+
+    fn current(&self) -> Option<Arc<Link>> {
+        self.inner.link.read().expect("broker link lock poisoned").clone()
+    }
+
+    /// Connected and not blocked by a resource alarm.
+    pub fn is_ready(&self) -> bool {
+        self.current().is_some_and(|l| l.conn.status().connected() && !l.conn.status().blocked())
+    }
+
+    /// Waits until connected, up to `deadline`.
+    pub async fn wait_ready(&self, deadline: Duration) -> bool {
+        let mut rx = self.subscribe();
+        tokio::time::timeout(deadline, async {
+            while !self.is_ready() {
+                tokio::select! {
+                    _ = rx.changed() => {},
+                    _ = tokio::time::sleep(HEALTH_POLL) => {},
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+
+    /// A receiver whose value changes each time a new link is established.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.generation.subscribe()
+    }
+
+    /// Opens a fresh channel on the current link (for consumers, which want their own).
+    pub async fn open_channel(&self) -> Result<Channel, PublishError> {
+        let link = self.current().ok_or(PublishError::Unavailable)?;
+        link.conn.create_channel().await.map_err(|e| {
+            self.mark_broken(&link);
+            PublishError::Channel(e)
+        })
+    }
+
+    /// Publishes to the main exchange and waits for the broker's confirm. `Ok` means the broker
+    /// holds the message in a durable queue; anything else means it may not.
+    pub async fn publish(&self, message: &Outgoing) -> Result<(), PublishError> {
+        let exchange = self.inner.config.topology.exchange();
+        self.publish_to(&exchange, message).await
+    }
+
+    /// Publishes to any exchange (the default one is `""`), with confirm and the mandatory flag.
+    pub async fn publish_to(&self, exchange: &str, message: &Outgoing) -> Result<(), PublishError> {
+        let link = self.current().ok_or(PublishError::Unavailable)?;
+        if link.publish.is_empty() {
+            return Err(PublishError::Unavailable);
+        }
+        if link.conn.status().blocked() {
+            return Err(PublishError::Blocked);
+        }
+        let channel = &link.publish[self.inner.next.fetch_add(1, Ordering::Relaxed) % link.publish.len()];
+        // mandatory: an unroutable message comes back to us (and becomes a 503) instead of being
+        // silently dropped by the exchange.
+        let options = BasicPublishOptions { mandatory: true, ..Default::default() };
+        let timeout = self.inner.config.confirm_timeout;
+        let confirm = async {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    message.routing_key.as_str().into(),
+                    options,
+                    &message.body,
+                    message.properties.clone(),
+                )
+                .await?
+                .await
+        };
+        match tokio::time::timeout(timeout, confirm).await {
+            Err(_) => Err(PublishError::Timeout(timeout)),
+            Ok(Err(e)) => {
+                self.mark_broken(&link);
+                Err(PublishError::Channel(e))
+            }
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
+            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            // Every pool channel is put in confirm mode before it is shared.
+            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+        }
+    }
+
+    fn mark_broken(&self, link: &Link) {
+        link.broken.notify_one();
+    }
+
+    /// Stops reconnecting and closes the connection. Call after the last publish has finished.
+    pub async fn close(&self) {
+        self.inner.stop.cancel();
+        let link = self.inner.link.write().expect("broker link lock poisoned").take();
+        if let Some(link) = link {
+            let _ = tokio::time::timeout(Duration::from_secs(2), link.conn.close(200, "shutdown".into())).await;
+        }
+    }
+}
+
+async fn connect(config: &BrokerConfig) -> lapin::Result<Link> {
+    let props = ConnectionProperties::default().with_connection_name(config.connection_name.as_str().into());
+    let conn = Connection::connect(config.url.expose_secret(), props).await?;
+    let setup = conn.create_channel().await?;
+    config.topology.declare(&setup).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+    let mut publish = Vec::with_capacity(config.publish_channels);
+    for _ in 0..config.publish_channels {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        publish.push(channel);
+    }
+    Ok(Link { conn, publish, broken: Notify::new() })
+}
+
+async fn supervise(inner: Arc<Inner>) {
+    let mut backoff = retry::reconnect();
+    let mut was_up = false;
+    while !inner.stop.is_cancelled() {
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect(&inner.config)).await {
+            Ok(Ok(link)) => {
+                backoff.reset();
+                let link = Arc::new(link);
+                *inner.link.write().expect("broker link lock poisoned") = Some(link.clone());
+                inner.generation.send_modify(|g| *g += 1);
+                tracing::info!(connection = %inner.config.connection_name, "connected to RabbitMQ");
+                was_up = true;
+                watch_link(&inner, &link).await;
+                inner.link.write().expect("broker link lock poisoned").take();
+                if inner.stop.is_cancelled() {
+                    break;
+                }
+                tracing::warn!("lost the RabbitMQ connection; reconnecting");
+                let _ = tokio::time::timeout(Duration::from_secs(1), link.conn.close(320, "reconnecting".into())).await;
+            }
+            Ok(Err(error)) => {
+                if was_up {
+                    tracing::warn!(%error, "cannot reach RabbitMQ yet");
+                } else {
+                    tracing::warn!(%error, "cannot connect to RabbitMQ; retrying in the background");
+                }
+            }
+            Err(_) => tracing::warn!("connecting to RabbitMQ timed out; retrying"),
+        }
+        let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+        tokio::select! {
+            _ = inner.stop.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {},
+        }
+    }
+}
+
+/// Returns when the link is no longer usable (or on stop).
+async fn watch_link(inner: &Inner, link: &Link) {
+    loop {
+        tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            _ = link.broken.notified() => return,
+            _ = tokio::time::sleep(HEALTH_POLL) => {
+                let channels_ok = link.publish.iter().all(|c| c.status().connected());
+                if !link.conn.status().connected() || !channels_ok {
+                    return;
+                }
+            }
+        }
+    }
+}

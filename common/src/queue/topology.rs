@@ -1,0 +1,149 @@
+//! Exchange, queues and bindings. Whoever starts first declares them; every declaration is
+//! idempotent (same arguments every time), so ingest and any number of workers can race.
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Channel, ExchangeKind};
+
+use crate::retry::REDELIVERY_DELAYS;
+
+/// A message redelivered more often than this (worker crashes mid-processing, for example) is
+/// dead-lettered by the broker itself instead of looping forever. Far above `WORKER_MAX_ATTEMPTS`,
+/// which handles every failure the worker sees; this catches the ones it never gets to see.
+pub const BROKER_DELIVERY_LIMIT: i64 = 50;
+
+/// Queues that have delayed-retry companions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryTarget {
+    Webhooks,
+    Sync,
+}
+
+impl RetryTarget {
+    fn short(self) -> &'static str {
+        match self {
+            Self::Webhooks => "webhooks",
+            Self::Sync => "sync",
+        }
+    }
+}
+
+/// Names of everything calsync declares. The prefix is empty in production (names exactly as in
+/// ARCHITECTURE.md); tests give each topology its own prefix so they never share a queue.
+#[derive(Debug, Clone, Default)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    fn name(&self, base: &str) -> String {
+        if self.prefix.is_empty() { base.to_owned() } else { format!("{}.{base}", self.prefix) }
+    }
+
+    pub fn exchange(&self) -> String {
+        self.name("calsync")
+    }
+    pub fn webhooks_queue(&self) -> String {
+        self.name("calsync.webhooks")
+    }
+    pub fn sync_queue(&self) -> String {
+        self.name("calsync.sync")
+    }
+    pub fn dead_queue(&self) -> String {
+        self.name("calsync.dead")
+    }
+    pub fn queue_of(&self, target: RetryTarget) -> String {
+        match target {
+            RetryTarget::Webhooks => self.webhooks_queue(),
+            RetryTarget::Sync => self.sync_queue(),
+        }
+    }
+
+    /// `calsync.webhooks.retry.5s`: holds messages for one fixed delay, then hands them back.
+    pub fn retry_queue(&self, target: RetryTarget, tier: usize) -> String {
+        self.name(&format!("calsync.{}.retry.{}s", target.short(), REDELIVERY_DELAYS[tier].as_secs()))
+    }
+
+    /// Routing key (on the main exchange) of a retry tier.
+    pub fn retry_routing_key(target: RetryTarget, tier: usize) -> String {
+        format!("retry.{}.{}s", target.short(), REDELIVERY_DELAYS[tier].as_secs())
+    }
+
+    /// Routing key of a dead letter from `target`.
+    pub fn dead_routing_key(target: RetryTarget) -> String {
+        format!("dead.{}", target.short())
+    }
+
+    /// Declares the whole topology on `channel`.
+    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+        let exchange = self.exchange();
+        // Durable: the exchange and its bindings survive a broker restart.
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        channel.exchange_declare(exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+
+        self.declare_queue(channel, &self.dead_queue(), quorum()).await?;
+        self.bind(channel, &self.dead_queue(), "dead.#").await?;
+
+        for (target, pattern) in [(RetryTarget::Webhooks, "webhook.#"), (RetryTarget::Sync, "sync.#")] {
+            let queue = self.queue_of(target);
+            let mut args = quorum();
+            // A message the consumer keeps failing to settle (crash loops) goes to calsync.dead
+            // rather than being redelivered forever.
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(BROKER_DELIVERY_LIMIT));
+            dead_letter_to(&mut args, &exchange, &Self::dead_routing_key(target));
+            self.declare_queue(channel, &queue, args).await?;
+            self.bind(channel, &queue, pattern).await?;
+
+            for (tier, delay) in REDELIVERY_DELAYS.iter().enumerate() {
+                let retry = self.retry_queue(target, tier);
+                let mut args = quorum();
+                // One TTL per queue: every message in it expires in arrival order, so a short
+                // delay never waits behind a long one.
+                args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
+                // Expired messages go straight back to the work queue through the default exchange.
+                dead_letter_to(&mut args, "", &queue);
+                self.declare_queue(channel, &retry, args).await?;
+                self.bind(channel, &retry, &Self::retry_routing_key(target, tier)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn declare_queue(&self, channel: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+        // Durable: queued webhooks survive a broker restart (quorum queues are always durable).
+        let options = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(name.into(), options, args).await.map(|_| ())
+    }
+
+    async fn bind(&self, channel: &Channel, queue: &str, pattern: &str) -> lapin::Result<()> {
+        channel
+            .queue_bind(
+                queue.into(),
+                self.exchange().as_str().into(),
+                pattern.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    // Quorum queues replicate and fsync before confirming, so a confirm means the broker really holds it.
+    args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    args
+}
+
+fn dead_letter_to(args: &mut FieldTable, exchange: &str, routing_key: &str) {
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from(exchange)));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(LongString::from(routing_key)));
+    // at-least-once: the broker only drops the source copy once the dead-letter target confirmed it,
+    // so dead-lettering itself cannot lose a message (requires reject-publish overflow).
+    args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString(LongString::from("at-least-once")));
+    args.insert("x-overflow".into(), AMQPValue::LongString(LongString::from("reject-publish")));
+}

@@ -1,0 +1,68 @@
+//! Retry policy: the one place that decides how long to wait before trying again.
+
+use std::time::Duration;
+
+use backoff::ExponentialBackoff;
+
+/// Reconnecting to RabbitMQ or PostgreSQL: quick first retries so a blip heals in well under a
+/// second, capped so a long outage is polled every few seconds, never given up on.
+pub fn reconnect() -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: Duration::from_millis(200),
+        max_interval: Duration::from_secs(5),
+        multiplier: 2.0,
+        max_elapsed_time: None,
+        ..ExponentialBackoff::default()
+    }
+}
+
+/// In-process retries of a Calendly call: a few seconds in all, after which the message goes back
+/// to the broker's delayed-retry path instead of holding a worker slot.
+pub fn calendly_call() -> ExponentialBackoff {
+    ExponentialBackoff {
+        initial_interval: Duration::from_millis(100),
+        max_interval: Duration::from_secs(2),
+        multiplier: 2.0,
+        max_elapsed_time: Some(Duration::from_secs(5)),
+        ..ExponentialBackoff::default()
+    }
+}
+
+/// Delays of the broker-side retry queues, one queue per delay so a long wait never holds up a
+/// short one (RabbitMQ only expires messages at a queue's head).
+pub const REDELIVERY_DELAYS: &[Duration] = &[
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+    Duration::from_secs(600),
+];
+
+/// Which delay tier a retry goes to: the `attempt`-th failure (1-based) waits longer each time,
+/// and never less than `at_least` (a 429's `X-RateLimit-Reset`).
+pub fn redelivery_tier(attempt: u32, at_least: Option<Duration>) -> usize {
+    let by_attempt = (attempt.saturating_sub(1) as usize).min(REDELIVERY_DELAYS.len() - 1);
+    let by_floor = at_least
+        .and_then(|floor| REDELIVERY_DELAYS.iter().position(|d| *d >= floor))
+        .unwrap_or(if at_least.is_some() { REDELIVERY_DELAYS.len() - 1 } else { 0 });
+    by_attempt.max(by_floor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_attempts_wait_longer_and_cap_at_the_longest_tier() {
+        assert_eq!(redelivery_tier(1, None), 0);
+        assert_eq!(redelivery_tier(2, None), 1);
+        assert_eq!(redelivery_tier(99, None), REDELIVERY_DELAYS.len() - 1);
+    }
+
+    #[test]
+    fn a_rate_limit_reset_is_never_undercut() {
+        assert_eq!(REDELIVERY_DELAYS[redelivery_tier(1, Some(Duration::from_secs(7)))], Duration::from_secs(30));
+        assert_eq!(redelivery_tier(1, Some(Duration::from_secs(5))), 1);
+        assert_eq!(redelivery_tier(1, Some(Duration::from_secs(100_000))), REDELIVERY_DELAYS.len() - 1);
+    }
+}

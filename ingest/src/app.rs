@@ -1,0 +1,33 @@
+//! Shared state and the router.
+
+use std::sync::Arc;
+
+use axum::Router;
+
+use calsync_common::calendly::signature::WebhookVerifier;
+use calsync_common::config::IngestSettings;
+use calsync_common::crypto::TokenCipher;
+use calsync_common::db::Database;
+use calsync_common::queue::Broker;
+
+use crate::routes;
+
+/// Everything handlers need. Read-only after start-up and internally synchronised (the broker and
+/// pool manage their own connections), so one `Arc` shared by all requests is enough.
+#[derive(Clone)]
+pub struct AppState {
+    pub inner: Arc<Shared>,
+}
+
+pub struct Shared {
+    pub settings: IngestSettings,
+    pub verifier: WebhookVerifier,
+    pub broker: Broker,
+    /// Only the connection API uses it; webhook intake must keep working while it is down.
+    pub database: Database,
+    pub cipher: TokenCipher,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new().merge(routes::webhooks::router()).merge(routes::health::router()).with_state(state)
+}

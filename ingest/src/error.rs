@@ -1,0 +1,50 @@
+//! The one error type of the HTTP API. Each variant decides its status code; every error answer
+//! is JSON `{"error": "<code>", "message": "..."}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use calsync_common::calendly::signature::SignatureError;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECS: &str = "5";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
+    /// 413
+    #[error("the body exceeds {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    /// 400
+    #[error("{0}")]
+    BadRequest(String),
+    /// 503 with Retry-After
+    #[error("{message}")]
+    Unavailable { code: &'static str, message: String },
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::Signature(e) => (StatusCode::UNAUTHORIZED, e.code()),
+            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let body = Json(serde_json::json!({ "error": code, "message": self.to_string() }));
+        let mut response = (status, body).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        response
+    }
+}

@@ -1,0 +1,81 @@
+//! calsync-ingest: the HTTP face of calsync.
+//!
+//! - [`app`]: shared state and the router.
+//! - [`error`]: the one API error type; each variant names its status code.
+//! - [`routes`]: webhook intake and health/metrics endpoints.
+//!
+//! [`Application::build`] binds the listener (port 0 in tests) and starts the broker and
+//! database supervisors; [`Application::run_until_stopped`] serves until the shutdown token fires,
+//! finishes in-flight requests, then closes the broker connection.
+
+pub mod app;
+pub mod error;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use calsync_common::calendly::signature::WebhookVerifier;
+use calsync_common::config::IngestSettings;
+use calsync_common::crypto::TokenCipher;
+use calsync_common::db::Database;
+use calsync_common::queue::{Broker, BrokerConfig, Topology};
+
+pub use app::AppState;
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+}
+
+impl Application {
+    pub async fn build(settings: IngestSettings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let cipher = TokenCipher::from_settings(&settings.token_keys)?;
+        // Installed before the first request so no count is lost before the first scrape.
+        calsync_common::telemetry::metrics_handle();
+        let listener = TcpListener::bind(&settings.ingest_addr)
+            .await
+            .with_context(|| format!("binding INGEST_ADDR {}", settings.ingest_addr))?;
+        let broker = Broker::start(BrokerConfig {
+            url: settings.amqp.amqp_url.clone(),
+            topology: Topology::new(settings.amqp.amqp_topology_prefix.clone()),
+            publish_channels: settings.ingest_publish_channels,
+            confirm_timeout: settings.publish_timeout(),
+            connection_name: "calsync-ingest".into(),
+        });
+        let database = Database::start(&settings.database.database_url, 10, shutdown.clone())?;
+        let verifier = WebhookVerifier::new(
+            settings.calendly_webhook_signing_keys.clone(),
+            std::time::Duration::from_secs(settings.calendly_webhook_tolerance_secs),
+        );
+        let state = AppState { inner: Arc::new(app::Shared { settings, verifier, broker, database, cipher }) };
+        Ok(Self { listener, state, shutdown })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let addr = self.local_addr();
+        tracing::info!(%addr, "calsync-ingest listening");
+        let router = app::router(self.state.clone());
+        let shutdown = self.shutdown.clone();
+        // Graceful: stop accepting on shutdown, let in-flight requests (and their publisher
+        // confirms) finish, and only then close the broker connection.
+        axum::serve(self.listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+        self.state.inner.broker.close().await;
+        tracing::info!("calsync-ingest stopped");
+        Ok(())
+    }
+}

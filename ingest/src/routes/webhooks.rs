@@ -1,0 +1,97 @@
+//! `POST /webhooks/calendly`: verify the signature on the raw bytes, publish them unchanged with a
+//! publisher confirm, and answer 202 only once the broker holds the message.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::{Json, Router};
+use time::OffsetDateTime;
+
+use calsync_common::calendly::signature;
+use calsync_common::queue::{PublishError, message};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Calendly's payloads are a few KiB; anything this large is not a webhook.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/webhooks/calendly", post(receive).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)))
+}
+
+/// Decrements the in-flight gauge however the request ends (including client disconnects).
+struct InFlight;
+impl InFlight {
+    fn enter() -> Self {
+        metrics::gauge!("calsync_ingest_in_flight_requests").increment(1.0);
+        Self
+    }
+}
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!("calsync_ingest_in_flight_requests").decrement(1.0);
+    }
+}
+
+async fn receive(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let _in_flight = InFlight::enter();
+    let result = accept(&state, &headers, body).await;
+    let outcome = match &result {
+        Ok(_) => "accepted",
+        Err(ApiError::Signature(_)) => "unauthorized",
+        Err(ApiError::PayloadTooLarge { .. }) => "too_large",
+        Err(ApiError::BadRequest(_)) => "bad_request",
+        Err(ApiError::Unavailable { .. }) => "unavailable",
+    };
+    metrics::counter!("calsync_ingest_requests_total", "outcome" => outcome).increment(1);
+    result
+}
+
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<impl IntoResponse + use<>, ApiError> {
+    let received_at = OffsetDateTime::now_utc();
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES },
+        _ => ApiError::BadRequest(rejection.body_text()),
+    })?;
+    // A header that is not even visible ASCII cannot be a valid signature.
+    let header = match headers.get(signature::HEADER) {
+        None => None,
+        Some(value) => Some(value.to_str().map_err(|_| signature::SignatureError::Malformed)?),
+    };
+    state.inner.verifier.verify(header, &body, received_at.unix_timestamp())?;
+
+    let message = message::webhook(body.to_vec(), received_at);
+    let message_id = message::message_id(&message.body);
+    let started = Instant::now();
+    let published = state.inner.broker.publish(&message).await;
+    metrics::histogram!("calsync_ingest_publish_seconds").record(started.elapsed().as_secs_f64());
+    match published {
+        Ok(()) => {
+            tracing::debug!(%message_id, routing_key = %message.routing_key, "webhook queued");
+            Ok((StatusCode::ACCEPTED, Json(serde_json::json!({ "status": "queued", "message_id": message_id }))))
+        }
+        Err(error) => {
+            tracing::warn!(%message_id, %error, "webhook not queued; answering 503 so Calendly retries");
+            let code = match error {
+                PublishError::Blocked => "broker_blocked",
+                PublishError::Timeout(_) => "broker_timeout",
+                _ => "broker_unavailable",
+            };
+            Err(ApiError::Unavailable { code, message: format!("the webhook was not queued: {error}; retry later") })
+        }
+    }
+}

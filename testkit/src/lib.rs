@@ -1,0 +1,200 @@
+//! Helpers for calsync's integration tests, which run against the machine's real PostgreSQL and
+//! RabbitMQ.
+//!
+//! - [`TcpProxy`]: stands between a service and PostgreSQL/RabbitMQ so a test can cut and restore
+//!   the link without touching the shared servers.
+//! - [`IsolatedTopology`]: a uniquely prefixed exchange and queue set per test, deleted afterwards.
+//! - [`wait_until`]: poll with a deadline instead of sleeping.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use calsync_common::queue::{RetryTarget, Topology};
+use calsync_common::retry::REDELIVERY_DELAYS;
+use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// RabbitMQ of the machine, or `AMQP_URL`.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Polls `check` every 25 ms until it returns true; panics with `what` after `deadline`.
+pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A TCP forwarder on 127.0.0.1:0. `cut()` drops every open connection and refuses new ones until
+/// `restore()`: to the service behind it, the server has gone away.
+pub struct TcpProxy {
+    addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    generation: watch::Sender<u64>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let generation = watch::channel(0u64).0;
+        let (up2, gen2) = (up.clone(), generation.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !up2.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let mut cut = gen2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (mut ri, mut wi) = inbound.into_split();
+                    let (mut ro, mut wo) = outbound.into_split();
+                    tokio::select! {
+                        _ = tokio::io::copy(&mut ri, &mut wo) => {},
+                        _ = tokio::io::copy(&mut ro, &mut wi) => {},
+                        _ = cut.changed() => {},
+                    }
+                });
+            }
+        });
+        Self { addr, up, generation }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Closes every proxied connection and refuses new ones.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// `url` with its host:port replaced by this proxy's address.
+    pub fn url_through(&self, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("url has a scheme");
+        let (auth_host, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+        let auth = auth_host.rsplit_once('@').map(|(a, _)| format!("{a}@")).unwrap_or_default();
+        format!("{scheme}://{auth}{}/{path}", self.addr)
+    }
+}
+
+/// Address of the machine's RabbitMQ (from `AMQP_URL`).
+pub fn amqp_addr() -> SocketAddr {
+    let url = amqp_url();
+    let rest = url.split_once("://").unwrap().1;
+    let host_port = rest.split('/').next().unwrap().rsplit('@').next().unwrap();
+    let host_port = if host_port.contains(':') { host_port.to_owned() } else { format!("{host_port}:5672") };
+    std::net::ToSocketAddrs::to_socket_addrs(&host_port.replace("localhost", "127.0.0.1")).unwrap().next().unwrap()
+}
+
+/// A topology with a unique prefix, for one test. Deleted by [`IsolatedTopology::cleanup`].
+pub struct IsolatedTopology {
+    pub prefix: String,
+    pub topology: Topology,
+    conn: Connection,
+    cleaned: bool,
+}
+
+impl IsolatedTopology {
+    pub async fn new() -> Self {
+        let prefix = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ for the test");
+        let topology = Topology::new(prefix.clone());
+        let channel = conn.create_channel().await.unwrap();
+        topology.declare(&channel).await.expect("declare test topology");
+        Self { prefix, topology, conn, cleaned: false }
+    }
+
+    /// Messages ready in `queue` (a passive declare; does not consume).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let channel = self.conn.create_channel().await.unwrap();
+        let options = QueueDeclareOptions { passive: true, ..Default::default() };
+        let q = channel.queue_declare(queue.into(), options, FieldTable::default()).await.expect("queue exists");
+        let _ = channel.close(200, "ok".into()).await;
+        q.message_count()
+    }
+
+    /// Takes every ready message out of `queue` (acking them).
+    pub async fn drain(&self, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+        let channel = self.conn.create_channel().await.unwrap();
+        let mut out = Vec::new();
+        while let Some(msg) = channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.unwrap() {
+            out.push(msg);
+        }
+        let _ = channel.close(200, "ok".into()).await;
+        out
+    }
+
+    fn names(&self) -> (Vec<String>, String) {
+        let t = &self.topology;
+        let mut queues = vec![t.webhooks_queue(), t.sync_queue(), t.dead_queue()];
+        for target in [RetryTarget::Webhooks, RetryTarget::Sync] {
+            for tier in 0..REDELIVERY_DELAYS.len() {
+                queues.push(t.retry_queue(target, tier));
+            }
+        }
+        (queues, t.exchange())
+    }
+
+    /// Deletes the test's queues and exchange (also done on drop, so a failing test cleans up).
+    pub async fn cleanup(mut self) {
+        let (queues, exchange) = self.names();
+        delete(&self.conn, queues, exchange).await;
+        self.cleaned = true;
+    }
+}
+
+async fn delete(conn: &Connection, queues: Vec<String>, exchange: String) {
+    let Ok(channel) = conn.create_channel().await else { return };
+    for q in queues {
+        let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+    }
+    let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
+}
+
+impl Drop for IsolatedTopology {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let (queues, exchange) = self.names();
+        // Drop cannot await, and the test's runtime may be shutting down: use a thread of our own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
+                    delete(&conn, queues, exchange).await;
+                    let _ = conn.close(200, "test cleanup".into()).await;
+                }
+            });
+        })
+        .join();
+    }
+}
