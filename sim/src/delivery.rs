@@ -1,0 +1,133 @@
+//! Webhook delivery as Calendly does it: every matching active subscription gets a signed POST;
+//! non-2xx answers and timeouts are retried with exponential backoff, and a subscription whose
+//! retries outlast the retry window turns `disabled` (silently, as at Calendly).
+
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::Sha256;
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::model::ts;
+use crate::sim::Sim;
+
+pub const SIGNATURE_HEADER: &str = "Calendly-Webhook-Signature";
+
+pub const ALL_EVENTS: &[&str] =
+    &["invitee.created", "invitee.canceled", "invitee_no_show.created", "invitee_no_show.deleted"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryMode {
+    /// POST to the subscription's callback URL (with retries).
+    Send,
+    /// Keep the signed bodies for the test to fetch and send in whatever order it likes.
+    Capture,
+}
+
+/// A delivery held back in capture mode: exactly what would have been POSTed.
+#[derive(Debug, Clone, Serialize)]
+pub struct Captured {
+    pub subscription: String,
+    pub callback_url: String,
+    pub event: String,
+    pub body: String,
+}
+
+impl Captured {
+    /// A fresh signature for sending this body now.
+    pub fn signature(&self, key: &str) -> String {
+        sign(key, OffsetDateTime::now_utc().unix_timestamp(), self.body.as_bytes())
+    }
+}
+
+/// Calendly's scheme, implemented here independently of calsync's verifier so each checks the other.
+pub fn sign(key: &str, t: i64, body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(format!("{t}.").as_bytes());
+    mac.update(body);
+    format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+impl Sim {
+    /// Delivers `event` about something hosted by `host` to every matching active subscription.
+    pub(crate) fn deliver(&self, event: &str, host: Uuid, payload: serde_json::Value) {
+        let targets: Vec<(Uuid, String, String)> = {
+            let world = self.world();
+            let Some(host_user) = world.users.get(&host) else { return };
+            world
+                .subscriptions
+                .values()
+                .filter(|s| s.state == "active" && s.events.iter().any(|e| e == event))
+                .filter(|s| match s.scope.as_str() {
+                    "user" => s.user == Some(host),
+                    _ => s.organization == host_user.organization,
+                })
+                .map(|s| (s.id, s.callback_url.clone(), self.uris().user(s.creator)))
+                .collect()
+        };
+        let mode = *self.inner.delivery_mode.lock().expect("delivery mode lock");
+        for (subscription, url, created_by) in targets {
+            let body = json!({
+                "event": event,
+                "created_at": ts(OffsetDateTime::now_utc()),
+                "created_by": created_by,
+                "payload": payload,
+            })
+            .to_string();
+            let captured = Captured {
+                subscription: self.uris().subscription(subscription),
+                callback_url: url,
+                event: event.to_owned(),
+                body,
+            };
+            match mode {
+                DeliveryMode::Capture => self.inner.captured.lock().expect("captured lock").push(captured),
+                DeliveryMode::Send => {
+                    let sim = self.clone();
+                    tokio::spawn(async move { sim.send_with_retries(subscription, captured).await });
+                }
+            }
+        }
+    }
+
+    async fn send_with_retries(&self, subscription: Uuid, delivery: Captured) {
+        let mut delay = self.config().delivery_retry_base;
+        loop {
+            let signature = delivery.signature(&self.config().signing_key);
+            let result = self
+                .inner
+                .http
+                .post(&delivery.callback_url)
+                .header("content-type", "application/json")
+                .header(SIGNATURE_HEADER, signature)
+                .body(delivery.body.clone())
+                .send()
+                .await;
+            if result.is_ok_and(|r| r.status().is_success()) {
+                self.counters().deliveries_succeeded += 1;
+                return;
+            }
+            self.counters().delivery_attempts_failed += 1;
+            let now = OffsetDateTime::now_utc();
+            {
+                let mut world = self.world();
+                let Some(sub) = world.subscriptions.get_mut(&subscription) else { return };
+                let started = *sub.retry_started_at.get_or_insert(now);
+                if (now - started).unsigned_abs() >= self.config().delivery_retry_window {
+                    sub.state = "disabled";
+                    tracing::info!(subscription = %subscription, "retry window exhausted; subscription disabled");
+                    return;
+                }
+                if sub.state != "active" {
+                    return;
+                }
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(3600));
+        }
+    }
+}
