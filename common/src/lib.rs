@@ -8,6 +8,7 @@
 //! - [`calendly`]: Calendly wire formats, the webhook signature check, and the API client.
 //! - [`queue`]: RabbitMQ topology, the confirming publisher, and message shapes.
 //! - [`db`]: PostgreSQL pool, migrations, and the data access used by both services.
+//! - [`replay`]: republishing parked deliveries once their Calendly account is connected.
 //! - [`http`]: outgoing HTTP clients (rustls + ring).
 
 pub mod calendly;
@@ -16,6 +17,7 @@ pub mod crypto;
 pub mod db;
 pub mod http;
 pub mod queue;
+pub mod replay;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

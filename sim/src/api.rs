@@ -110,13 +110,15 @@ impl Sim {
         Ok(Rate { limit, remaining: limit - *used, reset_secs })
     }
 
-    fn random_fault(&self) -> Option<Response> {
+    /// An injected failure, or `None`. 5xx answers carry the caller's real rate headers; an injected
+    /// 429 says its window resets in one second.
+    fn random_fault(&self, rate: &Rate) -> Option<Response> {
         let faults = self.faults();
         let roll: f64 = rand::random();
         if roll < faults.error_rate {
             let status = [StatusCode::INTERNAL_SERVER_ERROR, StatusCode::BAD_GATEWAY, StatusCode::SERVICE_UNAVAILABLE]
                 [rand::random_range(0..3usize)];
-            return Some(api_error(status, "Internal Server Error", "injected fault"));
+            return Some(with_rate(api_error(status, "Internal Server Error", "injected fault"), rate));
         }
         if roll < faults.error_rate + faults.rate_429 {
             let rate = Rate { limit: self.config().rate_limit_per_minute, remaining: 0, reset_secs: 1 };
@@ -147,8 +149,8 @@ impl Sim {
             Ok(rate) => rate,
             Err(response) => return response,
         };
-        if let Some(response) = self.random_fault() {
-            return with_rate(response, &rate);
+        if let Some(response) = self.random_fault(&rate) {
+            return response;
         }
         let answer = {
             let mut world = self.world();

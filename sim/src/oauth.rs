@@ -131,7 +131,7 @@ fn basic_client(headers: &HeaderMap) -> Option<(String, String)> {
     Some((id.to_owned(), secret.to_owned()))
 }
 
-fn issue_tokens(sim: &Sim, user: Uuid) -> serde_json::Value {
+pub(crate) fn issue_tokens(sim: &Sim, user: Uuid) -> serde_json::Value {
     let now = OffsetDateTime::now_utc();
     let ttl = sim.config().access_token_ttl;
     let (access, refresh) = (random_token(), random_token());

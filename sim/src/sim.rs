@@ -424,6 +424,13 @@ impl Sim {
         Ok(payload)
     }
 
+    /// Issues a token pair for `user` as a completed OAuth flow would (tests and tools that do not
+    /// need the browser dance). Not counted as a token-endpoint grant.
+    pub fn grant_tokens(&self, user: &str) -> Result<Value, SimError> {
+        let id = Self::resolve_user(&self.world(), user)?;
+        Ok(crate::oauth::issue_tokens(self, id))
+    }
+
     /// Makes every access token of `user` expired (refresh tokens stay valid).
     pub fn expire_tokens(&self, user: &str) -> Result<u32, SimError> {
         let mut world = self.world();

@@ -1,5 +1,14 @@
 //! Everything that speaks Calendly's wire formats.
 //!
 //! - [`signature`]: the `Calendly-Webhook-Signature` scheme (parse, verify, sign).
+//! - [`types`]: webhook envelope and API payloads, parsed leniently.
+//! - [`client`]: the API and OAuth client, with the SSRF guard on fetched URIs.
+//! - [`error`]: Calendly failures sorted by what the caller should do.
 
+pub mod client;
+pub mod error;
 pub mod signature;
+pub mod types;
+
+pub use client::CalendlyClient;
+pub use error::CalendlyError;

@@ -1,4 +1,13 @@
 //! PostgreSQL: pool, migrations, and the data access both services use.
+//!
+//! - [`connections`]: `calendar_connections` (encrypted tokens, the row lock for refreshes).
+//! - [`meetings`]: `meetings` / `meeting_invitees` upserts guarded against out-of-order deliveries.
+//! - [`inbox`]: `webhook_inbox`, what became of every delivery.
+//! - [`oauth_states`]: single-use OAuth state for the connect flow.
+
+pub mod connections;
+pub mod inbox;
+pub mod meetings;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -62,6 +62,23 @@ pub fn webhook(body: Vec<u8>, received_at: OffsetDateTime) -> Outgoing {
     Outgoing { routing_key: webhook_routing_key(&body), body, properties }
 }
 
+/// A backfill job for one connection, on `calsync.sync`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SyncJob {
+    pub connection_id: uuid::Uuid,
+}
+
+pub fn sync_job(job: &SyncJob) -> Outgoing {
+    let body = serde_json::to_vec(job).expect("a sync job serialises");
+    let properties = BasicProperties::default()
+        .with_message_id(format!("sync-{}-{}", job.connection_id, uuid::Uuid::new_v4()).into())
+        .with_content_type("application/json".into())
+        // 2 = persistent: a queued backfill survives a broker restart.
+        .with_delivery_mode(2)
+        .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
+    Outgoing { routing_key: "sync.calendly.backfill".into(), body, properties }
+}
+
 /// Reads an integer header, whatever integer width the sender used.
 pub fn int_header(properties: &BasicProperties, name: &str) -> Option<i64> {
     match properties.headers().as_ref()?.inner().get(name)? {

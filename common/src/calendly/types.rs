@@ -1,0 +1,171 @@
+//! Calendly payloads, parsed leniently: unknown fields are ignored, optional ones may be missing.
+
+use serde::Deserialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+/// The webhook envelope. All four fields are required by Calendly's contract; anything else is
+/// ignored. A body that does not parse into this is permanently undeliverable.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WebhookEnvelope {
+    pub event: String,
+    #[serde(default)]
+    pub created_at: Option<String>,
+    pub created_by: String,
+    pub payload: Value,
+}
+
+/// The event families the worker understands; everything else is acknowledged as `ignored`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    InviteeCreated,
+    InviteeCanceled,
+    NoShowCreated,
+    NoShowDeleted,
+}
+
+impl EventKind {
+    pub fn parse(event: &str) -> Option<Self> {
+        match event {
+            "invitee.created" => Some(Self::InviteeCreated),
+            "invitee.canceled" => Some(Self::InviteeCanceled),
+            "invitee_no_show.created" => Some(Self::NoShowCreated),
+            "invitee_no_show.deleted" => Some(Self::NoShowDeleted),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Cancellation {
+    #[serde(default)]
+    pub canceled_by: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub canceler_type: Option<String>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub created_at: Option<OffsetDateTime>,
+}
+
+/// An invitee, as in `invitee.*` and `invitee_no_show.*` payloads and the invitees list.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Invitee {
+    pub uri: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub status: String,
+    /// URI of the scheduled event.
+    pub event: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(default)]
+    pub rescheduled: Option<bool>,
+    #[serde(default)]
+    pub old_invitee: Option<String>,
+    #[serde(default)]
+    pub new_invitee: Option<String>,
+    #[serde(default)]
+    pub no_show: Option<Value>,
+    #[serde(default)]
+    pub cancellation: Option<Cancellation>,
+}
+
+/// A scheduled event (`GET /scheduled_events/{uuid}` → `resource`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScheduledEvent {
+    pub uri: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    pub status: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub start_time: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub end_time: OffsetDateTime,
+    #[serde(default)]
+    pub event_type: Option<String>,
+    #[serde(default)]
+    pub location: Option<Value>,
+    #[serde(default)]
+    pub cancellation: Option<Cancellation>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Resource<T> {
+    pub resource: T,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Pagination {
+    #[serde(default)]
+    pub next_page_token: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Collection<T> {
+    pub collection: Vec<T>,
+    pub pagination: Pagination,
+}
+
+/// `GET /users/me` → `resource`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CalendlyUser {
+    pub uri: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub email: Option<String>,
+    pub current_organization: String,
+}
+
+/// `POST /oauth/token` answer.
+#[derive(Debug, Clone, Deserialize)]
+pub struct TokenResponse {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: i64,
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub organization: Option<String>,
+}
+
+/// A webhook subscription resource.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Subscription {
+    pub uri: String,
+    pub callback_url: String,
+    pub state: String,
+    #[serde(default)]
+    pub user: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_invitee_payload_with_extra_and_missing_optional_fields_parses() {
+        let invitee: Invitee = serde_json::from_value(serde_json::json!({
+            "uri": "https://api.calendly.com/scheduled_events/E/invitees/I",
+            "status": "active",
+            "event": "https://api.calendly.com/scheduled_events/E",
+            "updated_at": "2025-12-17T01:59:35.123456Z",
+            "brand_new_field": {"x": 1},
+            "first_name": null
+        }))
+        .unwrap();
+        assert_eq!(invitee.updated_at.microsecond(), 123_456);
+        assert!(invitee.cancellation.is_none());
+    }
+
+    #[test]
+    fn an_envelope_without_created_by_is_rejected() {
+        let parsed = serde_json::from_str::<WebhookEnvelope>(r#"{"event":"invitee.created","payload":{}}"#);
+        assert!(parsed.is_err());
+    }
+}

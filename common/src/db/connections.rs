@@ -1,0 +1,223 @@
+//! `calendar_connections`: one row per app user and provider, with encrypted tokens.
+
+use secrecy::SecretString;
+use sqlx::{PgConnection, PgPool};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::crypto::{Binding, CryptoError, TokenCipher};
+
+pub const PROVIDER: &str = "calendly";
+pub const TABLE: &str = "calendar_connections";
+pub const ACCESS_TOKEN: &str = "access_token";
+pub const REFRESH_TOKEN: &str = "refresh_token";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Connection {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub provider: String,
+    pub calendly_user_uri: Option<String>,
+    pub calendly_organization_uri: Option<String>,
+    pub access_token: Option<String>,
+    pub refresh_token: Option<String>,
+    pub token_expires_at: Option<OffsetDateTime>,
+    pub is_active: bool,
+    pub status: String,
+    pub webhook_subscription_uri: Option<String>,
+    pub last_synced_at: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+    pub created_at: OffsetDateTime,
+    pub updated_at: OffsetDateTime,
+}
+
+/// The AES-GCM binding of a token column of row `id`.
+pub fn binding(id: Uuid, column: &str) -> Binding<'_> {
+    Binding { table: TABLE, row_id: id, column }
+}
+
+impl Connection {
+    pub fn decrypt_access(&self, cipher: &TokenCipher) -> Result<SecretString, CryptoError> {
+        cipher.decrypt(self.access_token.as_deref().ok_or(CryptoError::Format)?, binding(self.id, ACCESS_TOKEN))
+    }
+
+    pub fn decrypt_refresh(&self, cipher: &TokenCipher) -> Result<SecretString, CryptoError> {
+        cipher.decrypt(self.refresh_token.as_deref().ok_or(CryptoError::Format)?, binding(self.id, REFRESH_TOKEN))
+    }
+}
+
+/// `SELECT <columns> FROM calendar_connections`, as a literal (sqlx only runs `'static` SQL).
+macro_rules! select_connection {
+    ($($rest:literal),*) => {
+        concat!(
+            "SELECT id, user_id, provider, calendly_user_uri, calendly_organization_uri, access_token, refresh_token, \
+             token_expires_at, is_active, status, webhook_subscription_uri, last_synced_at, last_error, created_at, \
+             updated_at FROM calendar_connections ",
+            $($rest),*
+        )
+    };
+}
+
+/// The connection a webhook belongs to: the one whose Calendly user created the subscription.
+/// Only linked rows (`is_active`) match; there is deliberately no fallback of any kind.
+pub async fn find_active_by_calendly_user(pool: &PgPool, calendly_user_uri: &str) -> sqlx::Result<Option<Connection>> {
+    sqlx::query_as(select_connection!("WHERE provider = $1 AND calendly_user_uri = $2 AND is_active"))
+        .bind(PROVIDER)
+        .bind(calendly_user_uri)
+        .fetch_optional(pool)
+        .await
+}
+
+pub async fn find_by_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<Option<Connection>> {
+    sqlx::query_as(select_connection!("WHERE provider = $1 AND user_id = $2"))
+        .bind(PROVIDER)
+        .bind(user_id)
+        .fetch_optional(pool)
+        .await
+}
+
+pub async fn find(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Connection>> {
+    sqlx::query_as(select_connection!("WHERE id = $1")).bind(id).fetch_optional(pool).await
+}
+
+/// Locks the row for the rest of the transaction. Refreshers of one connection queue up here, so
+/// a single-use refresh token is exchanged once, and the second in line sees the new tokens.
+pub async fn lock(tx: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Connection>> {
+    sqlx::query_as(select_connection!("WHERE id = $1 FOR UPDATE")).bind(id).fetch_optional(tx).await
+}
+
+/// Stores a new token pair (already encrypted for this row).
+pub async fn store_tokens(
+    tx: &mut PgConnection,
+    id: Uuid,
+    access_ciphertext: &str,
+    refresh_ciphertext: &str,
+    expires_at: OffsetDateTime,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE calendar_connections SET access_token = $2, refresh_token = $3, token_expires_at = $4, \
+         last_error = NULL, updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(access_ciphertext)
+    .bind(refresh_ciphertext)
+    .bind(expires_at)
+    .execute(tx)
+    .await
+    .map(|_| ())
+}
+
+/// The user has to reconnect. The account stays linked to the user (`is_active`), so its webhooks
+/// are parked as `awaiting_reauth` instead of becoming `unmatched`.
+pub async fn mark_needs_reauth(tx: &mut PgConnection, id: Uuid, reason: &str) -> sqlx::Result<()> {
+    // Only an active row moves to needs_reauth: a disconnect that raced us must stay disconnected.
+    sqlx::query(
+        "UPDATE calendar_connections SET status = 'needs_reauth', last_error = $2, updated_at = now() \
+         WHERE id = $1 AND status = 'active'",
+    )
+    .bind(id)
+    .bind(reason)
+    .execute(tx)
+    .await
+    .map(|_| ())
+}
+
+pub async fn set_synced(pool: &PgPool, id: Uuid, at: OffsetDateTime) -> sqlx::Result<()> {
+    sqlx::query("UPDATE calendar_connections SET last_synced_at = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(at)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+pub async fn set_last_error(pool: &PgPool, id: Uuid, error: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE calendar_connections SET last_error = $2, updated_at = now() WHERE id = $1")
+        .bind(id)
+        .bind(error)
+        .execute(pool)
+        .await
+        .map(|_| ())
+}
+
+/// Inside a write transaction: true when `connection` still belongs to the same user and Calendly
+/// account and is active. The share lock holds off a concurrent disconnect or reconnect until the
+/// transaction ends, so rows are never written for an account that changed hands meanwhile.
+pub async fn lock_if_linked(tx: &mut PgConnection, connection: &Connection) -> sqlx::Result<bool> {
+    let row: Option<(bool,)> = sqlx::query_as(
+        "SELECT true FROM calendar_connections WHERE id = $1 AND user_id = $2 AND calendly_user_uri = $3 \
+         AND status = 'active' FOR SHARE",
+    )
+    .bind(connection.id)
+    .bind(connection.user_id)
+    .bind(&connection.calendly_user_uri)
+    .fetch_optional(tx)
+    .await?;
+    Ok(row.is_some())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The Calendly account is actively connected to a different app user.
+    #[error("this Calendly account is already connected to another user")]
+    AccountTaken,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// What a successful OAuth connection stores.
+pub struct Connected<'a> {
+    pub user_id: Uuid,
+    pub calendly_user_uri: &'a str,
+    pub calendly_organization_uri: &'a str,
+    pub access_token: &'a str,
+    pub refresh_token: &'a str,
+    pub expires_at: OffsetDateTime,
+}
+
+/// Stores (or replaces in place, on reconnect) `user_id`'s connection with fresh tokens, status
+/// `active`. Fails with [`StoreError::AccountTaken`] when another user holds that Calendly account.
+pub async fn store_connected(pool: &PgPool, cipher: &TokenCipher, c: &Connected<'_>) -> Result<Connection, StoreError> {
+    let mut tx = pool.begin().await?;
+    // Tokens are bound to the row id, so the id must be known before encrypting: lock the user's
+    // existing row (if any) so a concurrent connect of the same user waits for us.
+    let existing: Option<(Uuid,)> =
+        sqlx::query_as("SELECT id FROM calendar_connections WHERE provider = $1 AND user_id = $2 FOR UPDATE")
+            .bind(PROVIDER)
+            .bind(c.user_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let id = existing.map_or_else(Uuid::new_v4, |(id,)| id);
+    let access = cipher.encrypt(c.access_token, binding(id, ACCESS_TOKEN));
+    let refresh = cipher.encrypt(c.refresh_token, binding(id, REFRESH_TOKEN));
+    let result = sqlx::query(
+        "INSERT INTO calendar_connections (id, user_id, provider, calendly_user_uri, calendly_organization_uri, \
+             access_token, refresh_token, token_expires_at, is_active, status, last_error) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, true, 'active', NULL) \
+         ON CONFLICT (provider, user_id) DO UPDATE SET calendly_user_uri = EXCLUDED.calendly_user_uri, \
+             calendly_organization_uri = EXCLUDED.calendly_organization_uri, access_token = EXCLUDED.access_token, \
+             refresh_token = EXCLUDED.refresh_token, token_expires_at = EXCLUDED.token_expires_at, \
+             is_active = true, status = 'active', last_error = NULL, updated_at = now()",
+    )
+    .bind(id)
+    .bind(c.user_id)
+    .bind(PROVIDER)
+    .bind(c.calendly_user_uri)
+    .bind(c.calendly_organization_uri)
+    .bind(&access)
+    .bind(&refresh)
+    .bind(c.expires_at)
+    .execute(&mut *tx)
+    .await;
+    match result {
+        Ok(_) => {}
+        // calendar_connections_active_calendly_user_key: one Calendly account, one app user.
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("calendar_connections_active_calendly_user_key") => {
+            return Err(StoreError::AccountTaken);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let connection = sqlx::query_as(select_connection!("WHERE id = $1")).bind(id).fetch_one(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(connection)
+}

@@ -1,0 +1,101 @@
+//! `webhook_inbox`: one row per distinct delivery, saying what became of it. Deliveries that may
+//! be replayed later (`unmatched`, `awaiting_reauth`) keep their body.
+
+use sqlx::{PgExecutor, PgPool};
+use time::OffsetDateTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboxStatus {
+    Processed,
+    Ignored,
+    Unmatched,
+    AwaitingReauth,
+    Dead,
+}
+
+impl InboxStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Processed => "processed",
+            Self::Ignored => "ignored",
+            Self::Unmatched => "unmatched",
+            Self::AwaitingReauth => "awaiting_reauth",
+            Self::Dead => "dead",
+        }
+    }
+
+    /// Final states: a redelivery of the same body needs no work.
+    pub fn is_final(status: &str) -> bool {
+        matches!(status, "processed" | "ignored" | "dead")
+    }
+
+    fn keeps_body(self) -> bool {
+        matches!(self, Self::Unmatched | Self::AwaitingReauth)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct InboxRecord<'a> {
+    pub message_id: &'a str,
+    pub event: Option<&'a str>,
+    pub created_by: Option<&'a str>,
+    pub received_at: OffsetDateTime,
+    pub status: InboxStatus,
+    pub attempts: i32,
+    pub last_error: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+pub async fn status_of(pool: &PgPool, message_id: &str) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar("SELECT status FROM webhook_inbox WHERE message_id = $1")
+        .bind(message_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Records what became of a delivery (idempotent).
+pub async fn record(executor: impl PgExecutor<'_>, r: &InboxRecord<'_>) -> sqlx::Result<()> {
+    let body = r.status.keeps_body().then_some(r.body);
+    sqlx::query(
+        "INSERT INTO webhook_inbox (message_id, event, created_by, received_at, status, attempts, last_error, \
+             processed_at, body) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8) \
+         ON CONFLICT (message_id) DO UPDATE SET status = EXCLUDED.status, \
+             attempts = GREATEST(webhook_inbox.attempts, EXCLUDED.attempts), last_error = EXCLUDED.last_error, \
+             processed_at = now(), body = EXCLUDED.body \
+         -- A late duplicate (or a racing replay) never turns a processed delivery back into a parked or dead one.
+         WHERE webhook_inbox.status <> 'processed' OR EXCLUDED.status = 'processed'",
+    )
+    .bind(r.message_id)
+    .bind(r.event)
+    .bind(r.created_by)
+    .bind(r.received_at)
+    .bind(r.status.as_str())
+    .bind(r.attempts)
+    .bind(r.last_error)
+    .bind(body)
+    .execute(executor)
+    .await
+    .map(|_| ())
+}
+
+/// Deliveries parked for `created_by` that a (re)connection should replay: every
+/// `awaiting_reauth` one, and `unmatched` ones younger than `replay_days`.
+pub async fn parked_for(pool: &PgPool, created_by: &str, replay_days: u32) -> sqlx::Result<Vec<(String, Vec<u8>)>> {
+    sqlx::query_as(
+        "SELECT message_id, body FROM webhook_inbox \
+         WHERE created_by = $1 AND body IS NOT NULL \
+           AND (status = 'awaiting_reauth' \
+                OR (status = 'unmatched' AND received_at > now() - make_interval(days => $2))) \
+         ORDER BY received_at",
+    )
+    .bind(created_by)
+    .bind(replay_days as i32)
+    .fetch_all(pool)
+    .await
+}
+
+/// Rows per status, for operators and the demo.
+pub async fn counts(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT status, count(*) FROM webhook_inbox GROUP BY status ORDER BY status").fetch_all(pool).await
+}

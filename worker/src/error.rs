@@ -1,0 +1,55 @@
+//! Why processing did not finish, sorted by what happens next. Transient vs permanent is decided
+//! here, by type, once.
+
+use std::time::Duration;
+
+use calsync_common::calendly::CalendlyError;
+use calsync_common::crypto::CryptoError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// Worth another try later (Calendly 5xx/429, database or broker hiccups).
+    #[error("{reason}")]
+    Transient { reason: String, at_least: Option<Duration> },
+    /// Can never succeed as it is: goes to `calsync.dead` with this reason.
+    #[error("{0}")]
+    Permanent(String),
+    /// The user must reconnect; park the delivery as `awaiting_reauth`.
+    #[error("{0}")]
+    NeedsReauth(String),
+}
+
+impl ProcessError {
+    pub fn transient(reason: impl Into<String>) -> Self {
+        Self::Transient { reason: reason.into(), at_least: None }
+    }
+}
+
+impl From<sqlx::Error> for ProcessError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::transient(format!("database: {error}"))
+    }
+}
+
+impl From<CryptoError> for ProcessError {
+    /// A token that does not decrypt cannot be fixed by retrying; a reconnect stores a fresh one.
+    fn from(error: CryptoError) -> Self {
+        Self::NeedsReauth(format!("stored token cannot be decrypted: {error}"))
+    }
+}
+
+impl From<CalendlyError> for ProcessError {
+    fn from(error: CalendlyError) -> Self {
+        match error {
+            CalendlyError::RateLimited { reset } => {
+                Self::Transient { reason: error.to_string(), at_least: Some(reset) }
+            }
+            CalendlyError::Transient(_) | CalendlyError::Unauthorized => Self::transient(error.to_string()),
+            CalendlyError::InvalidGrant(_) => Self::NeedsReauth(error.to_string()),
+            CalendlyError::Forbidden(_)
+            | CalendlyError::NotFound
+            | CalendlyError::ForeignOrigin(_)
+            | CalendlyError::Unexpected(_) => Self::Permanent(error.to_string()),
+        }
+    }
+}

@@ -1,0 +1,122 @@
+//! calsync-worker: turns queued webhooks into the right user's meetings.
+//!
+//! - [`consumer`]: AMQP only — consume, hand over, settle (ack / delayed retry / dead letter).
+//! - [`process`]: one webhook to rows, with no AMQP types; returns an [`process::Outcome`].
+//! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
+//! - [`refresh`]: the connection's token, refreshed once per expiry under a row lock; the retry
+//!   loop around every Calendly call.
+//! - [`sync`]: backfill jobs from `calsync.sync`.
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`error`]: transient / permanent / needs-reauth, decided by type.
+
+pub mod consumer;
+pub mod deps;
+pub mod error;
+pub mod fetch;
+pub mod health;
+pub mod process;
+pub mod refresh;
+pub mod sync;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use calsync_common::calendly::CalendlyClient;
+use calsync_common::config::WorkerSettings;
+use calsync_common::crypto::TokenCipher;
+use calsync_common::db::Database;
+use calsync_common::queue::{Broker, BrokerConfig, RetryTarget, Topology};
+
+pub use deps::Deps;
+
+pub struct Worker {
+    settings: WorkerSettings,
+    deps: Arc<Deps>,
+    broker: Broker,
+    database: Database,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    pub async fn build(settings: WorkerSettings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        settings.validate()?;
+        let cipher = TokenCipher::from_settings(&settings.token_keys)?;
+        calsync_common::telemetry::metrics_handle();
+        if settings.calendly.calendly_oauth_client_id.is_none()
+            || settings.calendly.calendly_oauth_client_secret.is_none()
+        {
+            tracing::warn!("CALENDLY_OAUTH_CLIENT_ID/SECRET are not set: expiring tokens cannot be refreshed");
+        }
+        let listener = TcpListener::bind(&settings.worker_addr)
+            .await
+            .with_context(|| format!("binding WORKER_ADDR {}", settings.worker_addr))?;
+        let concurrency = u32::from(settings.worker_concurrency);
+        let database = Database::start(&settings.database.database_url, concurrency.clamp(5, 64), shutdown.clone())?;
+        let broker = Broker::start(BrokerConfig {
+            url: settings.amqp.amqp_url.clone(),
+            topology: Topology::new(settings.amqp.amqp_topology_prefix.clone()),
+            publish_channels: 2,
+            confirm_timeout: Duration::from_secs(10),
+            connection_name: "calsync-worker".into(),
+        });
+        let deps = Arc::new(Deps {
+            pool: database.pool().clone(),
+            calendly: CalendlyClient::new(&settings.calendly)?,
+            cipher,
+            max_attempts: settings.worker_max_attempts,
+            sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),
+            event_fetches: fetch::SingleFlight::default(),
+        });
+        Ok(Self { settings, deps, broker, database, listener, shutdown })
+    }
+
+    pub fn health_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound listener has an address")
+    }
+
+    pub fn broker(&self) -> &Broker {
+        &self.broker
+    }
+
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let addr = self.health_addr();
+        let health =
+            health::router(health::HealthState { broker: self.broker.clone(), database: self.database.clone() });
+        let stop_health = self.shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(self.listener, health)
+                .with_graceful_shutdown(async move { stop_health.cancelled().await })
+                .await
+        });
+        tracing::info!(%addr, concurrency = self.settings.worker_concurrency, "calsync-worker started");
+
+        // Consuming before the schema exists would only produce retries.
+        while !self.shutdown.is_cancelled() && !self.database.wait_ready(Duration::from_secs(1)).await {}
+        let grace = Duration::from_secs(self.settings.worker_shutdown_grace_secs);
+        let webhooks = consumer::ConsumerConfig {
+            target: RetryTarget::Webhooks,
+            concurrency: self.settings.worker_concurrency,
+            grace,
+        };
+        // Backfills get a small share so they never crowd out live webhooks.
+        let sync = consumer::ConsumerConfig {
+            target: RetryTarget::Sync,
+            concurrency: (self.settings.worker_concurrency / 8).max(1),
+            grace,
+        };
+        tokio::join!(
+            consumer::run(self.deps.clone(), self.broker.clone(), webhooks, self.shutdown.clone()),
+            consumer::run(self.deps.clone(), self.broker.clone(), sync, self.shutdown.clone()),
+        );
+        self.broker.close().await;
+        let _ = server.await;
+        tracing::info!("calsync-worker stopped");
+        Ok(())
+    }
+}

@@ -1,0 +1,54 @@
+use clap::{Parser, Subcommand};
+
+use calsync_common::config::WorkerSettings;
+use calsync_common::{shutdown, telemetry};
+
+#[derive(Parser)]
+#[command(name = "calsync-worker", version, about = "Turns queued Calendly webhooks into the right user's meetings")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: WorkerSettings,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the database if needed and apply pending migrations, then exit.
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_tracing(cli.settings.telemetry.log_format);
+    let result = match cli.command {
+        Some(Command::Migrate) => migrate(&cli.settings).await,
+        None => run(cli.settings).await,
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("calsync-worker: {error:#}");
+            std::process::ExitCode::from(if error.downcast_ref::<calsync_common::config::ConfigError>().is_some() {
+                2
+            } else {
+                1
+            })
+        }
+    }
+}
+
+async fn run(settings: WorkerSettings) -> anyhow::Result<()> {
+    settings.validate()?;
+    let shutdown = shutdown::on_signal();
+    calsync_worker::Worker::build(settings, shutdown).await?.run_until_stopped().await
+}
+
+async fn migrate(settings: &WorkerSettings) -> anyhow::Result<()> {
+    let url = &settings.database.database_url;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_lazy(url)?;
+    calsync_common::db::prepare(url, &pool).await?;
+    println!("migrations applied");
+    Ok(())
+}

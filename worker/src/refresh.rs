@@ -1,0 +1,137 @@
+//! The right user's access token, refreshed exactly once per expiry however many workers want it,
+//! and the retry loop every Calendly call goes through.
+
+use std::future::Future;
+use std::time::Duration;
+
+use backoff::backoff::Backoff;
+use secrecy::{ExposeSecret, SecretString};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use calsync_common::calendly::CalendlyError;
+use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, REFRESH_TOKEN, binding};
+use calsync_common::retry;
+
+use crate::deps::Deps;
+use crate::error::ProcessError;
+
+/// Refresh when the token expires within this margin, so no call races its expiry.
+pub const REFRESH_MARGIN: time::Duration = time::Duration::minutes(5);
+
+/// A 429 whose reset is at most this long is waited out in-process; longer ones go to the broker's
+/// delayed-retry path so the worker slot is freed.
+const MAX_IN_PROCESS_RATE_WAIT: Duration = Duration::from_secs(2);
+
+/// A decrypted access token and the ciphertext it came from (to tell, after a 401, whether someone
+/// else has refreshed in the meantime).
+pub struct AccessToken {
+    pub secret: SecretString,
+    pub ciphertext: String,
+}
+
+fn fresh(expires_at: Option<OffsetDateTime>) -> bool {
+    expires_at.is_some_and(|t| t > OffsetDateTime::now_utc() + REFRESH_MARGIN)
+}
+
+/// `connection`'s access token, refreshed first when it expires within [`REFRESH_MARGIN`].
+pub async fn access_token(deps: &Deps, connection: &Connection) -> Result<AccessToken, ProcessError> {
+    if fresh(connection.token_expires_at)
+        && let Some(ciphertext) = &connection.access_token
+    {
+        return Ok(AccessToken { secret: connection.decrypt_access(&deps.cipher)?, ciphertext: ciphertext.clone() });
+    }
+    refresh_locked(deps, connection.id, None).await
+}
+
+/// After Calendly answered 401 to `rejected`: refresh, unless another worker already did.
+pub async fn after_unauthorized(
+    deps: &Deps,
+    connection_id: Uuid,
+    rejected: &AccessToken,
+) -> Result<AccessToken, ProcessError> {
+    refresh_locked(deps, connection_id, Some(&rejected.ciphertext)).await
+}
+
+async fn refresh_locked(deps: &Deps, connection_id: Uuid, rejected: Option<&str>) -> Result<AccessToken, ProcessError> {
+    let mut tx = deps.pool.begin().await?;
+    let row = connections::lock(&mut tx, connection_id)
+        .await?
+        .ok_or_else(|| ProcessError::transient("connection vanished"))?;
+    match row.status.as_str() {
+        "active" => {}
+        "needs_reauth" => return Err(ProcessError::NeedsReauth("the connection needs to be reconnected".into())),
+        // Disconnected while we worked: a retry resolves the delivery again (and parks it).
+        _ => return Err(ProcessError::transient("the connection was disconnected while processing")),
+    }
+    // Re-read under the lock: whoever held it before us may have refreshed already.
+    let someone_refreshed = match rejected {
+        None => fresh(row.token_expires_at),
+        Some(rejected) => row.access_token.as_deref() != Some(rejected),
+    };
+    if someone_refreshed && let Some(ciphertext) = row.access_token.clone() {
+        tx.commit().await?;
+        return Ok(AccessToken { secret: row.decrypt_access(&deps.cipher)?, ciphertext });
+    }
+    let refresh_token = row.decrypt_refresh(&deps.cipher)?;
+    // The lock is held across this call on purpose: the refresh token is single-use, so nobody else
+    // may present it until the new pair is committed.
+    match deps.calendly.refresh(&refresh_token).await {
+        Ok(tokens) => {
+            let access = deps.cipher.encrypt(&tokens.access_token, binding(row.id, ACCESS_TOKEN));
+            let refresh = deps.cipher.encrypt(&tokens.refresh_token, binding(row.id, REFRESH_TOKEN));
+            let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(tokens.expires_in);
+            connections::store_tokens(&mut tx, row.id, &access, &refresh, expires_at).await?;
+            tx.commit().await?;
+            metrics::counter!("calsync_token_refreshes_total", "outcome" => "refreshed").increment(1);
+            tracing::info!(connection_id = %row.id, "access token refreshed");
+            Ok(AccessToken { secret: SecretString::from(tokens.access_token), ciphertext: access })
+        }
+        Err(CalendlyError::InvalidGrant(detail)) => {
+            let reason = format!("refresh token rejected by Calendly (invalid_grant): {detail}");
+            connections::mark_needs_reauth(&mut tx, row.id, &reason).await?;
+            tx.commit().await?;
+            metrics::counter!("calsync_token_refreshes_total", "outcome" => "invalid_grant").increment(1);
+            tracing::warn!(connection_id = %row.id, "refresh token rejected; connection needs reauth");
+            Err(ProcessError::NeedsReauth(reason))
+        }
+        Err(error) => {
+            metrics::counter!("calsync_token_refreshes_total", "outcome" => "error").increment(1);
+            Err(error.into())
+        }
+    }
+}
+
+/// Runs `call` with `connection`'s token: refreshes once after a 401, waits out short rate limits,
+/// retries transient failures for a few seconds, and turns everything else into a typed error.
+pub async fn call<T, F, Fut>(deps: &Deps, connection: &Connection, mut call: F) -> Result<T, ProcessError>
+where
+    F: FnMut(SecretString) -> Fut,
+    Fut: Future<Output = Result<T, CalendlyError>>,
+{
+    let mut token = access_token(deps, connection).await?;
+    let mut refreshed_after_401 = false;
+    let mut backoff = retry::calendly_call();
+    loop {
+        let secret = SecretString::from(token.secret.expose_secret().to_owned());
+        let error = match call(secret).await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        match error {
+            CalendlyError::Unauthorized if !refreshed_after_401 => {
+                refreshed_after_401 = true;
+                token = after_unauthorized(deps, connection.id, &token).await?;
+            }
+            CalendlyError::RateLimited { reset } if reset <= MAX_IN_PROCESS_RATE_WAIT => match backoff.next_backoff() {
+                Some(_) => tokio::time::sleep(reset).await,
+                None => return Err(CalendlyError::RateLimited { reset }.into()),
+            },
+            CalendlyError::Transient(_) => match backoff.next_backoff() {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(error.into()),
+            },
+            other => return Err(other.into()),
+        }
+    }
+}

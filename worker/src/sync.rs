@@ -1,0 +1,89 @@
+//! Backfill: a connection's scheduled events (with invitees) from the look-back window forward,
+//! paginated, under the same token and rate-limit rules as webhooks.
+
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use calsync_common::db::connections;
+use calsync_common::db::inbox::InboxStatus;
+use calsync_common::db::meetings;
+
+use crate::deps::Deps;
+use crate::error::ProcessError;
+use crate::process::Outcome;
+use crate::refresh;
+
+/// Runs one backfill job (attempt `attempt`, 1-based).
+pub async fn process_sync(deps: &Deps, connection_id: Uuid, attempt: u32) -> Outcome {
+    match backfill(deps, connection_id).await {
+        Ok(Some(events)) => {
+            tracing::info!(%connection_id, events, "backfill finished");
+            Outcome::Done(InboxStatus::Processed)
+        }
+        Ok(None) => Outcome::Done(InboxStatus::Ignored),
+        Err(ProcessError::NeedsReauth(reason)) => {
+            tracing::warn!(%connection_id, %reason, "backfill skipped: connection needs reauth");
+            Outcome::Done(InboxStatus::AwaitingReauth)
+        }
+        Err(ProcessError::Transient { reason, at_least }) if attempt < deps.max_attempts => {
+            Outcome::Retry { reason, at_least }
+        }
+        Err(error) => {
+            let reason = format!("backfill failed after {attempt} attempts: {error}");
+            let _ = connections::set_last_error(&deps.pool, connection_id, &reason).await;
+            Outcome::Dead { reason }
+        }
+    }
+}
+
+/// Returns the number of events written, or `None` when the connection is gone or not active.
+async fn backfill(deps: &Deps, connection_id: Uuid) -> Result<Option<usize>, ProcessError> {
+    let Some(connection) = connections::find(&deps.pool, connection_id).await? else { return Ok(None) };
+    if connection.status != "active" {
+        return Ok(None);
+    }
+    let Some(user_uri) = connection.calendly_user_uri.clone() else { return Ok(None) };
+    let started = OffsetDateTime::now_utc();
+    let min_start = started - deps.sync_lookback;
+    let mut written = 0;
+    let mut page: Option<String> = None;
+    loop {
+        let events = refresh::call(deps, &connection, |token| {
+            let (user_uri, page) = (user_uri.clone(), page.clone());
+            async move { deps.calendly.list_events(&user_uri, min_start, page.as_deref(), &token).await }
+        })
+        .await?;
+        for event in &events.collection {
+            let mut invitees = Vec::new();
+            let mut invitee_page: Option<String> = None;
+            loop {
+                let batch = refresh::call(deps, &connection, |token| {
+                    let page = invitee_page.clone();
+                    async move { deps.calendly.list_invitees(&event.uri, page.as_deref(), &token).await }
+                })
+                .await?;
+                invitees.extend(batch.collection);
+                match batch.pagination.next_page_token {
+                    Some(t) => invitee_page = Some(t),
+                    None => break,
+                }
+            }
+            let mut tx = deps.pool.begin().await?;
+            if !connections::lock_if_linked(&mut tx, &connection).await? {
+                return Ok(None);
+            }
+            let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, event).await?;
+            for invitee in &invitees {
+                meetings::upsert_invitee(&mut tx, meeting_id, invitee).await?;
+            }
+            tx.commit().await?;
+            written += 1;
+        }
+        match events.pagination.next_page_token {
+            Some(t) => page = Some(t),
+            None => break,
+        }
+    }
+    connections::set_synced(&deps.pool, connection_id, started).await?;
+    Ok(Some(written))
+}

@@ -1,0 +1,254 @@
+//! A worker (or several) in-process against real PostgreSQL (a fresh `#[sqlx::test]` database),
+//! real RabbitMQ (an isolated topology) and the Calendly simulator in capture mode, so each test
+//! decides what is delivered, when, and in which order.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::Value;
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use calendly_sim::{Booking, DeliveryMode, NewInvitee, NewUser, SimConfig, SimServer};
+use calsync_common::config::{TokenKeyArgs, WorkerSettings};
+use calsync_common::crypto::{self, TokenCipher};
+use calsync_common::db::connections::{self, Connected};
+use calsync_common::queue::{Broker, BrokerConfig, message};
+use calsync_testkit::IsolatedTopology;
+
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+#[derive(Parser)]
+struct WorkerCli {
+    #[command(flatten)]
+    settings: WorkerSettings,
+}
+
+pub struct Harness {
+    pub sim: SimServer,
+    pub topology: IsolatedTopology,
+    pub pool: PgPool,
+    pub db_url: String,
+    pub publisher: Broker,
+    pub cipher: TokenCipher,
+    pub key: String,
+    workers: Vec<(CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>, SocketAddr)>,
+}
+
+pub struct User {
+    pub app_user: Uuid,
+    pub calendly: Value,
+    pub uri: String,
+    pub connection_id: Uuid,
+}
+
+/// URL of the `#[sqlx::test]` database behind `pool`.
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for tests");
+    let name = pool.connect_options().get_database().expect("test database has a name").to_owned();
+    let mut url = url::Url::parse(&base).unwrap();
+    url.set_path(&name);
+    url.to_string()
+}
+
+impl Harness {
+    pub async fn new(pool: PgPool) -> Self {
+        Self::with_sim(pool, SimConfig::default()).await
+    }
+
+    pub async fn with_sim(pool: PgPool, config: SimConfig) -> Self {
+        calsync_common::telemetry::init_tracing(calsync_common::config::LogFormat::Pretty);
+        let sim = SimServer::start(config, "127.0.0.1:0").await.unwrap();
+        sim.sim.set_delivery_mode(DeliveryMode::Capture);
+        let topology = IsolatedTopology::new().await;
+        let publisher = Broker::start(BrokerConfig {
+            url: secrecy::SecretString::from(calsync_testkit::amqp_url()),
+            topology: topology.topology.clone(),
+            publish_channels: 2,
+            confirm_timeout: Duration::from_secs(10),
+            connection_name: "test-publisher".into(),
+        });
+        assert!(publisher.wait_ready(Duration::from_secs(10)).await);
+        let key = crypto::generate_key();
+        let cipher = TokenCipher::from_settings(&TokenKeyArgs {
+            token_encryption_key: Some(secrecy::SecretString::from(key.clone())),
+            token_encryption_previous_keys: vec![],
+        })
+        .unwrap();
+        let db_url = database_url(&pool);
+        Self { sim, topology, pool, db_url, publisher, cipher, key, workers: Vec::new() }
+    }
+
+    pub fn worker_args(&self) -> Vec<String> {
+        vec![
+            "worker".into(),
+            "--worker-addr=127.0.0.1:0".into(),
+            format!("--database-url={}", self.db_url),
+            format!("--amqp-url={}", calsync_testkit::amqp_url()),
+            format!("--amqp-topology-prefix={}", self.topology.prefix),
+            format!("--calendly-api-base-url={}", self.sim.url()),
+            format!("--calendly-auth-base-url={}", self.sim.url()),
+            format!("--calendly-oauth-client-id={}", self.sim.sim.config().client_id),
+            format!("--calendly-oauth-client-secret={}", self.sim.sim.config().client_secret),
+            format!("--token-encryption-key={}", self.key),
+            "--worker-concurrency=16".into(),
+        ]
+    }
+
+    pub fn settings(&self, extra: &[&str]) -> WorkerSettings {
+        let mut args = self.worker_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        WorkerCli::try_parse_from(args).expect("worker test settings").settings
+    }
+
+    /// Starts one more in-process worker; returns its health address.
+    pub async fn start_worker(&mut self, extra: &[&str]) -> SocketAddr {
+        let shutdown = CancellationToken::new();
+        let worker = calsync_worker::Worker::build(self.settings(extra), shutdown.clone()).await.unwrap();
+        let addr = worker.health_addr();
+        let handle = tokio::spawn(worker.run_until_stopped());
+        self.workers.push((shutdown, handle, addr));
+        addr
+    }
+
+    /// A simulated Calendly user connected to a new app user (tokens stored encrypted, as the
+    /// connect flow does), with a user-scoped subscription so its changes are captured.
+    pub async fn connect(&self, name: &str) -> User {
+        let calendly = self
+            .sim
+            .sim
+            .create_user(NewUser {
+                name: name.into(),
+                email: format!("{}@example.com", name.to_lowercase()),
+                organization: None,
+                webhooks_enabled: true,
+            })
+            .unwrap();
+        let uri = calendly["uri"].as_str().unwrap().to_owned();
+        self.sim.sim.subscribe(&uri, "http://127.0.0.1:9/captured").unwrap();
+        let app_user = Uuid::new_v4();
+        let connection_id =
+            self.store_tokens(app_user, &calendly, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
+        User { app_user, calendly, uri, connection_id }
+    }
+
+    /// Stores a fresh token pair for `calendly` on `app_user`'s connection, expiring at `expires_at`.
+    pub async fn store_tokens(&self, app_user: Uuid, calendly: &Value, expires_at: OffsetDateTime) -> Uuid {
+        let uri = calendly["uri"].as_str().unwrap();
+        let tokens = self.sim.sim.grant_tokens(uri).unwrap();
+        connections::store_connected(
+            &self.pool,
+            &self.cipher,
+            &Connected {
+                user_id: app_user,
+                calendly_user_uri: uri,
+                calendly_organization_uri: calendly["current_organization"].as_str().unwrap(),
+                access_token: tokens["access_token"].as_str().unwrap(),
+                refresh_token: tokens["refresh_token"].as_str().unwrap(),
+                expires_at,
+            },
+        )
+        .await
+        .unwrap()
+        .id
+    }
+
+    pub fn book(&self, user: &User, invitees: usize) -> Value {
+        self.sim
+            .sim
+            .book(Booking {
+                user: user.uri.clone(),
+                name: Some(format!("Meeting with {invitees}")),
+                start_time: None,
+                duration_minutes: Some(30),
+                invitees: (0..invitees)
+                    .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") })
+                    .collect(),
+                location: None,
+            })
+            .unwrap()
+    }
+
+    /// The signed bodies the simulator produced since the last call, oldest first.
+    pub fn captured(&self) -> Vec<Vec<u8>> {
+        self.sim.sim.take_captured().into_iter().map(|c| c.body.into_bytes()).collect()
+    }
+
+    /// Publishes a body as ingest would (confirmed); returns its message id.
+    pub async fn publish(&self, body: &[u8]) -> String {
+        self.publisher.publish(&message::webhook(body.to_vec(), OffsetDateTime::now_utc())).await.expect("published");
+        message::message_id(body)
+    }
+
+    pub async fn publish_all(&self, bodies: &[Vec<u8>]) -> Vec<String> {
+        let mut ids = Vec::new();
+        for body in bodies {
+            ids.push(self.publish(body).await);
+        }
+        ids
+    }
+
+    pub async fn inbox_status(&self, message_id: &str) -> Option<String> {
+        calsync_common::db::inbox::status_of(&self.pool, message_id).await.unwrap()
+    }
+
+    /// Waits until every message id has one of `statuses` in the inbox.
+    pub async fn wait_for_inbox(&self, ids: &[String], statuses: &[&str]) {
+        calsync_testkit::wait_until(DEADLINE, &format!("inbox rows {statuses:?}"), || async {
+            for id in ids {
+                match self.inbox_status(id).await {
+                    Some(s) if statuses.contains(&s.as_str()) => {}
+                    _ => return false,
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    /// `(event uri, status)` of every meeting of `app_user`, by start time.
+    pub async fn meetings(&self, app_user: Uuid) -> Vec<(String, String)> {
+        sqlx::query_as("SELECT calendly_event_uri, status FROM meetings WHERE user_id = $1 ORDER BY start_time, calendly_event_uri")
+            .bind(app_user)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// `(invitee uri, status, meeting owner)` of every invitee row.
+    pub async fn invitees(&self) -> Vec<(String, String, Uuid)> {
+        sqlx::query_as(
+            "SELECT i.calendly_invitee_uri, i.status, m.user_id FROM meeting_invitees i JOIN meetings m ON m.id = i.meeting_id \
+             ORDER BY i.calendly_invitee_uri",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
+    }
+
+    pub async fn dead_letters(&self) -> Vec<lapin::message::BasicGetMessage> {
+        self.topology.drain(&self.topology.topology.dead_queue()).await
+    }
+
+    pub async fn stop(mut self) {
+        for (shutdown, handle, _) in self.workers.drain(..) {
+            shutdown.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(20), handle).await;
+        }
+        self.publisher.close().await;
+        self.topology.cleanup().await;
+    }
+}
+
+pub fn uuid_of(uri: &str) -> Uuid {
+    uri.rsplit('/').next().unwrap().parse().unwrap()
+}
