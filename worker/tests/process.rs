@@ -1,0 +1,111 @@
+//! The real `calsync-worker` binary: killed mid-flight it loses nothing and duplicates nothing;
+//! on SIGTERM it finishes or requeues its in-flight deliveries and exits 0; `migrate` migrates.
+
+mod support;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use calendly_sim::Faults;
+use sqlx::PgPool;
+use support::*;
+use tokio::process::{Child, Command};
+
+fn spawn_worker(h: &Harness) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_calsync-worker"))
+        .args(h.worker_args().into_iter().skip(1))
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn processed(h: &Harness) -> i64 {
+    h.count("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'").await
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_worker_killed_with_deliveries_in_flight_loses_none_and_duplicates_none_after_restart(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    for _ in 0..40 {
+        h.book(&ada, 1);
+    }
+    let bodies = h.captured();
+    // Slow Calendly: many deliveries are mid-fetch when the worker dies.
+    h.sim.sim.set_faults(Faults { latency_ms: 150, ..Faults::default() });
+    let mut first = spawn_worker(&h);
+    let ids = h.publish_all(&bodies).await;
+    calsync_testkit::wait_until(DEADLINE, "some deliveries processed", || async { processed(&h).await >= 3 }).await;
+
+    first.kill().await.unwrap(); // SIGKILL
+    let done_before_restart = processed(&h).await;
+    let mut second = spawn_worker(&h);
+    h.wait_for_inbox(&ids, &["processed"]).await;
+
+    assert!(done_before_restart < 40, "the kill happened with work outstanding");
+    assert_eq!(h.meetings(ada.app_user).await.len(), 40);
+    assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 40);
+    assert_eq!(h.count("SELECT count(*) FROM webhook_inbox").await, 40);
+    second.kill().await.unwrap();
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn sigterm_finishes_or_requeues_in_flight_deliveries_and_exits_zero(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    for _ in 0..30 {
+        h.book(&ada, 1);
+    }
+    let bodies = h.captured();
+    h.sim.sim.set_faults(Faults { latency_ms: 200, ..Faults::default() });
+    let mut worker = spawn_worker(&h);
+    let ids = h.publish_all(&bodies).await;
+    calsync_testkit::wait_until(DEADLINE, "work started", || async { processed(&h).await >= 1 }).await;
+
+    let pid = worker.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
+    let exit =
+        tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.expect("exits after SIGTERM").unwrap();
+
+    assert_eq!(exit.code(), Some(0));
+    let remaining = h.topology.depth(&h.topology.topology.webhooks_queue()).await as i64;
+    let done = processed(&h).await;
+    assert!(done >= 1);
+    let mut next = spawn_worker(&h);
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    assert_eq!(h.meetings(ada.app_user).await.len(), 30, "{done} done + {remaining} requeued = all 30");
+    next.kill().await.unwrap();
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn the_migrate_subcommand_creates_the_database_and_applies_the_schema(pool: PgPool) {
+    let name = format!("calsync_migrate_{}", uuid::Uuid::new_v4().simple());
+    let mut url = url::Url::parse(&database_url(&pool)).unwrap();
+    url.set_path(&name);
+
+    let output = Command::new(env!("CARGO_BIN_EXE_calsync-worker"))
+        .arg("migrate")
+        .env("DATABASE_URL", url.as_str())
+        .output()
+        .await
+        .unwrap();
+
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let check = sqlx::PgPool::connect(url.as_str()).await.unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name IN \
+         ('calendar_connections','meetings','meeting_invitees','webhook_inbox','oauth_states')",
+    )
+    .fetch_one(&check)
+    .await
+    .unwrap();
+    assert_eq!(tables, 5);
+    check.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}"))).execute(&pool).await.unwrap();
+}

@@ -1,0 +1,83 @@
+//! Backfill jobs from `calsync.sync`, and what the worker shows operators.
+
+mod support;
+
+use calendly_sim::{Booking, NewInvitee};
+use calsync_common::queue::message::{SyncJob, sync_job};
+use sqlx::PgPool;
+use support::*;
+use time::OffsetDateTime;
+
+fn book_at(h: &Harness, user: &User, start: OffsetDateTime, invitees: usize) {
+    h.sim
+        .sim
+        .book(Booking {
+            user: user.uri.clone(),
+            name: None,
+            start_time: Some(start),
+            duration_minutes: Some(30),
+            invitees: (0..invitees)
+                .map(|n| NewInvitee { name: format!("G {n}"), email: format!("g{n}@example.com") })
+                .collect(),
+            location: None,
+        })
+        .unwrap();
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_backfill_writes_every_event_from_the_look_back_window_forward_with_all_invitees(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    h.start_worker(&["--sync-lookback-days=30"]).await;
+    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
+    let now = OffsetDateTime::now_utc();
+    book_at(&h, &ada, now - time::Duration::days(40), 1); // before the window
+    for n in 0..120 {
+        book_at(&h, &ada, now - time::Duration::days(20) + time::Duration::hours(n), 1); // two pages of events
+    }
+    book_at(&h, &ada, now + time::Duration::days(400), 150); // far future, invitees over two pages
+    book_at(&h, &bob, now, 1); // someone else's
+    h.captured();
+
+    h.publisher.publish(&sync_job(&SyncJob { connection_id: ada.connection_id })).await.unwrap();
+
+    calsync_testkit::wait_until(DEADLINE, "last_synced_at set", || async {
+        sqlx::query_scalar::<_, Option<OffsetDateTime>>("SELECT last_synced_at FROM calendar_connections WHERE id = $1")
+            .bind(ada.connection_id)
+            .fetch_one(&h.pool)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+    assert_eq!(h.meetings(ada.app_user).await.len(), 121);
+    assert_eq!(h.meetings(bob.app_user).await.len(), 0);
+    assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 120 + 150);
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn readiness_and_metrics_report_the_work_done(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let addr = h.start_worker(&[]).await;
+    let ada = h.connect("Ada").await;
+    h.book(&ada, 1);
+    let http = calsync_common::http::client_builder().build().unwrap();
+
+    let ids = h.publish_all(&h.captured()).await;
+    h.wait_for_inbox(&ids, &["processed"]).await;
+
+    calsync_testkit::wait_until(DEADLINE, "worker ready", || async {
+        http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let metrics = http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        r#"calsync_worker_deliveries_total{event="invitee.created",outcome="processed"}"#,
+        "calsync_worker_processing_seconds_count",
+        "calsync_webhook_end_to_end_seconds_count",
+        r#"calsync_calendly_requests_total{endpoint="get_event",status="200"}"#,
+    ] {
+        assert!(metrics.lines().any(|l| l.starts_with(name)), "{name} missing from /metrics");
+    }
+    h.stop().await;
+}
