@@ -30,17 +30,17 @@ pub enum CryptoError {
     Decrypt,
 }
 
-/// What a ciphertext is bound to. Decrypting with any other binding fails.
-#[derive(Debug, Clone, Copy)]
-pub struct Binding<'a> {
-    pub table: &'a str,
-    pub row_id: uuid::Uuid,
-    pub column: &'a str,
+/// What a ciphertext is bound to (table, row key, column). Decrypting with any other binding fails.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    pub table: &'static str,
+    pub row: String,
+    pub column: &'static str,
 }
 
-impl Binding<'_> {
+impl Binding {
     fn associated_data(&self) -> Vec<u8> {
-        format!("calsync:{}:{}:{}", self.table, self.row_id, self.column).into_bytes()
+        format!("calsync:{}:{}:{}", self.table, self.row, self.column).into_bytes()
     }
 }
 
@@ -85,7 +85,7 @@ impl TokenCipher {
         &self.current.id
     }
 
-    pub fn encrypt(&self, plaintext: &str, binding: Binding<'_>) -> String {
+    pub fn encrypt(&self, plaintext: &str, binding: Binding) -> String {
         let nonce_bytes: [u8; NONCE_LEN] = rand::random();
         let nonce = Nonce::try_from(&nonce_bytes[..]).expect("nonce is 12 bytes");
         let aad = binding.associated_data();
@@ -99,7 +99,7 @@ impl TokenCipher {
         format!("v1.{}.{}", self.current.id, B64.encode(out))
     }
 
-    pub fn decrypt(&self, stored: &str, binding: Binding<'_>) -> Result<SecretString, CryptoError> {
+    pub fn decrypt(&self, stored: &str, binding: Binding) -> Result<SecretString, CryptoError> {
         let mut parts = stored.splitn(3, '.');
         let (Some("v1"), Some(key_id), Some(data)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CryptoError::Format);
@@ -142,8 +142,8 @@ mod tests {
         .unwrap()
     }
 
-    fn binding(row: uuid::Uuid, column: &str) -> Binding<'_> {
-        Binding { table: "calendar_connections", row_id: row, column }
+    fn binding(row: uuid::Uuid, column: &'static str) -> Binding {
+        Binding { table: "calendar_connections", row: row.to_string(), column }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Shared building blocks of calsync's services.
 //!
 //! - [`config`]: every address, secret and tunable, read from the environment (or `--flags`) by clap.
+//! - [`connect`]: the OAuth connect flow, status and disconnect (HTTP-free).
 //! - [`telemetry`]: tracing subscriber (pretty or JSON) and the Prometheus recorder.
 //! - [`shutdown`]: SIGTERM / Ctrl-C turned into one [`tokio_util::sync::CancellationToken`].
 //! - [`retry`]: the one place retry and reconnect policies live.
@@ -13,6 +14,7 @@
 
 pub mod calendly;
 pub mod config;
+pub mod connect;
 pub mod crypto;
 pub mod db;
 pub mod http;

@@ -6,7 +6,7 @@ use axum::Router;
 
 use calsync_common::calendly::signature::WebhookVerifier;
 use calsync_common::config::IngestSettings;
-use calsync_common::crypto::TokenCipher;
+use calsync_common::connect::ConnectService;
 use calsync_common::db::Database;
 use calsync_common::queue::Broker;
 
@@ -25,9 +25,14 @@ pub struct Shared {
     pub broker: Broker,
     /// Only the connection API uses it; webhook intake must keep working while it is down.
     pub database: Database,
-    pub cipher: TokenCipher,
+    /// The OAuth connect flow and connection API (needs PostgreSQL).
+    pub connect: ConnectService,
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new().merge(routes::webhooks::router()).merge(routes::health::router()).with_state(state)
+    Router::new()
+        .merge(routes::webhooks::router())
+        .merge(routes::connect::router())
+        .merge(routes::health::router())
+        .with_state(state)
 }

@@ -24,6 +24,25 @@ pub enum ApiError {
     /// 503 with Retry-After
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
+    /// 401 on the connection API
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 502: Calendly answered something we cannot use.
+    #[error("{0}")]
+    Upstream(String),
+    /// 500: logged with its cause, shown without it.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn database(error: impl std::fmt::Display) -> Self {
+        tracing::warn!(%error, "database unavailable");
+        Self::Unavailable { code: "database_unavailable", message: "the database is unavailable; retry later".into() }
+    }
 }
 
 impl ApiError {
@@ -33,6 +52,10 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
+            Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "calendly_error"),
+            Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
 }

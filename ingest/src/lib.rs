@@ -2,7 +2,7 @@
 //!
 //! - [`app`]: shared state and the router.
 //! - [`error`]: the one API error type; each variant names its status code.
-//! - [`routes`]: webhook intake and health/metrics endpoints.
+//! - [`routes`]: webhook intake, the connect flow and connection API, health/metrics.
 //!
 //! [`Application::build`] binds the listener (port 0 in tests) and starts the broker and
 //! database supervisors; [`Application::run_until_stopped`] serves until the shutdown token fires,
@@ -19,8 +19,10 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use calsync_common::calendly::CalendlyClient;
 use calsync_common::calendly::signature::WebhookVerifier;
 use calsync_common::config::IngestSettings;
+use calsync_common::connect::ConnectService;
 use calsync_common::crypto::TokenCipher;
 use calsync_common::db::Database;
 use calsync_common::queue::{Broker, BrokerConfig, Topology};
@@ -54,7 +56,16 @@ impl Application {
             settings.calendly_webhook_signing_keys.clone(),
             std::time::Duration::from_secs(settings.calendly_webhook_tolerance_secs),
         );
-        let state = AppState { inner: Arc::new(app::Shared { settings, verifier, broker, database, cipher }) };
+        let connect = ConnectService {
+            pool: database.pool().clone(),
+            cipher: Arc::new(cipher),
+            calendly: CalendlyClient::new(&settings.calendly)?,
+            broker: broker.clone(),
+            redirect_uri: settings.calendly_oauth_redirect_uri.clone(),
+            callback_url: settings.calendly_webhook_callback_url.clone(),
+            replay_days: settings.inbox.inbox_replay_days,
+        };
+        let state = AppState { inner: Arc::new(app::Shared { settings, verifier, broker, database, connect }) };
         Ok(Self { listener, state, shutdown })
     }
 

@@ -541,6 +541,17 @@ impl Sim {
         Ok(value)
     }
 
+    /// Turns a subscription `disabled`, as Calendly does after 24 hours of failed deliveries.
+    pub fn disable_subscription(&self, id: Uuid) -> bool {
+        match self.world().subscriptions.get_mut(&id) {
+            Some(sub) => {
+                sub.state = "disabled";
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Invitee UUIDs of `user`'s events that are still active (the load generator picks from these).
     pub fn active_invitees(&self, user: Uuid) -> Vec<Uuid> {
         let world = self.world();

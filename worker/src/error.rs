@@ -48,6 +48,7 @@ impl From<CalendlyError> for ProcessError {
             CalendlyError::InvalidGrant(_) => Self::NeedsReauth(error.to_string()),
             CalendlyError::Forbidden(_)
             | CalendlyError::NotFound
+            | CalendlyError::Conflict
             | CalendlyError::ForeignOrigin(_)
             | CalendlyError::Unexpected(_) => Self::Permanent(error.to_string()),
         }

@@ -16,6 +16,9 @@ struct Cli {
 enum Command {
     /// Create the database if needed and apply pending migrations, then exit.
     Migrate,
+    /// Re-encrypt every stored token with TOKEN_ENCRYPTION_KEY (keep the old key in
+    /// TOKEN_ENCRYPTION_PREVIOUS_KEYS while this runs and until every process has the new key).
+    RotateTokenKey,
 }
 
 #[tokio::main]
@@ -24,6 +27,7 @@ async fn main() -> std::process::ExitCode {
     telemetry::init_tracing(cli.settings.telemetry.log_format);
     let result = match cli.command {
         Some(Command::Migrate) => migrate(&cli.settings).await,
+        Some(Command::RotateTokenKey) => rotate_token_key(&cli.settings).await,
         None => run(cli.settings).await,
     };
     match result {
@@ -50,5 +54,21 @@ async fn migrate(settings: &WorkerSettings) -> anyhow::Result<()> {
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_lazy(url)?;
     calsync_common::db::prepare(url, &pool).await?;
     println!("migrations applied");
+    Ok(())
+}
+
+async fn rotate_token_key(settings: &WorkerSettings) -> anyhow::Result<()> {
+    settings.validate()?;
+    let cipher = calsync_common::crypto::TokenCipher::from_settings(&settings.token_keys)?;
+    let url = &settings.database.database_url;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
+    calsync_common::db::prepare(url, &pool).await?;
+    let report = calsync_common::db::rotation::reencrypt_all(&pool, &cipher).await?;
+    println!(
+        "re-encrypted {} connection(s) and {} pending OAuth state(s) with key {}",
+        report.connections_reencrypted,
+        report.states_reencrypted,
+        cipher.current_key_id()
+    );
     Ok(())
 }

@@ -203,8 +203,8 @@ async fn calendly_failing_beyond_the_in_process_budget_is_retried_later_through_
     h.start_worker(&[]).await;
     let ada = h.connect("Ada").await;
     h.book(&ada, 1);
-    // More failures than the few seconds of in-process retries can absorb.
-    h.sim.sim.fail_next(FailNext { endpoint: "get_event".into(), count: 12, status: 503 });
+    // More failures than one attempt's in-process retries (5 to 8 calls in 5 s) absorb, fewer than two.
+    h.sim.sim.fail_next(FailNext { endpoint: "get_event".into(), count: 10, status: 503 });
 
     let ids = h.publish_all(&h.captured()).await;
 

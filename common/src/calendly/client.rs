@@ -227,7 +227,7 @@ impl CalendlyClient {
                     .map_err(|e| CalendlyError::Unexpected(format!("create_subscription: {}", without_url(&e))))?;
                 Ok(Some(created.resource))
             }
-            Err(CalendlyError::Unexpected(msg)) if msg.starts_with("409") => Ok(None),
+            Err(CalendlyError::Conflict) => Ok(None),
             Err(e) => Err(e),
         }
     }
@@ -302,6 +302,7 @@ async fn classify(response: Response) -> Result<Response, CalendlyError> {
         StatusCode::UNAUTHORIZED => CalendlyError::Unauthorized,
         StatusCode::FORBIDDEN => CalendlyError::Forbidden(snippet),
         StatusCode::NOT_FOUND => CalendlyError::NotFound,
+        StatusCode::CONFLICT => CalendlyError::Conflict,
         StatusCode::TOO_MANY_REQUESTS => CalendlyError::RateLimited { reset: reset.unwrap_or(Duration::from_secs(60)) },
         StatusCode::BAD_REQUEST if body.contains("invalid_grant") => CalendlyError::InvalidGrant(snippet),
         s if s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT => {

@@ -12,6 +12,9 @@ pub enum CalendlyError {
     Forbidden(String),
     #[error("Calendly has no such resource (404)")]
     NotFound,
+    /// 409: it exists already (a subscription to the same URL).
+    #[error("Calendly reports that this already exists (409)")]
+    Conflict,
     /// 429: wait at least `reset` (Calendly's `X-RateLimit-Reset`, in seconds).
     #[error("Calendly rate limit reached; resets in {reset:?}")]
     RateLimited { reset: Duration },

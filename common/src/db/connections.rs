@@ -32,8 +32,8 @@ pub struct Connection {
 }
 
 /// The AES-GCM binding of a token column of row `id`.
-pub fn binding(id: Uuid, column: &str) -> Binding<'_> {
-    Binding { table: TABLE, row_id: id, column }
+pub fn binding(id: Uuid, column: &'static str) -> Binding {
+    Binding { table: TABLE, row: id.to_string(), column }
 }
 
 impl Connection {

@@ -1,2 +1,3 @@
+pub mod connect;
 pub mod health;
 pub mod webhooks;

@@ -52,6 +52,7 @@ async fn receive(
         Err(ApiError::PayloadTooLarge { .. }) => "too_large",
         Err(ApiError::BadRequest(_)) => "bad_request",
         Err(ApiError::Unavailable { .. }) => "unavailable",
+        Err(_) => "error",
     };
     metrics::counter!("calsync_ingest_requests_total", "outcome" => outcome).increment(1);
     result

@@ -1,0 +1,327 @@
+//! Connecting a Calendly account: OAuth with forced consent and PKCE, storing the identity that
+//! consented, the webhook subscription, the backfill, the replay of parked deliveries, status, and
+//! disconnect. HTTP-free so it can be tested and reused; ingest's routes are a thin layer on it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use time::OffsetDateTime;
+use url::Url;
+use uuid::Uuid;
+
+use crate::calendly::{CalendlyClient, CalendlyError};
+use crate::crypto::{CryptoError, TokenCipher};
+use crate::db::connections::{self, Connected, Connection, StoreError};
+use crate::db::oauth_states::{self, StateRejection};
+use crate::queue::Broker;
+use crate::queue::message::{SyncJob, sync_job};
+
+/// How long a user has to finish the consent screen.
+pub const STATE_TTL: time::Duration = time::Duration::minutes(10);
+/// Scopes Calendly apps created after March 2026 must ask for.
+pub const SCOPES: &str = "users:read scheduled_events:read webhooks:write";
+/// The events our subscription asks for.
+pub const EVENTS: &[&str] =
+    &["invitee.created", "invitee.canceled", "invitee_no_show.created", "invitee_no_show.deleted"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("the database is unavailable: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("{0} is not set")]
+    NotConfigured(&'static str),
+    #[error("this link is not valid: {}", match .0 {
+        StateRejection::Unknown => "it was not issued by us",
+        StateRejection::Expired => "it has expired (links last 10 minutes)",
+        StateRejection::AlreadyUsed => "it has already been used",
+    })]
+    State(StateRejection),
+    #[error("access was not granted ({0})")]
+    Denied(String),
+    #[error("Calendly did not send an authorization code")]
+    MissingCode,
+    #[error("this Calendly account is already connected to another user")]
+    AccountTaken,
+    #[error("Calendly: {0}")]
+    Calendly(#[from] CalendlyError),
+    #[error("stored secret unreadable: {0}")]
+    Crypto(#[from] CryptoError),
+}
+
+/// The OAuth callback's query.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+pub struct Callback {
+    pub code: Option<String>,
+    pub state: Option<String>,
+    pub error: Option<String>,
+    pub error_description: Option<String>,
+}
+
+/// What `GET /connections/calendly/{user_id}` shows: never a token.
+#[derive(Debug, Serialize)]
+pub struct ConnectionStatus {
+    pub user_id: Uuid,
+    pub provider: String,
+    pub connected: bool,
+    pub status: String,
+    pub calendly_user_uri: Option<String>,
+    pub calendly_organization_uri: Option<String>,
+    pub webhook_subscription_uri: Option<String>,
+    /// Live from Calendly (`active`/`disabled`) when it can be asked, else null.
+    pub subscription_state: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_synced_at: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub token_expires_at: Option<OffsetDateTime>,
+}
+
+pub struct ConnectService {
+    pub pool: PgPool,
+    pub cipher: Arc<TokenCipher>,
+    pub calendly: CalendlyClient,
+    pub broker: Broker,
+    pub redirect_uri: Url,
+    pub callback_url: Option<Url>,
+    pub replay_days: u32,
+}
+
+fn random_url_safe() -> String {
+    URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
+}
+
+fn hash_state(state: &str) -> String {
+    hex::encode(Sha256::digest(state.as_bytes()))
+}
+
+impl ConnectService {
+    /// Issues a single-use state (stored hashed, with the encrypted PKCE verifier) and returns the
+    /// URL that sends `user_id` to Calendly's consent screen.
+    pub async fn begin(&self, user_id: Uuid) -> Result<Url, ConnectError> {
+        let client_id = self.calendly.client_id().ok_or(ConnectError::NotConfigured("CALENDLY_OAUTH_CLIENT_ID"))?;
+        let (state, verifier) = (random_url_safe(), random_url_safe());
+        let state_hash = hash_state(&state);
+        let challenge = URL_SAFE_NO_PAD.encode(Sha256::digest(verifier.as_bytes()));
+        let sealed = self.cipher.encrypt(&verifier, oauth_states::verifier_binding(&state_hash));
+        oauth_states::insert(&self.pool, &state_hash, user_id, &sealed, OffsetDateTime::now_utc() + STATE_TTL).await?;
+        if let Err(error) = oauth_states::purge_stale(&self.pool).await {
+            tracing::debug!(%error, "could not purge old OAuth states");
+        }
+        let mut url = self.calendly.authorize_endpoint();
+        url.query_pairs_mut()
+            .append_pair("client_id", client_id)
+            .append_pair("response_type", "code")
+            .append_pair("redirect_uri", self.redirect_uri.as_str())
+            .append_pair("state", &state)
+            // Always show the consent screen: the account that consents is the one we store.
+            .append_pair("prompt", "consent")
+            .append_pair("scope", SCOPES)
+            .append_pair("code_challenge", &challenge)
+            .append_pair("code_challenge_method", "S256");
+        Ok(url)
+    }
+
+    /// Handles Calendly's redirect back. On success the connection is stored (tokens encrypted),
+    /// subscribed, queued for backfill, and its parked deliveries are replayed.
+    pub async fn complete(&self, callback: Callback) -> Result<Connection, ConnectError> {
+        if let Some(error) = callback.error {
+            if let Some(state) = &callback.state {
+                oauth_states::burn(&self.pool, &hash_state(state)).await?;
+            }
+            return Err(ConnectError::Denied(
+                callback.error_description.map_or(error.clone(), |d| format!("{error}: {d}")),
+            ));
+        }
+        let state = callback.state.ok_or(ConnectError::State(StateRejection::Unknown))?;
+        let state_hash = hash_state(&state);
+        let (user_id, sealed_verifier) =
+            oauth_states::take(&self.pool, &state_hash).await?.map_err(ConnectError::State)?;
+        let verifier = self.cipher.decrypt(&sealed_verifier, oauth_states::verifier_binding(&state_hash))?;
+        let code = callback.code.ok_or(ConnectError::MissingCode)?;
+
+        let tokens = self.calendly.exchange_code(&code, self.redirect_uri.as_str(), verifier.expose_secret()).await?;
+        let access = SecretString::from(tokens.access_token.clone());
+        // The identity comes from Calendly, asked with the token just issued for this consent.
+        let me = match self.calendly.users_me(&access).await {
+            Ok(me) => me,
+            Err(error) => {
+                self.revoke_quietly(&tokens.access_token, &tokens.refresh_token).await;
+                return Err(error.into());
+            }
+        };
+        let connected = Connected {
+            user_id,
+            calendly_user_uri: &me.uri,
+            calendly_organization_uri: &me.current_organization,
+            access_token: &tokens.access_token,
+            refresh_token: &tokens.refresh_token,
+            expires_at: OffsetDateTime::now_utc() + time::Duration::seconds(tokens.expires_in),
+        };
+        let connection = match connections::store_connected(&self.pool, &self.cipher, &connected).await {
+            Ok(connection) => connection,
+            Err(StoreError::AccountTaken) => {
+                tracing::warn!(%user_id, "Calendly account already connected to another user; revoking the new token");
+                self.revoke_quietly(&tokens.access_token, &tokens.refresh_token).await;
+                return Err(ConnectError::AccountTaken);
+            }
+            Err(StoreError::Database(e)) => return Err(e.into()),
+        };
+        tracing::info!(%user_id, connection_id = %connection.id, "Calendly account connected");
+
+        let mut problems = Vec::new();
+        let mut subscription = connection.webhook_subscription_uri.clone();
+        if let Some(callback_url) = &self.callback_url {
+            match self.ensure_subscription(callback_url, &me.current_organization, &me.uri, &access).await {
+                Ok(uri) => subscription = Some(uri),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        if let Err(error) = self.broker.publish(&sync_job(&SyncJob { connection_id: connection.id })).await {
+            problems.push(format!("backfill not queued: {error}"));
+        }
+        let last_error = (!problems.is_empty()).then(|| problems.join("; "));
+        sqlx::query("UPDATE calendar_connections SET webhook_subscription_uri = $2, last_error = $3, updated_at = now() WHERE id = $1")
+            .bind(connection.id)
+            .bind(&subscription)
+            .bind(&last_error)
+            .execute(&self.pool)
+            .await?;
+        match crate::replay::replay_parked(&self.pool, &self.broker, &me.uri, self.replay_days).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(connection_id = %connection.id, replayed = n, "replayed parked deliveries"),
+            Err(error) => tracing::warn!(connection_id = %connection.id, %error, "could not replay parked deliveries"),
+        }
+        Ok(connections::find(&self.pool, connection.id).await?.unwrap_or(connection))
+    }
+
+    /// Creates our user-scoped subscription, reusing an active one (409) and replacing a disabled
+    /// one. Errors are returned as the text recorded in `last_error`.
+    async fn ensure_subscription(
+        &self,
+        callback_url: &Url,
+        organization: &str,
+        user: &str,
+        token: &SecretString,
+    ) -> Result<String, String> {
+        let create = || self.calendly.create_subscription(callback_url.as_str(), EVENTS, organization, user, token);
+        let explain = |error: CalendlyError| match error {
+            CalendlyError::Forbidden(_) => {
+                "webhook subscriptions need a paid Calendly plan (403): connected, but no webhooks will arrive"
+                    .to_owned()
+            }
+            other => format!("webhook subscription not created: {other}"),
+        };
+        if let Some(created) = create().await.map_err(explain)? {
+            return Ok(created.uri);
+        }
+        let existing = self.calendly.list_subscriptions(organization, user, token).await.map_err(explain)?;
+        let Some(found) = existing.into_iter().find(|s| s.callback_url == callback_url.as_str()) else {
+            return Err("webhook subscription not created: Calendly reports a duplicate it does not list".into());
+        };
+        if found.state == "active" {
+            return Ok(found.uri);
+        }
+        // A disabled subscription never recovers on its own (Calendly gave up retrying): replace it.
+        self.calendly.delete_subscription(&found.uri, token).await.map_err(explain)?;
+        match create().await.map_err(explain)? {
+            Some(created) => Ok(created.uri),
+            None => Err("webhook subscription not created: still reported as a duplicate after deleting it".into()),
+        }
+    }
+
+    async fn revoke_quietly(&self, access: &str, refresh: &str) {
+        for token in [refresh, access] {
+            if let Err(error) = self.calendly.revoke(&SecretString::from(token.to_owned())).await {
+                tracing::warn!(%error, "could not revoke a token at Calendly");
+            }
+        }
+    }
+
+    pub async fn status(&self, user_id: Uuid) -> Result<Option<ConnectionStatus>, ConnectError> {
+        let Some(c) = connections::find_by_user(&self.pool, user_id).await? else { return Ok(None) };
+        let subscription_state = self.live_subscription_state(&c).await;
+        Ok(Some(ConnectionStatus {
+            user_id: c.user_id,
+            provider: c.provider,
+            connected: c.status == "active",
+            status: c.status,
+            calendly_user_uri: c.calendly_user_uri,
+            calendly_organization_uri: c.calendly_organization_uri,
+            webhook_subscription_uri: c.webhook_subscription_uri,
+            subscription_state,
+            last_synced_at: c.last_synced_at,
+            last_error: c.last_error,
+            token_expires_at: c.token_expires_at,
+        }))
+    }
+
+    async fn live_subscription_state(&self, c: &Connection) -> Option<String> {
+        let uri = c.webhook_subscription_uri.as_deref()?;
+        let fresh = c.token_expires_at.is_some_and(|t| t > OffsetDateTime::now_utc() + time::Duration::minutes(1));
+        if c.status != "active" || !fresh {
+            return None;
+        }
+        let token = c.decrypt_access(&self.cipher).ok()?;
+        let lookup = self.calendly.get_subscription(uri, &token);
+        tokio::time::timeout(Duration::from_secs(3), lookup).await.ok()?.ok().map(|s| s.state)
+    }
+
+    /// Deletes our subscription (it needs the token), revokes the tokens at Calendly, wipes them
+    /// and marks the row `disconnected`. Returns false when the user never connected.
+    pub async fn disconnect(&self, user_id: Uuid) -> Result<bool, ConnectError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(Uuid,)> =
+            sqlx::query_as("SELECT id FROM calendar_connections WHERE provider = $1 AND user_id = $2")
+                .bind(connections::PROVIDER)
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((id,)) = row else { return Ok(false) };
+        // Held until the row is wiped: no worker can refresh (and so resurrect) these tokens meanwhile.
+        let Some(c) = connections::lock(&mut tx, id).await? else { return Ok(false) };
+        let mut problems = Vec::new();
+        if let (Ok(mut access), Ok(mut refresh)) = (c.decrypt_access(&self.cipher), c.decrypt_refresh(&self.cipher)) {
+            let expiring =
+                c.token_expires_at.is_none_or(|t| t <= OffsetDateTime::now_utc() + time::Duration::minutes(1));
+            if expiring {
+                match self.calendly.refresh(&refresh).await {
+                    Ok(t) => {
+                        (access, refresh) = (SecretString::from(t.access_token), SecretString::from(t.refresh_token))
+                    }
+                    Err(error) => problems.push(format!("token refresh before disconnect failed: {error}")),
+                }
+            }
+            if let Some(uri) = &c.webhook_subscription_uri
+                && let Err(error) = self.calendly.delete_subscription(uri, &access).await
+            {
+                problems.push(format!("webhook subscription not deleted: {error}"));
+            }
+            for token in [&refresh, &access] {
+                if let Err(error) = self.calendly.revoke(token).await {
+                    problems.push(format!("token not revoked: {error}"));
+                }
+            }
+        }
+        for problem in &problems {
+            tracing::warn!(%user_id, %problem, "disconnect");
+        }
+        sqlx::query(
+            "UPDATE calendar_connections SET access_token = NULL, refresh_token = NULL, token_expires_at = NULL, \
+             status = 'disconnected', is_active = false, webhook_subscription_uri = NULL, last_error = $2, \
+             updated_at = now() WHERE id = $1",
+        )
+        .bind(id)
+        .bind((!problems.is_empty()).then(|| problems.join("; ")))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::info!(%user_id, "Calendly account disconnected");
+        Ok(true)
+    }
+}

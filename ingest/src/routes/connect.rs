@@ -1,0 +1,160 @@
+//! The connection API (bearer `INTERNAL_API_TOKEN`) and the OAuth callback (a browser page).
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use secrecy::ExposeSecret;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use calsync_common::connect::{Callback, ConnectError};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/connections/calendly", post(begin))
+        .route("/connections/calendly/{user_id}", get(status).delete(disconnect))
+        .route("/oauth/calendly/callback", get(callback))
+}
+
+/// Constant-time bearer check; the API is closed (503) until a token is configured.
+fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &state.inner.settings.internal_api_token else {
+        return Err(ApiError::Unavailable {
+            code: "connection_api_disabled",
+            message: "INTERNAL_API_TOKEN is not set; the connection API is disabled".into(),
+        });
+    };
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(expected.expose_secret().as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// The connection API needs PostgreSQL; answer 503 at once while it is not there.
+fn database_ready(state: &AppState) -> Result<(), ApiError> {
+    if state.inner.database.is_migrated() { Ok(()) } else { Err(ApiError::database("not migrated yet")) }
+}
+
+fn api_error(error: ConnectError) -> ApiError {
+    match error {
+        ConnectError::Database(e) => ApiError::database(e),
+        ConnectError::NotConfigured(var) => {
+            ApiError::Unavailable { code: "not_configured", message: format!("{var} is not set") }
+        }
+        ConnectError::Calendly(e) => ApiError::Upstream(format!("Calendly: {e}")),
+        other => {
+            tracing::error!(error = %other, "connection API failed");
+            ApiError::Internal
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct BeginRequest {
+    user_id: Uuid,
+}
+
+async fn begin(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<BeginRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    authorize(&state, &headers)?;
+    let Json(request) =
+        body.map_err(|e| ApiError::BadRequest(format!("expected {{\"user_id\": \"<uuid>\"}}: {}", e.body_text())))?;
+    database_ready(&state)?;
+    let url = state.inner.connect.begin(request.user_id).await.map_err(api_error)?;
+    Ok(Json(serde_json::json!({ "authorize_url": url.as_str() })))
+}
+
+async fn status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(user_id): Path<Uuid>,
+) -> Result<Response, ApiError> {
+    authorize(&state, &headers)?;
+    database_ready(&state)?;
+    match state.inner.connect.status(user_id).await.map_err(api_error)? {
+        Some(status) => Ok(Json(status).into_response()),
+        None => Err(ApiError::NotFound(format!("user {user_id} never connected Calendly"))),
+    }
+}
+
+async fn disconnect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(user_id): Path<Uuid>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&state, &headers)?;
+    database_ready(&state)?;
+    if state.inner.connect.disconnect(user_id).await.map_err(api_error)? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("user {user_id} never connected Calendly")))
+    }
+}
+
+fn page(status: StatusCode, title: &str, detail: &str) -> Response {
+    let escape = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let html = format!(
+        "<!doctype html><meta charset=\"utf-8\"><title>{t}</title>\
+         <body style=\"font-family:sans-serif;max-width:36em;margin:4em auto\"><h1>{t}</h1><p>{d}</p></body>",
+        t = escape(title),
+        d = escape(detail)
+    );
+    (status, Html(html)).into_response()
+}
+
+async fn callback(State(state): State<AppState>, Query(query): Query<Callback>) -> Response {
+    if !state.inner.database.is_migrated() {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Please try again shortly",
+            "calsync cannot store the connection right now.",
+        );
+    }
+    match state.inner.connect.complete(query).await {
+        Ok(_) => match &state.inner.settings.connect_return_url {
+            Some(url) => {
+                let mut url = url.clone();
+                url.query_pairs_mut().append_pair("calendly", "connected");
+                Redirect::to(url.as_str()).into_response()
+            }
+            None => page(
+                StatusCode::OK,
+                "Calendly connected",
+                "Your Calendly meetings will now appear in calsync. You can close this page.",
+            ),
+        },
+        Err(error) => {
+            let status = match &error {
+                ConnectError::State(_) | ConnectError::MissingCode => StatusCode::BAD_REQUEST,
+                ConnectError::Denied(_) => StatusCode::FORBIDDEN,
+                ConnectError::AccountTaken => StatusCode::CONFLICT,
+                ConnectError::Calendly(_) => StatusCode::BAD_GATEWAY,
+                ConnectError::Database(_) | ConnectError::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
+                ConnectError::Crypto(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            tracing::warn!(%error, "Calendly connection not completed");
+            let detail = match &error {
+                ConnectError::Crypto(_) => "Something went wrong on our side. Please start again.".to_owned(),
+                ConnectError::Database(_) => {
+                    "calsync cannot store the connection right now. Please start again shortly.".to_owned()
+                }
+                other => format!("{other}. Nothing was stored; please start the connection again."),
+            };
+            page(status, "Calendly was not connected", &detail)
+        }
+    }
+}
