@@ -34,3 +34,83 @@ pub async fn replay_parked(
     metrics::counter!("calsync_inbox_replayed_total").increment(parked.len() as u64);
     Ok(parked.len())
 }
+
+/// Moves every message in `calsync.dead` back to its work queue with a fresh attempt count, after
+/// the cause has been fixed. A webhook's `dead` inbox row is cleared first so the worker does not
+/// take the replay for a duplicate. Each message is republished (confirmed) before it is acked, so
+/// a crash mid-way duplicates rather than loses. Returns how many were moved.
+pub async fn replay_dead(pool: &sqlx::PgPool, broker: &Broker) -> Result<usize, ReplayDeadError> {
+    use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    use crate::queue::message::{ATTEMPTS_HEADER, DEATH_REASON_HEADER, LAST_ERROR_HEADER, Outgoing};
+
+    let channel = broker.open_channel().await?;
+    let dead = broker.topology().dead_queue();
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    // Only what is there now: a message that dies again while we work waits for the next run.
+    let waiting = channel
+        .queue_declare(dead.as_str().into(), passive, FieldTable::default())
+        .await
+        .map_err(PublishError::Channel)?
+        .message_count();
+    let mut moved = 0;
+    for _ in 0..waiting {
+        let Some(message) = channel
+            .basic_get(dead.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .map_err(PublishError::Channel)?
+        else {
+            break;
+        };
+        let delivery = &message.delivery;
+        let is_sync =
+            delivery.routing_key.as_str().ends_with(".sync") || delivery.routing_key.as_str().starts_with("sync.");
+        let routing_key =
+            if is_sync { "sync.calendly.backfill".to_owned() } else { message::webhook_routing_key(&delivery.data) };
+        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
+        let kept: std::collections::BTreeMap<_, _> = headers
+            .inner()
+            .iter()
+            .filter(|(k, _)| {
+                ![
+                    ATTEMPTS_HEADER,
+                    DEATH_REASON_HEADER,
+                    LAST_ERROR_HEADER,
+                    "x-death",
+                    "x-first-death-exchange",
+                    "x-first-death-queue",
+                    "x-first-death-reason",
+                    "x-delivery-count",
+                ]
+                .contains(&k.as_str())
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        headers = FieldTable::from(kept);
+        if !is_sync {
+            sqlx::query("DELETE FROM webhook_inbox WHERE message_id = $1 AND status = 'dead'")
+                .bind(message::message_id(&delivery.data))
+                .execute(pool)
+                .await?;
+        }
+        let copy = Outgoing {
+            routing_key,
+            body: delivery.data.clone(),
+            properties: delivery.properties.clone().with_headers(headers),
+        };
+        broker.publish(&copy).await?;
+        delivery.acker.ack(BasicAckOptions::default()).await.map_err(PublishError::Channel)?;
+        moved += 1;
+    }
+    let _ = channel.close(200, "replayed".into()).await;
+    Ok(moved)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayDeadError {
+    #[error("clearing the inbox row: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("moving a dead letter: {0}")]
+    Broker(#[from] PublishError),
+}

@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
             println!(
                 "OAuth: add &sim_user=<uuid|email> to an authorize URL to approve as that user, &sim_deny=1 to deny."
             );
-            tokio::signal::ctrl_c().await?;
+            wait_for_stop().await;
         }
         Some(Command::Load(args)) => {
             eprintln!("calendly-sim listening on {url}; generating load against {}", args.target);
@@ -117,4 +117,19 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM (what process managers and the demo send).
+async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

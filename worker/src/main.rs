@@ -19,6 +19,8 @@ enum Command {
     /// Re-encrypt every stored token with TOKEN_ENCRYPTION_KEY (keep the old key in
     /// TOKEN_ENCRYPTION_PREVIOUS_KEYS while this runs and until every process has the new key).
     RotateTokenKey,
+    /// Move every message in calsync.dead back to its work queue (after fixing the cause).
+    ReplayDead,
 }
 
 #[tokio::main]
@@ -28,6 +30,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Some(Command::Migrate) => migrate(&cli.settings).await,
         Some(Command::RotateTokenKey) => rotate_token_key(&cli.settings).await,
+        Some(Command::ReplayDead) => replay_dead(&cli.settings).await,
         None => run(cli.settings).await,
     };
     match result {
@@ -70,5 +73,24 @@ async fn rotate_token_key(settings: &WorkerSettings) -> anyhow::Result<()> {
         report.states_reencrypted,
         cipher.current_key_id()
     );
+    Ok(())
+}
+
+async fn replay_dead(settings: &WorkerSettings) -> anyhow::Result<()> {
+    use calsync_common::queue::{Broker, BrokerConfig, Topology};
+    let url = &settings.database.database_url;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
+    calsync_common::db::prepare(url, &pool).await?;
+    let broker = Broker::start(BrokerConfig {
+        url: settings.amqp.amqp_url.clone(),
+        topology: Topology::new(settings.amqp.amqp_topology_prefix.clone()),
+        publish_channels: 1,
+        confirm_timeout: std::time::Duration::from_secs(10),
+        connection_name: "calsync-worker replay-dead".into(),
+    });
+    anyhow::ensure!(broker.wait_ready(std::time::Duration::from_secs(15)).await, "RabbitMQ is not reachable");
+    let moved = calsync_common::replay::replay_dead(&pool, &broker).await;
+    broker.close().await;
+    println!("moved {} dead letter(s) back to their work queues", moved?);
     Ok(())
 }

@@ -216,7 +216,7 @@ async fn calendly_failing_beyond_the_in_process_budget_is_retried_later_through_
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
-async fn after_the_maximum_attempts_a_delivery_is_dead_lettered_and_the_inbox_says_why(pool: PgPool) {
+async fn after_the_maximum_attempts_a_delivery_is_dead_lettered_says_why_and_can_be_replayed(pool: PgPool) {
     let mut h = Harness::new(pool).await;
     h.start_worker(&["--worker-max-attempts=2"]).await;
     let ada = h.connect("Ada").await;
@@ -233,5 +233,13 @@ async fn after_the_maximum_attempts_a_delivery_is_dead_lettered_and_the_inbox_sa
         h.topology.depth(&h.topology.topology.dead_queue()).await == 1
     })
     .await;
+
+    // The operator fixes the cause and replays the dead letters: the delivery then succeeds.
+    h.sim.sim.set_faults(Faults::default());
+    let moved = calsync_common::replay::replay_dead(&h.pool, &h.publisher).await.unwrap();
+    assert_eq!(moved, 1);
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    assert_eq!(h.meetings(ada.app_user).await.len(), 1);
+    assert_eq!(h.topology.depth(&h.topology.topology.dead_queue()).await, 0);
     h.stop().await;
 }

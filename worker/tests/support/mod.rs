@@ -21,7 +21,8 @@ use calsync_common::db::connections::{self, Connected};
 use calsync_common::queue::{Broker, BrokerConfig, message};
 use calsync_testkit::IsolatedTopology;
 
-pub const DEADLINE: Duration = Duration::from_secs(30);
+/// Generous: it only matters when something is broken, and delayed retries take tens of seconds.
+pub const DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Parser)]
 struct WorkerCli {

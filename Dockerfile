@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# Multi-stage: build every calsync binary once, ship them in a small non-root runtime image.
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --workspace --bins \
+ && mkdir -p /out \
+ && cp target/release/calsync-ingest target/release/calsync-worker target/release/calendly-sim target/release/calsync-demo /out/
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home calsync
+COPY --from=build /out/ /usr/local/bin/
+USER calsync
+ENV LOG_FORMAT=json
+EXPOSE 8080 9090 7070
+CMD ["calsync-ingest"]

@@ -1,0 +1,189 @@
+//! The demo's story, driven through real interfaces only: two users connect through OAuth, then
+//! meetings are booked, canceled, rescheduled and marked no-show at the simulator, which delivers
+//! signed webhooks to ingest. Returns what the database should end up holding.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::stack::Stack;
+
+#[derive(Debug, Clone)]
+pub struct DemoUser {
+    pub name: String,
+    pub email: String,
+    pub app_user: Uuid,
+    pub calendly_uri: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub users: Vec<DemoUser>,
+    /// Per app user: event URI → meeting status we expect.
+    pub expected: BTreeMap<Uuid, BTreeMap<String, String>>,
+    /// Invitees we expect flagged no-show.
+    pub no_shows: Vec<String>,
+}
+
+async fn json_ok(response: reqwest::Response, what: &str) -> anyhow::Result<Value> {
+    let status = response.status();
+    let body = response.text().await?;
+    if !status.is_success() {
+        bail!("{what}: {status} {body}");
+    }
+    Ok(serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+impl Stack {
+    async fn sim_post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+        let response = self.http.post(format!("{}{path}", self.endpoints.sim_url)).json(&body).send().await?;
+        json_ok(response, path).await
+    }
+
+    /// The whole browser journey: ask ingest for the authorize URL, "click Approve" at Calendly,
+    /// follow the redirect back to ingest's callback.
+    pub async fn connect(&self, user: &DemoUser) -> anyhow::Result<()> {
+        let e = &self.endpoints;
+        let begin = self
+            .http
+            .post(format!("{}/connections/calendly", e.ingest_url))
+            .bearer_auth(&e.api_token)
+            .json(&json!({ "user_id": user.app_user }))
+            .send()
+            .await?;
+        let authorize = json_ok(begin, "POST /connections/calendly").await?;
+        let mut url = url::Url::parse(authorize["authorize_url"].as_str().context("authorize_url")?)?;
+        url.query_pairs_mut().append_pair("sim_user", &user.email);
+        let consent = self.http.get(url).send().await?;
+        let back =
+            consent.headers().get("location").context("Calendly redirects back to calsync")?.to_str()?.to_owned();
+        let callback = self.http.get(&back).send().await?;
+        if !callback.status().is_success() && !callback.status().is_redirection() {
+            bail!("OAuth callback answered {}: {}", callback.status(), callback.text().await?);
+        }
+        let status = self
+            .http
+            .get(format!("{}/connections/calendly/{}", e.ingest_url, user.app_user))
+            .bearer_auth(&e.api_token)
+            .send()
+            .await?;
+        let status = json_ok(status, "GET /connections/calendly").await?;
+        if status["status"] != "active" {
+            bail!("{} is not connected: {status}", user.name);
+        }
+        Ok(())
+    }
+
+    async fn book(&self, user: &DemoUser, name: &str, start: OffsetDateTime, guests: &[&str]) -> anyhow::Result<Value> {
+        let invitees: Vec<Value> = guests
+            .iter()
+            .map(|g| json!({ "name": g, "email": format!("{}@example.com", g.to_lowercase().replace(' ', ".")) }))
+            .collect();
+        let start = start.format(&time::format_description::well_known::Rfc3339)?;
+        self.sim_post("/_sim/events", json!({ "user": user.calendly_uri, "name": name, "start_time": start, "duration_minutes": 30, "invitees": invitees })).await
+    }
+}
+
+fn id_of(uri: &str) -> &str {
+    uri.rsplit('/').next().unwrap_or_default()
+}
+
+/// Runs the story; `progress` receives one line per step.
+pub async fn run(stack: &Stack, progress: &dyn Fn(&str)) -> anyhow::Result<Outcome> {
+    let mut outcome = Outcome::default();
+    for name in ["Ada", "Bob"] {
+        let email = format!("{}@example.com", name.to_lowercase());
+        let created =
+            stack.sim_post("/_sim/users", json!({ "name": format!("{name} Lovelace"), "email": email })).await?;
+        let user = DemoUser {
+            name: name.into(),
+            email,
+            app_user: Uuid::new_v4(),
+            calendly_uri: created["uri"].as_str().context("user uri")?.to_owned(),
+        };
+        stack.connect(&user).await?;
+        progress(&format!(
+            "{name} connected Calendly through OAuth (consent screen, PKCE) as app user {}",
+            user.app_user
+        ));
+        outcome.expected.insert(user.app_user, BTreeMap::new());
+        outcome.users.push(user);
+    }
+    let (ada, bob) = (outcome.users[0].clone(), outcome.users[1].clone());
+    let base = OffsetDateTime::now_utc().replace_nanosecond(0)? + time::Duration::days(1);
+    let at = |hours: i64| base + time::Duration::hours(hours);
+
+    let intro = stack.book(&ada, "Intro call", at(0), &["Grace Hopper"]).await?;
+    let team = stack.book(&ada, "Team sync", at(2), &["Alan Turing", "Edsger Dijkstra", "Barbara Liskov"]).await?;
+    let review = stack.book(&ada, "Design review", at(4), &["Ken Thompson"]).await?;
+    let coffee = stack.book(&bob, "Coffee chat", at(1), &["Margaret Hamilton"]).await?;
+    let planning = stack.book(&bob, "Quarterly planning", at(3), &["Donald Knuth"]).await?;
+    progress("booked 5 meetings (one a group event with 3 invitees)");
+
+    let review_invitee = review["invitees"][0]["uri"].as_str().context("invitee")?;
+    stack
+        .sim_post(
+            &format!("/_sim/invitees/{}/cancel", id_of(review_invitee)),
+            json!({ "reason": "Conflicts with an offsite", "canceled_by": "Ada", "canceler_type": "host" }),
+        )
+        .await?;
+    progress("Ada canceled \"Design review\"");
+    let coffee_invitee = coffee["invitees"][0]["uri"].as_str().context("invitee")?;
+    let moved = stack
+        .sim_post(
+            &format!("/_sim/invitees/{}/reschedule", id_of(coffee_invitee)),
+            json!({ "start_time": (at(6)).format(&time::format_description::well_known::Rfc3339)? }),
+        )
+        .await?;
+    progress("Margaret rescheduled \"Coffee chat\" (a cancel plus a new event, linked both ways)");
+    let intro_invitee = intro["invitees"][0]["uri"].as_str().context("invitee")?;
+    stack.sim_post(&format!("/_sim/invitees/{}/no_show", id_of(intro_invitee)), json!({})).await?;
+    progress("Grace was marked as a no-show for \"Intro call\"");
+
+    let event = |v: &Value| v["event"]["uri"].as_str().unwrap_or_default().to_owned();
+    let ada_expected = outcome.expected.get_mut(&ada.app_user).expect("inserted");
+    ada_expected.insert(event(&intro), "active".into());
+    ada_expected.insert(event(&team), "active".into());
+    ada_expected.insert(event(&review), "canceled".into());
+    let bob_expected = outcome.expected.get_mut(&bob.app_user).expect("inserted");
+    bob_expected.insert(event(&coffee), "canceled".into());
+    bob_expected.insert(moved["new_invitee"]["event"].as_str().unwrap_or_default().to_owned(), "active".into());
+    bob_expected.insert(event(&planning), "active".into());
+    outcome.no_shows.push(intro_invitee.to_owned());
+    Ok(outcome)
+}
+
+/// Waits until the database holds exactly the expected meetings for every user.
+pub async fn wait_for_rows(stack: &Stack, outcome: &Outcome, deadline: Duration) -> anyhow::Result<()> {
+    let pool = stack.pool()?;
+    let started = std::time::Instant::now();
+    loop {
+        let rows: Vec<(Uuid, String, String)> =
+            sqlx::query_as("SELECT user_id, calendly_event_uri, status FROM meetings").fetch_all(&pool).await?;
+        let mut actual: BTreeMap<Uuid, BTreeMap<String, String>> =
+            outcome.expected.keys().map(|k| (*k, BTreeMap::new())).collect();
+        // Only this run's users: an attached stack may hold other data.
+        for (user, uri, status) in rows {
+            if let Some(meetings) = actual.get_mut(&user) {
+                meetings.insert(uri, status);
+            }
+        }
+        let no_shows: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM meeting_invitees WHERE no_show AND calendly_invitee_uri = ANY($1)",
+        )
+        .bind(&outcome.no_shows)
+        .fetch_one(&pool)
+        .await?;
+        if actual == outcome.expected && no_shows as usize == outcome.no_shows.len() {
+            return Ok(());
+        }
+        if started.elapsed() > deadline {
+            bail!("after {deadline:?} the database holds {actual:?}, expected {:?}", outcome.expected);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,231 @@
+//! The processes of one calsync stack.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::process::{Child, Command};
+
+/// Where everything is, whether we started it or attach to it (docker-compose).
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub sim_url: String,
+    pub ingest_url: String,
+    pub worker_urls: Vec<String>,
+    pub database_url: String,
+    pub amqp_url: String,
+    pub topology_prefix: String,
+    pub api_token: String,
+}
+
+pub struct Stack {
+    pub endpoints: Endpoints,
+    pub http: reqwest::Client,
+    /// Our own processes (empty when attached); stopped with SIGTERM in reverse order.
+    children: Vec<(String, Child)>,
+    pub log_dir: Option<PathBuf>,
+}
+
+pub struct LaunchOptions {
+    pub workers: usize,
+    /// A database of its own, recreated each run: the demo never touches real data.
+    pub database_url: String,
+    pub amqp_url: String,
+    pub topology_prefix: String,
+    pub log_dir: PathBuf,
+}
+
+/// Directory holding the workspace's built binaries (`target/debug` or `target/release`), found
+/// from the running executable (a binary there, or a test under `deps/`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().context("executable has a directory")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    if !path.exists() {
+        bail!("{} not found; build the workspace first (`cargo build --workspace --bins`)", path.display());
+    }
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+pub fn http_client() -> reqwest::Client {
+    calsync_common::http::client_builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+fn random_secret() -> String {
+    calsync_common::crypto::generate_key()
+}
+
+impl Stack {
+    /// Attaches to an already running stack (docker-compose).
+    pub fn attach(endpoints: Endpoints) -> Self {
+        Self { endpoints, http: http_client(), children: Vec::new(), log_dir: None }
+    }
+
+    /// Starts the simulator, ingest and `workers` workers as processes with generated secrets.
+    pub async fn launch(options: LaunchOptions) -> anyhow::Result<Self> {
+        let bins = bin_dir()?;
+        std::fs::create_dir_all(&options.log_dir)?;
+        recreate_database(&options.database_url).await?;
+        let (sim_port, ingest_port) = (free_port()?, free_port()?);
+        let sim_url = format!("http://127.0.0.1:{sim_port}");
+        let ingest_url = format!("http://127.0.0.1:{ingest_port}");
+        let signing_key = random_secret();
+        let client_secret = random_secret();
+        let token_key = random_secret();
+        let api_token = random_secret();
+        let mut stack = Self {
+            endpoints: Endpoints {
+                sim_url: sim_url.clone(),
+                ingest_url: ingest_url.clone(),
+                worker_urls: Vec::new(),
+                database_url: options.database_url.clone(),
+                amqp_url: options.amqp_url.clone(),
+                topology_prefix: options.topology_prefix.clone(),
+                api_token: api_token.clone(),
+            },
+            http: http_client(),
+            children: Vec::new(),
+            log_dir: Some(options.log_dir.clone()),
+        };
+
+        let mut sim = Command::new(binary(&bins, "calendly-sim")?);
+        sim.env("SIM_ADDR", format!("127.0.0.1:{sim_port}"))
+            .env("SIM_CLIENT_SECRET", &client_secret)
+            .env("SIM_SIGNING_KEY", &signing_key)
+            .env("SIM_DELIVERY_RETRY_BASE_MS", "200");
+        stack.spawn("calendly-sim", sim, &options.log_dir)?;
+
+        let common = |command: &mut Command| {
+            command
+                .env("DATABASE_URL", &options.database_url)
+                .env("AMQP_URL", &options.amqp_url)
+                .env("AMQP_TOPOLOGY_PREFIX", &options.topology_prefix)
+                .env("CALENDLY_API_BASE_URL", &sim_url)
+                .env("CALENDLY_AUTH_BASE_URL", &sim_url)
+                .env("CALENDLY_OAUTH_CLIENT_ID", "sim-client-id")
+                .env("CALENDLY_OAUTH_CLIENT_SECRET", &client_secret)
+                .env("TOKEN_ENCRYPTION_KEY", &token_key)
+                .env("LOG_FORMAT", "json");
+        };
+        let mut ingest = Command::new(binary(&bins, "calsync-ingest")?);
+        common(&mut ingest);
+        ingest
+            .env("INGEST_ADDR", format!("127.0.0.1:{ingest_port}"))
+            .env("CALENDLY_WEBHOOK_SIGNING_KEYS", &signing_key)
+            .env("CALENDLY_WEBHOOK_CALLBACK_URL", format!("{ingest_url}/webhooks/calendly"))
+            .env("CALENDLY_OAUTH_REDIRECT_URI", format!("{ingest_url}/oauth/calendly/callback"))
+            .env("INTERNAL_API_TOKEN", &api_token);
+        stack.spawn("calsync-ingest", ingest, &options.log_dir)?;
+
+        for n in 0..options.workers {
+            let port = free_port()?;
+            let mut worker = Command::new(binary(&bins, "calsync-worker")?);
+            common(&mut worker);
+            worker.env("WORKER_ADDR", format!("127.0.0.1:{port}")).env("WORKER_CONCURRENCY", "16");
+            stack.spawn(&format!("calsync-worker-{}", n + 1), worker, &options.log_dir)?;
+            stack.endpoints.worker_urls.push(format!("http://127.0.0.1:{port}"));
+        }
+        stack.wait_ready(Duration::from_secs(60)).await?;
+        Ok(stack)
+    }
+
+    fn spawn(&mut self, name: &str, mut command: Command, log_dir: &Path) -> anyhow::Result<()> {
+        let log = std::fs::File::create(log_dir.join(format!("{name}.log")))?;
+        command.stdout(Stdio::from(log.try_clone()?)).stderr(Stdio::from(log)).stdin(Stdio::null()).kill_on_drop(true);
+        let child = command.spawn().with_context(|| format!("starting {name}"))?;
+        self.children.push((name.to_owned(), child));
+        Ok(())
+    }
+
+    /// Waits until the simulator answers and ingest and every worker report ready.
+    pub async fn wait_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let mut urls =
+            vec![format!("{}/_sim", self.endpoints.sim_url), format!("{}/readyz", self.endpoints.ingest_url)];
+        urls.extend(self.endpoints.worker_urls.iter().map(|w| format!("{w}/readyz")));
+        for url in urls {
+            loop {
+                if self.http.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
+                    break;
+                }
+                for (name, child) in &mut self.children {
+                    if let Some(status) = child.try_wait()? {
+                        bail!(
+                            "{name} exited early ({status}); see its log in {}",
+                            self.log_dir.as_ref().map_or("-".into(), |d| d.display().to_string())
+                        );
+                    }
+                }
+                if started.elapsed() > deadline {
+                    bail!("{url} was not ready within {deadline:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM to every process we started (workers first, the simulator last), then waits.
+    pub async fn shutdown(mut self) -> anyhow::Result<Vec<(String, Option<i32>)>> {
+        let mut exits = Vec::new();
+        while let Some((name, mut child)) = self.children.pop() {
+            if let Some(pid) = child.id() {
+                let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+            }
+            let code = match tokio::time::timeout(Duration::from_secs(30), child.wait()).await {
+                Ok(status) => status?.code(),
+                Err(_) => {
+                    child.kill().await?;
+                    None
+                }
+            };
+            exits.push((name, code));
+        }
+        Ok(exits)
+    }
+
+    pub fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
+        Ok(sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(&self.endpoints.database_url)?)
+    }
+
+    /// Messages waiting in `calsync.dead` (of this stack's topology).
+    pub async fn dead_letters(&self) -> anyhow::Result<u32> {
+        let conn = lapin::Connection::connect(&self.endpoints.amqp_url, lapin::ConnectionProperties::default()).await?;
+        let channel = conn.create_channel().await?;
+        let topology = calsync_common::queue::Topology::new(self.endpoints.topology_prefix.clone());
+        let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
+        let depth = channel
+            .queue_declare(topology.dead_queue().as_str().into(), options, Default::default())
+            .await?
+            .message_count();
+        let _ = conn.close(200, "done".into()).await;
+        Ok(depth)
+    }
+}
+
+/// Drops and recreates the demo's own database (never the configured production one).
+async fn recreate_database(url: &str) -> anyhow::Result<()> {
+    use sqlx::migrate::MigrateDatabase;
+    if sqlx::Postgres::database_exists(url).await? {
+        // Forced: a previous demo killed mid-run may still hold connections.
+        sqlx::Postgres::force_drop_database(url).await?;
+    }
+    sqlx::Postgres::create_database(url).await?;
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! The whole path with real binaries as processes: the simulator delivers signed webhooks over HTTP
+//! to ingest, two workers turn them into rows. Asserts the rows, the dead letters, and that the
+//! metrics endpoints agree with what happened.
+
+use std::time::Duration;
+
+use calsync_demo::report::{self, sum};
+use calsync_demo::scenario;
+use calsync_demo::stack::{LaunchOptions, Stack};
+
+#[tokio::test]
+async fn booked_canceled_and_rescheduled_meetings_reach_the_database_under_the_right_user() {
+    let base = std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/calsync".into());
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let mut database_url = url::Url::parse(&base).unwrap();
+    database_url.set_path(&format!("calsync_e2e_{}", &run[..12]));
+    let stack = Stack::launch(LaunchOptions {
+        workers: 2,
+        database_url: database_url.to_string(),
+        amqp_url: std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+        topology_prefix: format!("e2e-{}", &run[..12]),
+        log_dir: std::env::temp_dir().join(format!("calsync-e2e-{}", &run[..12])),
+    })
+    .await
+    .expect("the stack starts (run `cargo build --workspace --bins` first when running this test alone)");
+
+    let outcome = scenario::run(&stack, &|_| {}).await.unwrap();
+    scenario::wait_for_rows(&stack, &outcome, Duration::from_secs(60)).await.unwrap();
+
+    assert_eq!(stack.dead_letters().await.unwrap(), 0);
+    let pool = stack.pool().unwrap();
+    let sim: serde_json::Value = stack
+        .http
+        .get(format!("{}/_sim/counters", stack.endpoints.sim_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let delivered = sim["deliveries_succeeded"].as_f64().unwrap();
+    let processed: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let inbox_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_inbox").fetch_one(&pool).await.unwrap();
+    // 7 invitees booked + 1 cancel + 2 for the reschedule + 1 no-show.
+    assert_eq!(delivered, 11.0);
+    assert_eq!(processed, 11);
+    assert_eq!(inbox_rows, 11);
+    // Give the last deliveries' metrics a moment to be recorded after their commit.
+    let mut metrics = report::scrape(&stack).await.unwrap();
+    for _ in 0..50 {
+        if report::webhooks_processed(&metrics.workers) >= delivered {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        metrics = report::scrape(&stack).await.unwrap();
+    }
+    assert_eq!(
+        sum(&metrics.ingest, "calsync_ingest_requests_total", &["outcome=\"accepted\""]),
+        delivered,
+        "ingest accepted every delivery"
+    );
+    assert_eq!(sum(&metrics.ingest, "calsync_ingest_requests_total", &["outcome=\"unauthorized\""]), 0.0);
+    assert_eq!(report::webhooks_processed(&metrics.workers), delivered, "the workers processed each once");
+    assert_eq!(sum(&metrics.workers, "calsync_webhook_end_to_end_seconds_count", &[]), delivered);
+    assert!(sum(&metrics.workers, "calsync_worker_deliveries_total", &["outcome=\"processed\""]) > 0.0);
+
+    let exits = stack.shutdown().await.unwrap();
+    for (name, code) in exits {
+        assert_eq!(code, Some(0), "{name} stops cleanly on SIGTERM");
+    }
+    use sqlx::migrate::MigrateDatabase;
+    pool.close().await;
+    sqlx::Postgres::force_drop_database(database_url.as_str()).await.unwrap();
+}
