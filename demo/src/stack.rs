@@ -82,6 +82,7 @@ impl Stack {
         let bins = bin_dir()?;
         std::fs::create_dir_all(&options.log_dir)?;
         recreate_database(&options.database_url).await?;
+        reset_topology(&options.amqp_url, &options.topology_prefix).await?;
         let (sim_port, ingest_port) = (free_port()?, free_port()?);
         let sim_url = format!("http://127.0.0.1:{sim_port}");
         let ingest_url = format!("http://127.0.0.1:{ingest_port}");
@@ -227,5 +228,18 @@ async fn recreate_database(url: &str) -> anyhow::Result<()> {
         sqlx::Postgres::force_drop_database(url).await?;
     }
     sqlx::Postgres::create_database(url).await?;
+    Ok(())
+}
+
+/// Starts the demo's own prefixed topology empty: leftovers of an interrupted run would otherwise
+/// be delivered into the fresh database. Never touches the unprefixed production names.
+pub async fn reset_topology(amqp_url: &str, prefix: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(!prefix.is_empty(), "refusing to delete the unprefixed production topology");
+    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
+        .await
+        .with_context(|| "connecting to RabbitMQ (is it running? scripts/services starts it)")?;
+    let channel = conn.create_channel().await?;
+    calsync_common::queue::Topology::new(prefix).delete(&channel).await?;
+    let _ = conn.close(200, "reset".into()).await;
     Ok(())
 }

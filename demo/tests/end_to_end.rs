@@ -14,11 +14,13 @@ async fn booked_canceled_and_rescheduled_meetings_reach_the_database_under_the_r
     let run = uuid::Uuid::new_v4().simple().to_string();
     let mut database_url = url::Url::parse(&base).unwrap();
     database_url.set_path(&format!("calsync_e2e_{}", &run[..12]));
+    let stack_amqp = std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let prefix = format!("e2e-{}", &run[..12]);
     let stack = Stack::launch(LaunchOptions {
         workers: 2,
         database_url: database_url.to_string(),
-        amqp_url: std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        topology_prefix: format!("e2e-{}", &run[..12]),
+        amqp_url: stack_amqp.clone(),
+        topology_prefix: prefix.clone(),
         log_dir: std::env::temp_dir().join(format!("calsync-e2e-{}", &run[..12])),
     })
     .await
@@ -74,4 +76,5 @@ async fn booked_canceled_and_rescheduled_meetings_reach_the_database_under_the_r
     use sqlx::migrate::MigrateDatabase;
     pool.close().await;
     sqlx::Postgres::force_drop_database(database_url.as_str()).await.unwrap();
+    calsync_demo::stack::reset_topology(&stack_amqp, &prefix).await.unwrap();
 }

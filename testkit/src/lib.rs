@@ -12,9 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use calsync_common::queue::{RetryTarget, Topology};
-use calsync_common::retry::REDELIVERY_DELAYS;
-use lapin::options::{BasicGetOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions};
+use calsync_common::queue::Topology;
+use lapin::options::{BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
 use tokio::net::{TcpListener, TcpStream};
@@ -152,31 +151,17 @@ impl IsolatedTopology {
         out
     }
 
-    fn names(&self) -> (Vec<String>, String) {
-        let t = &self.topology;
-        let mut queues = vec![t.webhooks_queue(), t.sync_queue(), t.dead_queue()];
-        for target in [RetryTarget::Webhooks, RetryTarget::Sync] {
-            for tier in 0..REDELIVERY_DELAYS.len() {
-                queues.push(t.retry_queue(target, tier));
-            }
-        }
-        (queues, t.exchange())
-    }
-
     /// Deletes the test's queues and exchange (also done on drop, so a failing test cleans up).
     pub async fn cleanup(mut self) {
-        let (queues, exchange) = self.names();
-        delete(&self.conn, queues, exchange).await;
+        delete(&self.conn, &self.topology).await;
         self.cleaned = true;
     }
 }
 
-async fn delete(conn: &Connection, queues: Vec<String>, exchange: String) {
-    let Ok(channel) = conn.create_channel().await else { return };
-    for q in queues {
-        let _ = channel.queue_delete(q.as_str().into(), QueueDeleteOptions::default()).await;
+async fn delete(conn: &Connection, topology: &Topology) {
+    if let Ok(channel) = conn.create_channel().await {
+        let _ = topology.delete(&channel).await;
     }
-    let _ = channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await;
 }
 
 impl Drop for IsolatedTopology {
@@ -184,13 +169,13 @@ impl Drop for IsolatedTopology {
         if self.cleaned {
             return;
         }
-        let (queues, exchange) = self.names();
+        let topology = self.topology.clone();
         // Drop cannot await, and the test's runtime may be shutting down: use a thread of our own.
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
                 if let Ok(conn) = Connection::connect(&amqp_url(), ConnectionProperties::default()).await {
-                    delete(&conn, queues, exchange).await;
+                    delete(&conn, &topology).await;
                     let _ = conn.close(200, "test cleanup".into()).await;
                 }
             });

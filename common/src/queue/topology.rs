@@ -78,6 +78,25 @@ impl Topology {
         format!("dead.{}", target.short())
     }
 
+    /// Every queue this topology declares.
+    pub fn queues(&self) -> Vec<String> {
+        let mut queues = vec![self.webhooks_queue(), self.sync_queue(), self.dead_queue()];
+        for target in [RetryTarget::Webhooks, RetryTarget::Sync] {
+            queues.extend((0..REDELIVERY_DELAYS.len()).map(|tier| self.retry_queue(target, tier)));
+        }
+        queues
+    }
+
+    /// Deletes every queue (with its messages) and the exchange. For tests and the demo, which own
+    /// prefixed topologies; never called on the production names by calsync itself.
+    pub async fn delete(&self, channel: &Channel) -> lapin::Result<()> {
+        use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+        for queue in self.queues() {
+            channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
+        }
+        channel.exchange_delete(self.exchange().as_str().into(), ExchangeDeleteOptions::default()).await
+    }
+
     /// Declares the whole topology on `channel`.
     pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
         let exchange = self.exchange();
