@@ -190,6 +190,14 @@ pub struct WorkerSettings {
 }
 
 impl WorkerSettings {
+    /// PostgreSQL connections per worker process. A delivery holds one only for its short database
+    /// steps (never across the Calendly call), so a quarter of the concurrency is plenty; the cap
+    /// keeps a scaled-out pool within PostgreSQL's default `max_connections` (100), and PostgreSQL
+    /// on few cores is faster with fewer connections anyway (see BENCHMARKS.md).
+    pub fn db_pool_size(&self) -> u32 {
+        (u32::from(self.worker_concurrency) / 4).clamp(4, 16)
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.token_keys.token_encryption_key.is_none() {
             return Err(ConfigError::Missing("TOKEN_ENCRYPTION_KEY"));

@@ -21,6 +21,7 @@ pub fn router() -> Router<Sim> {
         .route("/_sim", get(help))
         .route("/_sim/users", post(create_user).get(list_users))
         .route("/_sim/users/{user}/tokens", post(grant_tokens))
+        .route("/_sim/users/{user}/subscriptions", post(subscribe))
         .route("/_sim/users/{user}/expire_tokens", post(expire_tokens))
         .route("/_sim/users/{user}/revoke_tokens", post(revoke_tokens))
         .route("/_sim/events", post(book))
@@ -55,6 +56,7 @@ async fn help() -> Json<Value> {
             "POST /_sim/users {name, email, organization?, webhooks_enabled?}",
             "GET /_sim/users",
             "POST /_sim/users/{user}/tokens (a token pair, as after OAuth) | /expire_tokens | /revoke_tokens",
+            "POST /_sim/users/{user}/subscriptions {url} (a user-scoped subscription to every event, without OAuth)",
             "POST /_sim/events {user, invitees: [{name, email}], name?, start_time?, duration_minutes?, location?}",
             "POST /_sim/invitees/{id}/cancel {reason?, canceled_by?, canceler_type?}",
             "POST /_sim/invitees/{id}/reschedule {start_time?}",
@@ -78,6 +80,19 @@ async fn create_user(State(sim): State<Sim>, Json(new): Json<NewUser>) -> Result
 async fn list_users(State(sim): State<Sim>) -> Json<Value> {
     let world = sim.world();
     Json(json!(world.users.values().map(|u| world.user_json(sim.uris(), u)).collect::<Vec<_>>()))
+}
+
+#[derive(Debug, Deserialize)]
+struct Subscribe {
+    url: String,
+}
+
+async fn subscribe(
+    State(sim): State<Sim>,
+    Path(user): Path<String>,
+    Json(body): Json<Subscribe>,
+) -> Result<(StatusCode, Json<Value>), SimError> {
+    Ok((StatusCode::CREATED, Json(sim.subscribe(&user, &body.url)?)))
 }
 
 async fn grant_tokens(State(sim): State<Sim>, Path(user): Path<String>) -> Answer {

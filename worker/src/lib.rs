@@ -56,8 +56,7 @@ impl Worker {
         let listener = TcpListener::bind(&settings.worker_addr)
             .await
             .with_context(|| format!("binding WORKER_ADDR {}", settings.worker_addr))?;
-        let concurrency = u32::from(settings.worker_concurrency);
-        let database = Database::start(&settings.database.database_url, concurrency.clamp(5, 64), shutdown.clone())?;
+        let database = Database::start(&settings.database.database_url, settings.db_pool_size(), shutdown.clone())?;
         let broker = Broker::start(BrokerConfig {
             url: settings.amqp.amqp_url.clone(),
             topology: Topology::new(settings.amqp.amqp_topology_prefix.clone()),

@@ -53,16 +53,17 @@ pub async fn status_of(pool: &PgPool, message_id: &str) -> sqlx::Result<Option<S
         .await
 }
 
-/// Records what became of a delivery (idempotent).
+/// Records what became of a delivery (idempotent). `processed_at` is the wall clock at this
+/// statement (not the transaction start), i.e. just before the commit that makes the rows visible.
 pub async fn record(executor: impl PgExecutor<'_>, r: &InboxRecord<'_>) -> sqlx::Result<()> {
     let body = r.status.keeps_body().then_some(r.body);
     sqlx::query(
         "INSERT INTO webhook_inbox (message_id, event, created_by, received_at, status, attempts, last_error, \
              processed_at, body) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, now(), $8) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp(), $8) \
          ON CONFLICT (message_id) DO UPDATE SET status = EXCLUDED.status, \
              attempts = GREATEST(webhook_inbox.attempts, EXCLUDED.attempts), last_error = EXCLUDED.last_error, \
-             processed_at = now(), body = EXCLUDED.body \
+             processed_at = EXCLUDED.processed_at, body = EXCLUDED.body \
          -- A late duplicate (or a racing replay) never turns a processed delivery back into a parked or dead one.
          WHERE webhook_inbox.status <> 'processed' OR EXCLUDED.status = 'processed'",
     )

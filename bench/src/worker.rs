@@ -1,0 +1,205 @@
+//! Worker: drain rate of K pre-queued webhooks at several concurrencies, 1 and 2 processes, with
+//! the simulator at 0 and 50 ms; the ceiling is raw upserts of the same rows with the same pool.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+
+use calsync_common::calendly::types::{Invitee, ScheduledEvent, WebhookEnvelope};
+use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
+use calsync_common::db::{connections, meetings};
+use calsync_common::queue::message;
+
+use crate::Ctx;
+use crate::procs::{Proc, wait_ok};
+use crate::stats::{self, ratio, row};
+use crate::world::{USERS, World};
+
+const PREFIX: &str = "bench-worker";
+
+pub struct Memory {
+    pub idle_mib: f64,
+    pub peak_mib: f64,
+}
+
+/// The write transaction of one delivery, without AMQP or HTTP: share-lock the connection, upsert
+/// meeting and invitee (event snapshot from the payload), record the inbox row, commit.
+/// The worker's pool size for `concurrency` (the same formula as `WorkerSettings::db_pool_size`).
+pub fn pool_size(concurrency: u16) -> u32 {
+    (u32::from(concurrency) / 4).clamp(4, 16)
+}
+
+async fn upsert_ceiling(world: &World, bodies: &[Vec<u8>], concurrency: u16) -> anyhow::Result<f64> {
+    world.truncate().await?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(pool_size(concurrency))
+        .connect_with((*world.pool.connect_options()).clone())
+        .await?;
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(bodies)
+        .map(|body| {
+            let pool = pool.clone();
+            async move {
+                let envelope: WebhookEnvelope = serde_json::from_slice(body)?;
+                let invitee: Invitee = serde_json::from_value(envelope.payload.clone())?;
+                let event: ScheduledEvent = serde_json::from_value(envelope.payload["scheduled_event"].clone())?;
+                let connection = &world.connections[&envelope.created_by];
+                let id = message::message_id(body);
+                let mut tx = pool.begin().await?;
+                anyhow::ensure!(connections::lock_if_linked(&mut tx, connection).await?);
+                let meeting = meetings::upsert_meeting(&mut tx, connection.user_id, &event).await?;
+                meetings::upsert_invitee(&mut tx, meeting, &invitee).await?;
+                let record = InboxRecord {
+                    message_id: &id,
+                    event: Some(&envelope.event),
+                    created_by: Some(&envelope.created_by),
+                    received_at: time::OffsetDateTime::now_utc(),
+                    status: InboxStatus::Processed,
+                    attempts: 1,
+                    last_error: None,
+                    body,
+                };
+                inbox::record(&mut *tx, &record).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        })
+        .buffer_unordered(usize::from(concurrency))
+        .collect()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    for r in results {
+        r?;
+    }
+    pool.close().await;
+    Ok(bodies.len() as f64 / elapsed)
+}
+
+async fn queue_all(ctx: &Ctx, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
+    let broker = crate::broker(ctx, PREFIX, 4).await?;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let results: Vec<Result<(), calsync_common::queue::PublishError>> = futures_util::stream::iter(bodies)
+        .map(|b| {
+            let (broker, sent) = (broker.clone(), sent.clone());
+            async move {
+                broker.publish(&message::webhook(b.clone(), time::OffsetDateTime::now_utc())).await?;
+                sent.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    broker.close().await;
+    for r in results {
+        r?;
+    }
+    let depth = crate::depth(ctx, &calsync_common::queue::Topology::new(PREFIX).webhooks_queue()).await?;
+    anyhow::ensure!(depth as usize == bodies.len(), "queued {depth} of {}", bodies.len());
+    Ok(())
+}
+
+async fn start_workers(ctx: &Ctx, world: &World, processes: usize, concurrency: u16) -> anyhow::Result<Vec<Proc>> {
+    let mut procs = Vec::new();
+    for _ in 0..processes {
+        let env = world.worker_env(ctx, PREFIX, concurrency)?;
+        let addr = env.iter().find(|(k, _)| *k == "WORKER_ADDR").map(|(_, v)| v.clone()).unwrap_or_default();
+        let env: Vec<(&str, String)> = env;
+        procs.push((Proc::spawn("calsync-worker", &env, &[])?, addr));
+    }
+    for (_, addr) in &procs {
+        wait_ok(&ctx.http, &format!("http://{addr}/healthz")).await?;
+    }
+    Ok(procs.into_iter().map(|(p, _)| p).collect())
+}
+
+pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory> {
+    crate::reset_topology(ctx, PREFIX).await?;
+    let idle = start_workers(ctx, world, 1, 32).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_mib = idle[0].rss_mib();
+    for p in idle {
+        p.stop().await;
+    }
+
+    let bodies = world.generate(ctx, ctx.webhooks, 10).await?;
+    let mut ceilings = Vec::new();
+    for &c in &ctx.concurrencies {
+        ceilings.push((c, upsert_ceiling(world, &bodies, c).await?));
+    }
+    let mut peak_mib: f64 = 0.0;
+    for latency in [0u64, 50] {
+        world.set_latency(ctx, latency).await?;
+        for processes in [1usize, 2] {
+            for &(c, ceiling) in &ceilings {
+                world.truncate().await?;
+                crate::purge(ctx, &calsync_common::queue::Topology::new(PREFIX).webhooks_queue()).await?;
+                queue_all(ctx, &bodies).await?;
+                let calls_before = world.counter(ctx, &["calls", "get_event"]).await?;
+                let workers = start_workers(ctx, world, processes, c).await?;
+                let seconds = world.wait_processed(bodies.len(), Duration::from_secs(900)).await?;
+                for w in &workers {
+                    peak_mib = peak_mib.max(w.peak_rss_mib());
+                }
+                for w in workers {
+                    w.stop().await;
+                }
+                let calls = world.counter(ctx, &["calls", "get_event"]).await? - calls_before;
+                let rate = bodies.len() as f64 / seconds;
+                let (ceiling_text, ratio_text) = if latency == 0 {
+                    (format!("upserts {ceiling:.0}/s (pool {})", pool_size(c)), ratio(rate, ceiling))
+                } else {
+                    (
+                        format!(
+                            "{} in flight / {latency} ms = {:.0}/s",
+                            c as usize * processes,
+                            (c as usize * processes) as f64 * 1000.0 / latency as f64
+                        ),
+                        ratio(rate, (c as usize * processes) as f64 * 1000.0 / latency as f64),
+                    )
+                };
+                rows.push(row(
+                    "worker",
+                    format!("drain {} webhooks, API {latency} ms, {processes} process(es) × concurrency {c}; API calls/webhook {:.2}", bodies.len(), calls / bodies.len() as f64),
+                    format!("{rate:.0}/s"),
+                    ceiling_text,
+                    ratio_text,
+                ));
+            }
+        }
+    }
+
+    // Refreshes per expiry: every token expires within the margin, 2 processes race for them.
+    world.set_latency(ctx, 0).await?;
+    sqlx::query("UPDATE calendar_connections SET token_expires_at = now() + interval '1 minute'")
+        .execute(&world.pool)
+        .await?;
+    let sample: Vec<Vec<u8>> = bodies.iter().take(2000.min(bodies.len())).cloned().collect();
+    world.truncate().await?;
+    queue_all(ctx, &sample).await?;
+    let (grants_before, reuse_before) = (
+        world.counter(ctx, &["token_grants", "refresh_token"]).await?,
+        world.counter(ctx, &["refresh_token_reuse_attempts"]).await?,
+    );
+    let workers = start_workers(ctx, world, 2, 64).await?;
+    world.wait_processed(sample.len(), Duration::from_secs(300)).await?;
+    for w in workers {
+        w.stop().await;
+    }
+    let grants = world.counter(ctx, &["token_grants", "refresh_token"]).await? - grants_before;
+    let reuse = world.counter(ctx, &["refresh_token_reuse_attempts"]).await? - reuse_before;
+    rows.push(row(
+        "worker",
+        format!(
+            "token refreshes per expiry ({USERS} expiring connections, {} webhooks, 2 processes × 64)",
+            sample.len()
+        ),
+        format!("{:.2} (refresh-token reuse: {reuse:.0})", grants / USERS as f64),
+        "exactly 1",
+        if grants as usize == USERS && reuse == 0.0 { "✓" } else { "✗" },
+    ));
+    crate::reset_topology(ctx, PREFIX).await?;
+    Ok(Memory { idle_mib, peak_mib })
+}
