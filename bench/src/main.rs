@@ -36,6 +36,9 @@ struct Cli {
     /// A few seconds per figure and 2,000 webhooks: for checking the harness, not for numbers.
     #[arg(long)]
     quick: bool,
+    /// Sections to run (all by default): ingest, worker, e2e.
+    #[arg(long, value_delimiter = ',', default_value = "ingest,worker,e2e")]
+    only: Vec<String>,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
     /// The benchmark's own database, recreated on every run.

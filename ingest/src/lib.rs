@@ -62,7 +62,7 @@ impl Application {
             calendly: CalendlyClient::new(&settings.calendly)?,
             broker: broker.clone(),
             redirect_uri: settings.calendly_oauth_redirect_uri.clone(),
-            callback_url: settings.calendly_webhook_callback_url.clone(),
+            callback_url: settings.callback_url().cloned(),
             replay_days: settings.inbox.inbox_replay_days,
         };
         let state = AppState { inner: Arc::new(app::Shared { settings, verifier, broker, database, connect }) };

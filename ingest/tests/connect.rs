@@ -453,6 +453,29 @@ async fn without_an_internal_token_the_connection_api_answers_503() {
 }
 
 #[tokio::test]
+async fn an_empty_internal_token_keeps_the_connection_api_closed_even_without_an_authorization_header() {
+    let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0").await.unwrap();
+    let topology = IsolatedTopology::new().await;
+    // What `INTERNAL_API_TOKEN=` in an env file gives: set, but empty.
+    let (addr, shutdown) = bare_ingest(&sim, &topology, "postgres://postgres@127.0.0.1:1/none", Some("")).await;
+    let http = calsync_common::http::client_builder().build().unwrap();
+
+    let no_header = http.get(format!("http://{addr}/connections/calendly/{}", Uuid::new_v4())).send().await.unwrap();
+    let empty_bearer = http
+        .get(format!("http://{addr}/connections/calendly/{}", Uuid::new_v4()))
+        .header("authorization", "Bearer ")
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(no_header.status(), 503);
+    assert_eq!(empty_bearer.status(), 503);
+    assert_eq!(no_header.json::<Value>().await.unwrap()["error"], "connection_api_disabled");
+    shutdown.cancel();
+    topology.cleanup().await;
+}
+
+#[tokio::test]
 async fn with_postgres_down_the_connection_api_answers_503_while_webhooks_are_still_accepted() {
     let sim = SimServer::start(SimConfig::default(), "127.0.0.1:0").await.unwrap();
     let topology = IsolatedTopology::new().await;

@@ -38,6 +38,19 @@ async fn ingest_refuses_to_start_without_a_signing_key_and_names_the_variable() 
 }
 
 #[tokio::test]
+async fn ingest_refuses_to_start_with_an_empty_signing_key_in_the_list() {
+    let output = ingest_command()
+        .env("CALENDLY_WEBHOOK_SIGNING_KEYS", format!("{KEY},"))
+        .env("TOKEN_ENCRYPTION_KEY", calsync_common::crypto::generate_key())
+        .output()
+        .await
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("contains an empty key"));
+}
+
+#[tokio::test]
 async fn ingest_refuses_to_start_without_a_token_encryption_key_and_names_the_variable() {
     let output = ingest_command().env("CALENDLY_WEBHOOK_SIGNING_KEYS", KEY).output().await.unwrap();
 

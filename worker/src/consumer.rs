@@ -130,10 +130,7 @@ async fn handle(deps: &Deps, broker: &Broker, target: RetryTarget, delivery: Del
                 attempt,
                 received_at: received_at(&delivery),
             };
-            let event = serde_json::from_slice::<serde_json::Value>(&delivery.data)
-                .ok()
-                .and_then(|v| v.get("event").and_then(|e| e.as_str()).map(str::to_owned));
-            (process::process_webhook(deps, &webhook).await, process::event_label(event.as_deref()))
+            process::process_webhook(deps, &webhook).await
         }
         RetryTarget::Sync => match serde_json::from_slice::<SyncJob>(&delivery.data) {
             Ok(job) => (sync::process_sync(deps, job.connection_id, attempt).await, "sync"),

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use serde::Deserialize;
+
 use time::OffsetDateTime;
 
 use calsync_common::calendly::types::{EventKind, Invitee, WebhookEnvelope};
@@ -91,36 +93,40 @@ impl Context<'_> {
     }
 }
 
-/// Processes one webhook delivery.
-pub async fn process_webhook(deps: &Deps, delivery: &WebhookDelivery) -> Outcome {
+/// Processes one webhook delivery; also returns its `event` metric label.
+pub async fn process_webhook(deps: &Deps, delivery: &WebhookDelivery) -> (Outcome, &'static str) {
     let envelope = match serde_json::from_slice::<WebhookEnvelope>(&delivery.body) {
         Ok(envelope) => envelope,
         Err(error) => {
             let ctx = Context { deps, delivery, envelope: None };
-            return ctx
-                .dead(format!("not a Calendly webhook envelope (needs event, created_by, payload): {error}"))
-                .await;
+            let reason = format!("not a Calendly webhook envelope (needs event, created_by, payload): {error}");
+            return (ctx.dead(reason).await, event_label(None));
         }
     };
     let ctx = Context { deps, delivery, envelope: Some(&envelope) };
+    (process_envelope(&ctx, &envelope).await, event_label(Some(&envelope.event)))
+}
 
-    // Duplicates (Calendly retries, our own redeliveries) of finished work change nothing.
-    match inbox::status_of(&deps.pool, &delivery.message_id).await {
-        Ok(Some(status)) if InboxStatus::is_final(&status) => return Outcome::Done(InboxStatus::Processed),
-        Ok(_) => {}
-        Err(error) => return ctx.retry_or_dead(format!("database: {error}"), None).await,
-    }
+async fn process_envelope(ctx: &Context<'_>, envelope: &WebhookEnvelope) -> Outcome {
+    let (deps, delivery) = (ctx.deps, ctx.delivery);
 
     let Some(kind) = EventKind::parse(&envelope.event) else {
         return ctx.park(InboxStatus::Ignored, None).await;
     };
 
     // The one and only way to find the user: the Calendly user who created the subscription.
-    let connection = match connections::find_active_by_calendly_user(&deps.pool, &envelope.created_by).await {
-        Ok(Some(connection)) => connection,
+    let connection = match connections::resolve_for_delivery(&deps.pool, &envelope.created_by, &delivery.message_id)
+        .await
+    {
+        // Duplicates (Calendly retries, our own redeliveries) of finished work change nothing.
+        Ok(Some(resolved)) if resolved.inbox_status.as_deref().is_some_and(InboxStatus::is_final) => {
+            return Outcome::Done(InboxStatus::Processed);
+        }
+        Ok(Some(resolved)) => resolved.connection,
         Ok(None) => {
             tracing::info!(message_id = %delivery.message_id, created_by = %envelope.created_by, "no connected user for this webhook; parked as unmatched");
             metrics::counter!("calsync_worker_unmatched_total").increment(1);
+            // The inbox guard keeps an already processed duplicate processed.
             return ctx.park(InboxStatus::Unmatched, None).await;
         }
         Err(error) => return ctx.retry_or_dead(format!("database: {error}"), None).await,
@@ -129,7 +135,7 @@ pub async fn process_webhook(deps: &Deps, delivery: &WebhookDelivery) -> Outcome
         return ctx.park(InboxStatus::AwaitingReauth, connection.last_error.as_deref()).await;
     }
 
-    let invitee = match serde_json::from_value::<Invitee>(envelope.payload.clone()) {
+    let invitee = match Invitee::deserialize(&envelope.payload) {
         Ok(invitee) => invitee,
         Err(error) => return ctx.dead(format!("{} payload is not an invitee: {error}", envelope.event)).await,
     };
@@ -140,7 +146,7 @@ pub async fn process_webhook(deps: &Deps, delivery: &WebhookDelivery) -> Outcome
         .and_then(|v| v.as_str())
         .and_then(|v| OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).ok());
 
-    match apply(&ctx, &connection, kind, &invitee, embedded_updated_at).await {
+    match apply(ctx, &connection, kind, &invitee, embedded_updated_at).await {
         Ok(()) => {
             let latency = (OffsetDateTime::now_utc() - delivery.received_at).as_seconds_f64().max(0.0);
             metrics::histogram!("calsync_webhook_end_to_end_seconds").record(latency);

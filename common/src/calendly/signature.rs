@@ -104,7 +104,10 @@ pub struct WebhookVerifier {
 }
 
 impl WebhookVerifier {
+    /// Blank keys are dropped: an empty HMAC key is one anybody can sign with (settings validation
+    /// refuses them too; this keeps the verifier safe on its own).
     pub fn new(keys: Vec<SecretString>, tolerance: Duration) -> Self {
+        let keys = keys.into_iter().filter(|k| !k.expose_secret().trim().is_empty()).collect();
         Self { keys, tolerance }
     }
 
@@ -183,6 +186,12 @@ mod tests {
         assert_eq!(v.verify(Some(&sign(b"k", NOW + 31, b"{}")), b"{}", NOW), Err(SignatureError::FromTheFuture));
         assert_eq!(v.verify(Some(&sign(b"k", NOW - 180, b"{}")), b"{}", NOW), Ok(()));
         assert_eq!(v.verify(Some(&sign(b"k", NOW + 30, b"{}")), b"{}", NOW), Ok(()));
+    }
+
+    #[test]
+    fn an_empty_configured_key_never_verifies_a_body_signed_with_an_empty_key() {
+        let header = sign(b"", NOW, b"{}");
+        assert_eq!(verifier(&["", "real"]).verify(Some(&header), b"{}", NOW), Err(SignatureError::Mismatch));
     }
 
     #[test]

@@ -58,6 +58,34 @@ macro_rules! select_connection {
     };
 }
 
+/// A delivery's connection and what the inbox already says about the delivery, in one round trip
+/// (the hot path of every webhook).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Resolved {
+    #[sqlx(flatten)]
+    pub connection: Connection,
+    pub inbox_status: Option<String>,
+}
+
+/// Like [`find_active_by_calendly_user`], also returning the inbox status of `message_id`.
+pub async fn resolve_for_delivery(
+    pool: &PgPool,
+    calendly_user_uri: &str,
+    message_id: &str,
+) -> sqlx::Result<Option<Resolved>> {
+    sqlx::query_as(
+        "SELECT id, user_id, provider, calendly_user_uri, calendly_organization_uri, access_token, refresh_token, \
+             token_expires_at, is_active, status, webhook_subscription_uri, last_synced_at, last_error, created_at, \
+             updated_at, (SELECT status FROM webhook_inbox WHERE message_id = $3) AS inbox_status \
+         FROM calendar_connections WHERE provider = $1 AND calendly_user_uri = $2 AND is_active",
+    )
+    .bind(PROVIDER)
+    .bind(calendly_user_uri)
+    .bind(message_id)
+    .fetch_optional(pool)
+    .await
+}
+
 /// The connection a webhook belongs to: the one whose Calendly user created the subscription.
 /// Only linked rows (`is_active`) match; there is deliberately no fallback of any kind.
 pub async fn find_active_by_calendly_user(pool: &PgPool, calendly_user_uri: &str) -> sqlx::Result<Option<Connection>> {

@@ -23,7 +23,7 @@ pub fn router() -> Router<AppState> {
 
 /// Constant-time bearer check; the API is closed (503) until a token is configured.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = &state.inner.settings.internal_api_token else {
+    let Some(expected) = calsync_common::config::present(&state.inner.settings.internal_api_token) else {
         return Err(ApiError::Unavailable {
             code: "connection_api_disabled",
             message: "INTERNAL_API_TOKEN is not set; the connection API is disabled".into(),
@@ -125,7 +125,7 @@ async fn callback(State(state): State<AppState>, Query(query): Query<Callback>) 
         );
     }
     match state.inner.connect.complete(query).await {
-        Ok(_) => match &state.inner.settings.connect_return_url {
+        Ok(_) => match state.inner.settings.return_url() {
             Some(url) => {
                 let mut url = url.clone();
                 url.query_pairs_mut().append_pair("calendly", "connected");
