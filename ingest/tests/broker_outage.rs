@@ -8,9 +8,8 @@ use std::time::{Duration, Instant};
 use calsync_testkit::{TcpProxy, wait_until};
 use support::*;
 
-#[tokio::test]
-async fn while_the_broker_is_unreachable_webhooks_get_a_fast_503_and_recover_without_a_restart() {
-    let proxy = TcpProxy::start(calsync_testkit::amqp_addr()).await;
+/// Ingest reaching RabbitMQ through `proxy`, ready.
+async fn app_behind(proxy: &TcpProxy) -> TestApp {
     let app =
         spawn_app_with(Options { amqp_url: proxy.url_through(&calsync_testkit::amqp_url()), ..Options::default() })
             .await;
@@ -18,6 +17,13 @@ async fn while_the_broker_is_unreachable_webhooks_get_a_fast_503_and_recover_wit
         app.http.get(app.url("/readyz")).send().await.unwrap().status() == 200
     })
     .await;
+    app
+}
+
+#[tokio::test]
+async fn while_the_broker_is_unreachable_webhooks_get_a_fast_503_and_recover_without_a_restart() {
+    let proxy = TcpProxy::start(calsync_testkit::amqp_addr()).await;
+    let app = app_behind(&proxy).await;
     let before = sample_body(10);
     assert_eq!(app.post_webhook(&before, Some(signed(KEY, &before))).await.status(), 202);
 
@@ -77,13 +83,7 @@ async fn a_broker_that_never_answered_at_start_still_lets_ingest_start_and_answe
 #[tokio::test]
 async fn cutting_the_broker_under_load_never_yields_a_202_for_a_message_it_does_not_hold() {
     let proxy = TcpProxy::start(calsync_testkit::amqp_addr()).await;
-    let app =
-        spawn_app_with(Options { amqp_url: proxy.url_through(&calsync_testkit::amqp_url()), ..Options::default() })
-            .await;
-    wait_until(Duration::from_secs(10), "ingest ready through the proxy", || async {
-        app.http.get(app.url("/readyz")).send().await.unwrap().status() == 200
-    })
-    .await;
+    let app = app_behind(&proxy).await;
 
     let send = |n: usize| {
         let app = &app;

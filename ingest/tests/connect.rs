@@ -31,11 +31,7 @@ struct Env {
     shutdowns: Vec<CancellationToken>,
 }
 
-fn database_url(pool: &PgPool) -> String {
-    let mut url = url::Url::parse(&std::env::var("DATABASE_URL").unwrap()).unwrap();
-    url.set_path(pool.connect_options().get_database().unwrap());
-    url.to_string()
-}
+use calsync_testkit::test_database_url as database_url;
 
 fn ingest_settings(
     env_sim: &SimServer,
@@ -151,6 +147,19 @@ impl Env {
         self.get(&callback).await
     }
 
+    /// Books a one-invitee meeting hosted by `host` (its webhook is captured).
+    fn book_one(&self, host: &Value) {
+        let booking = calendly_sim::Booking {
+            user: host["uri"].as_str().unwrap().into(),
+            name: None,
+            start_time: None,
+            duration_minutes: None,
+            invitees: vec![calendly_sim::NewInvitee { name: "G".into(), email: "g@example.com".into() }],
+            location: None,
+        };
+        self.sim.sim.book(booking).unwrap();
+    }
+
     async fn status(&self, user_id: Uuid) -> reqwest::Response {
         self.http
             .get(self.url(&format!("/connections/calendly/{user_id}")))
@@ -166,20 +175,11 @@ impl Env {
             #[command(flatten)]
             s: calsync_common::config::WorkerSettings,
         }
-        let settings = Cli::try_parse_from([
-            "worker".to_owned(),
-            "--worker-addr=127.0.0.1:0".into(),
-            format!("--database-url={}", self.db_url),
-            format!("--amqp-url={}", calsync_testkit::amqp_url()),
-            format!("--amqp-topology-prefix={}", self.topology.prefix),
-            format!("--calendly-api-base-url={}", self.sim.url()),
-            format!("--calendly-auth-base-url={}", self.sim.url()),
-            format!("--calendly-oauth-client-id={}", self.sim.sim.config().client_id),
-            format!("--calendly-oauth-client-secret={}", self.sim.sim.config().client_secret),
-            format!("--token-encryption-key={}", self.key),
-        ])
-        .unwrap()
-        .s;
+        let config = self.sim.sim.config();
+        let client = (config.client_id.as_str(), config.client_secret.as_str());
+        let args =
+            calsync_testkit::worker_args(&self.db_url, &self.topology.prefix, &self.sim.url(), client, &self.key);
+        let settings = Cli::try_parse_from(args).unwrap().s;
         let shutdown = CancellationToken::new();
         let worker = calsync_worker::Worker::build(settings, shutdown.clone()).await.unwrap();
         tokio::spawn(worker.run_until_stopped());
@@ -527,17 +527,7 @@ async fn reconnecting_after_needs_reauth_replays_the_parked_deliveries_into_meet
         .await
         .unwrap();
     for _ in 0..2 {
-        env.sim
-            .sim
-            .book(calendly_sim::Booking {
-                user: ada["uri"].as_str().unwrap().into(),
-                name: None,
-                start_time: None,
-                duration_minutes: None,
-                invitees: vec![calendly_sim::NewInvitee { name: "G".into(), email: "g@example.com".into() }],
-                location: None,
-            })
-            .unwrap();
+        env.book_one(&ada);
     }
     let ids = env.deliver_captured().await;
     env.wait_inbox(&ids, "awaiting_reauth").await;
@@ -581,17 +571,7 @@ async fn disconnect_deletes_the_subscription_revokes_and_wipes_tokens_and_later_
     assert!(access.is_none() && refresh.is_none() && !active);
     // A delivery still in flight from Calendly for that account now finds no user.
     env.sim.sim.subscribe(ada["uri"].as_str().unwrap(), CALLBACK).unwrap();
-    env.sim
-        .sim
-        .book(calendly_sim::Booking {
-            user: ada["uri"].as_str().unwrap().into(),
-            name: None,
-            start_time: None,
-            duration_minutes: None,
-            invitees: vec![calendly_sim::NewInvitee { name: "G".into(), email: "g@example.com".into() }],
-            location: None,
-        })
-        .unwrap();
+    env.book_one(&ada);
     let ids = env.deliver_captured().await;
     env.wait_inbox(&ids, "unmatched").await;
     let meetings: i64 = env.scalar("SELECT count(*) FROM meetings WHERE user_id = $1", user).await;

@@ -24,6 +24,37 @@ pub fn amqp_url() -> String {
     std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// URL of the `#[sqlx::test]` database behind `pool` (same server as `DATABASE_URL`).
+pub fn test_database_url(pool: &sqlx::PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for tests (see .cargo/config.toml)");
+    let mut url = url::Url::parse(&base).expect("DATABASE_URL is a URL");
+    url.set_path(pool.connect_options().get_database().expect("test database has a name"));
+    url.to_string()
+}
+
+/// Command line (program name first) of a worker wired to a test's database, topology and
+/// simulated Calendly.
+pub fn worker_args(
+    db_url: &str,
+    topology_prefix: &str,
+    calendly_url: &str,
+    client: (&str, &str),
+    token_key: &str,
+) -> Vec<String> {
+    vec![
+        "calsync-worker".into(),
+        "--worker-addr=127.0.0.1:0".into(),
+        format!("--database-url={db_url}"),
+        format!("--amqp-url={}", amqp_url()),
+        format!("--amqp-topology-prefix={topology_prefix}"),
+        format!("--calendly-api-base-url={calendly_url}"),
+        format!("--calendly-auth-base-url={calendly_url}"),
+        format!("--calendly-oauth-client-id={}", client.0),
+        format!("--calendly-oauth-client-secret={}", client.1),
+        format!("--token-encryption-key={token_key}"),
+    ]
+}
+
 /// Polls `check` every 25 ms until it returns true; panics with `what` after `deadline`.
 pub async fn wait_until<F, Fut>(deadline: Duration, what: &str, mut check: F)
 where

@@ -48,14 +48,7 @@ pub struct User {
     pub connection_id: Uuid,
 }
 
-/// URL of the `#[sqlx::test]` database behind `pool`.
-pub fn database_url(pool: &PgPool) -> String {
-    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for tests");
-    let name = pool.connect_options().get_database().expect("test database has a name").to_owned();
-    let mut url = url::Url::parse(&base).unwrap();
-    url.set_path(&name);
-    url.to_string()
-}
+pub use calsync_testkit::test_database_url as database_url;
 
 impl Harness {
     pub async fn new(pool: PgPool) -> Self {
@@ -86,19 +79,12 @@ impl Harness {
     }
 
     pub fn worker_args(&self) -> Vec<String> {
-        vec![
-            "worker".into(),
-            "--worker-addr=127.0.0.1:0".into(),
-            format!("--database-url={}", self.db_url),
-            format!("--amqp-url={}", calsync_testkit::amqp_url()),
-            format!("--amqp-topology-prefix={}", self.topology.prefix),
-            format!("--calendly-api-base-url={}", self.sim.url()),
-            format!("--calendly-auth-base-url={}", self.sim.url()),
-            format!("--calendly-oauth-client-id={}", self.sim.sim.config().client_id),
-            format!("--calendly-oauth-client-secret={}", self.sim.sim.config().client_secret),
-            format!("--token-encryption-key={}", self.key),
-            "--worker-concurrency=16".into(),
-        ]
+        let config = self.sim.sim.config();
+        let client = (config.client_id.as_str(), config.client_secret.as_str());
+        let mut args =
+            calsync_testkit::worker_args(&self.db_url, &self.topology.prefix, &self.sim.url(), client, &self.key);
+        args.push("--worker-concurrency=16".into());
+        args
     }
 
     pub fn settings(&self, extra: &[&str]) -> WorkerSettings {
