@@ -23,7 +23,8 @@ pub struct Shared {
     pub settings: IngestSettings,
     pub verifier: WebhookVerifier,
     pub broker: Broker,
-    /// Only the connection API uses it; webhook intake must keep working while it is down.
+    /// The connection API needs it (readiness only reports it); webhook intake must keep working
+    /// while it is down.
     pub database: Database,
     /// The OAuth connect flow and connection API (needs PostgreSQL).
     pub connect: ConnectService,

@@ -79,10 +79,6 @@ impl Worker {
         self.listener.local_addr().expect("a bound listener has an address")
     }
 
-    pub fn broker(&self) -> &Broker {
-        &self.broker
-    }
-
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let addr = self.health_addr();
         let health =

@@ -42,10 +42,6 @@ impl CalendlyClient {
         })
     }
 
-    pub fn api_base(&self) -> &Url {
-        &self.api_base
-    }
-
     /// SSRF guard: a URI from a webhook body may only be fetched when it is on the API's own origin
     /// (scheme, host and port), so a token is never sent anywhere else.
     pub fn api_url(&self, uri: &str) -> Result<Url, CalendlyError> {

@@ -46,20 +46,26 @@ impl Connection {
     }
 }
 
-/// `SELECT <columns> FROM calendar_connections`, as a literal (sqlx only runs `'static` SQL).
+/// The columns of [`Connection`], as a literal (sqlx only runs `'static` SQL), so every query that
+/// reads a connection lists them in one place.
+macro_rules! connection_columns {
+    () => {
+        "id, user_id, provider, calendly_user_uri, calendly_organization_uri, access_token, refresh_token, \
+         token_expires_at, is_active, status, webhook_subscription_uri, last_synced_at, last_error, created_at, \
+         updated_at"
+    };
+}
+
+/// `SELECT <connection columns> FROM calendar_connections <rest>`.
 macro_rules! select_connection {
-    ($($rest:literal),*) => {
-        concat!(
-            "SELECT id, user_id, provider, calendly_user_uri, calendly_organization_uri, access_token, refresh_token, \
-             token_expires_at, is_active, status, webhook_subscription_uri, last_synced_at, last_error, created_at, \
-             updated_at FROM calendar_connections ",
-            $($rest),*
-        )
+    ($rest:literal) => {
+        concat!("SELECT ", connection_columns!(), " FROM calendar_connections ", $rest)
     };
 }
 
 /// A delivery's connection and what the inbox already says about the delivery, in one round trip
-/// (the hot path of every webhook).
+/// (the hot path of every webhook). The connection is the one whose Calendly user created the
+/// subscription; only linked rows (`is_active`) match, and there is deliberately no fallback.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Resolved {
     #[sqlx(flatten)]
@@ -67,33 +73,23 @@ pub struct Resolved {
     pub inbox_status: Option<String>,
 }
 
-/// Like [`find_active_by_calendly_user`], also returning the inbox status of `message_id`.
+/// The active connection of `calendly_user_uri`, with the inbox status of `message_id`.
 pub async fn resolve_for_delivery(
     pool: &PgPool,
     calendly_user_uri: &str,
     message_id: &str,
 ) -> sqlx::Result<Option<Resolved>> {
-    sqlx::query_as(
-        "SELECT id, user_id, provider, calendly_user_uri, calendly_organization_uri, access_token, refresh_token, \
-             token_expires_at, is_active, status, webhook_subscription_uri, last_synced_at, last_error, created_at, \
-             updated_at, (SELECT status FROM webhook_inbox WHERE message_id = $3) AS inbox_status \
-         FROM calendar_connections WHERE provider = $1 AND calendly_user_uri = $2 AND is_active",
-    )
+    sqlx::query_as(concat!(
+        "SELECT ",
+        connection_columns!(),
+        ", (SELECT status FROM webhook_inbox WHERE message_id = $3) AS inbox_status \
+         FROM calendar_connections WHERE provider = $1 AND calendly_user_uri = $2 AND is_active"
+    ))
     .bind(PROVIDER)
     .bind(calendly_user_uri)
     .bind(message_id)
     .fetch_optional(pool)
     .await
-}
-
-/// The connection a webhook belongs to: the one whose Calendly user created the subscription.
-/// Only linked rows (`is_active`) match; there is deliberately no fallback of any kind.
-pub async fn find_active_by_calendly_user(pool: &PgPool, calendly_user_uri: &str) -> sqlx::Result<Option<Connection>> {
-    sqlx::query_as(select_connection!("WHERE provider = $1 AND calendly_user_uri = $2 AND is_active"))
-        .bind(PROVIDER)
-        .bind(calendly_user_uri)
-        .fetch_optional(pool)
-        .await
 }
 
 pub async fn find_by_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<Option<Connection>> {
