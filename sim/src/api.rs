@@ -300,8 +300,8 @@ async fn list_invitees(
         if event.host != user {
             return Err(forbidden("You do not have permission to access this resource."));
         }
-        let mut invitees: Vec<_> = world.invitees.values().filter(|i| i.event == event.id).collect();
-        invitees.sort_by_key(|i| (i.created_at, i.id));
+        // Booking order is creation order, which is what Calendly pages by.
+        let invitees: Vec<_> = world.invitees_of(event.id).collect();
         let items = invitees.into_iter().map(|i| world.invitee_json(uris, i, false)).collect();
         let base = format!("{}/invitees", uris.event(event.id));
         Ok((StatusCode::OK, paginate(items, &page, &base)?))

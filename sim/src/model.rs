@@ -137,6 +137,8 @@ pub struct World {
     pub users: HashMap<Uuid, User>,
     pub events: HashMap<Uuid, Event>,
     pub invitees: HashMap<Uuid, Invitee>,
+    /// Invitee ids per event, so answering about one event never scans every invitee.
+    pub invitees_by_event: HashMap<Uuid, Vec<Uuid>>,
     pub subscriptions: HashMap<Uuid, Subscription>,
     pub codes: HashMap<String, AuthCode>,
     pub access_tokens: HashMap<String, AccessToken>,
@@ -144,6 +146,16 @@ pub struct World {
 }
 
 impl World {
+    pub fn add_invitee(&mut self, invitee: Invitee) {
+        self.invitees_by_event.entry(invitee.event).or_default().push(invitee.id);
+        self.invitees.insert(invitee.id, invitee);
+    }
+
+    /// The invitees of `event`, in booking order.
+    pub fn invitees_of(&self, event: Uuid) -> impl Iterator<Item = &Invitee> {
+        self.invitees_by_event.get(&event).into_iter().flatten().filter_map(|id| self.invitees.get(id))
+    }
+
     pub fn user_json(&self, uris: &Uris, user: &User) -> Value {
         let slug = user.email.split('@').next().unwrap_or("user").to_owned();
         json!({
@@ -161,7 +173,7 @@ impl World {
     }
 
     pub fn event_json(&self, uris: &Uris, event: &Event) -> Value {
-        let invitees: Vec<&Invitee> = self.invitees.values().filter(|i| i.event == event.id).collect();
+        let invitees: Vec<&Invitee> = self.invitees_of(event.id).collect();
         let active = invitees.iter().filter(|i| i.status == "active").count();
         let host = self.users.get(&event.host);
         json!({

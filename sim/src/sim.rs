@@ -119,6 +119,18 @@ fn yes() -> bool {
     true
 }
 
+impl NewUser {
+    /// `name <name@example.com>` in an organization of their own, on a plan with webhooks.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            email: format!("{}@example.com", name.to_lowercase()),
+            organization: None,
+            webhooks_enabled: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct NewInvitee {
     pub name: String,
@@ -286,7 +298,7 @@ impl Sim {
                     updated_at: now,
                 };
                 ids.push(invitee.id);
-                world.invitees.insert(invitee.id, invitee);
+                world.add_invitee(invitee);
             }
             let uris = &self.inner.uris;
             let invitees: Vec<Value> =
@@ -323,7 +335,7 @@ impl Sim {
         }));
         let event_id = invitee.event;
         let cancellation = invitee.cancellation.clone();
-        let any_active = world.invitees.values().any(|i| i.event == event_id && i.status == "active");
+        let any_active = world.invitees_of(event_id).any(|i| i.status == "active");
         let event = world.events.get_mut(&event_id).expect("invitee's event exists");
         if !any_active {
             event.status = "canceled";
@@ -395,7 +407,7 @@ impl Sim {
             o.new_invitee = Some(uris.invitee(new_event.id, new_invitee.id));
             let new_id = new_invitee.id;
             world.events.insert(new_event.id, new_event);
-            world.invitees.insert(new_id, new_invitee);
+            world.add_invitee(new_invitee);
             let canceled = world.invitee_json(uris, &world.invitees[&invitee], true);
             let created = world.invitee_json(uris, &world.invitees[&new_id], true);
             let value = json!({ "old_invitee": canceled.clone(), "new_invitee": created.clone() });

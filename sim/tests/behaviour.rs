@@ -20,15 +20,7 @@ async fn start(config: SimConfig) -> SimServer {
 }
 
 fn user(server: &SimServer, name: &str) -> Value {
-    server
-        .sim
-        .create_user(NewUser {
-            name: name.into(),
-            email: format!("{}@example.com", name.to_lowercase()),
-            organization: None,
-            webhooks_enabled: true,
-        })
-        .unwrap()
+    server.sim.create_user(NewUser::named(name)).unwrap()
 }
 
 fn basic(config: &SimConfig) -> String {

@@ -106,16 +106,7 @@ impl Harness {
     /// A simulated Calendly user connected to a new app user (tokens stored encrypted, as the
     /// connect flow does), with a user-scoped subscription so its changes are captured.
     pub async fn connect(&self, name: &str) -> User {
-        let calendly = self
-            .sim
-            .sim
-            .create_user(NewUser {
-                name: name.into(),
-                email: format!("{}@example.com", name.to_lowercase()),
-                organization: None,
-                webhooks_enabled: true,
-            })
-            .unwrap();
+        let calendly = self.sim.sim.create_user(NewUser::named(name)).unwrap();
         let uri = calendly["uri"].as_str().unwrap().to_owned();
         self.sim.sim.subscribe(&uri, "http://127.0.0.1:9/captured").unwrap();
         let app_user = Uuid::new_v4();
