@@ -243,3 +243,45 @@ async fn after_the_maximum_attempts_a_delivery_is_dead_lettered_says_why_and_can
     assert_eq!(h.topology.depth(&h.topology.topology.dead_queue()).await, 0);
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_disconnect_racing_a_delivery_leaves_no_meeting_and_parks_the_delivery(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    h.start_worker(&[]).await;
+    let ada = h.connect("Ada").await;
+    h.book(&ada, 1);
+    let bodies = h.captured();
+    // A disconnect is under way: it holds the connection row.
+    let mut disconnect = h.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM calendar_connections WHERE id = $1 FOR UPDATE")
+        .bind(ada.connection_id)
+        .execute(&mut *disconnect)
+        .await
+        .unwrap();
+
+    let ids = h.publish_all(&bodies).await;
+    // The worker has resolved the user and fetched the event; its write waits for the row.
+    calsync_testkit::wait_until(DEADLINE, "the worker waits on the connection row", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&h.pool)
+        .await
+        .unwrap()
+            >= 1
+    })
+    .await;
+    sqlx::query(
+        "UPDATE calendar_connections SET status = 'disconnected', is_active = false, access_token = NULL, \
+         refresh_token = NULL WHERE id = $1",
+    )
+    .bind(ada.connection_id)
+    .execute(&mut *disconnect)
+    .await
+    .unwrap();
+    disconnect.commit().await.unwrap();
+
+    h.wait_for_inbox(&ids, &["unmatched"]).await;
+    assert_eq!(h.count("SELECT count(*) FROM meetings").await, 0, "nothing written for an account no longer linked");
+    h.stop().await;
+}
