@@ -47,6 +47,40 @@ pub fn bin_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Builds the binaries a stack runs (simulator, ingest, worker) into [`bin_dir`], with the profile
+/// of the running executable, so a test never runs binaries left over from an earlier build. Cheap
+/// when they are up to date.
+pub async fn build_binaries() -> anyhow::Result<()> {
+    let bins = bin_dir()?;
+    let target_dir = bins.parent().context("the binaries' directory is inside a target directory")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        // The same selection as `scripts/demo`, so the demo and this build share their artifacts.
+        .args(["build", "--quiet", "--workspace", "--bins"])
+        .env("CARGO_TARGET_DIR", target_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    if bins.ends_with("release") {
+        command.arg("--release");
+    }
+    // Variables cargo sets for the running test describe *its* crate; build scripts that watch
+    // them (ring's watches CARGO_MANIFEST_DIR) would rebuild half the tree on every run.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_EXE_")
+            || name.starts_with("CARGO_MANIFEST_")
+            || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "CARGO_RUSTC_CURRENT_DIR"]
+                .contains(&name.as_ref())
+        {
+            command.env_remove(name.as_ref());
+        }
+    }
+    let status = command.status().await.context("running cargo build")?;
+    anyhow::ensure!(status.success(), "cargo build of the stack's binaries failed ({status})");
+    Ok(())
+}
+
 fn binary(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     if !path.exists() {

@@ -16,6 +16,9 @@ async fn booked_canceled_and_rescheduled_meetings_reach_the_database_under_the_r
     database_url.set_path(&format!("calsync_e2e_{}", &run[..12]));
     let stack_amqp = std::env::var("AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let prefix = format!("e2e-{}", &run[..12]);
+    // The binaries this test runs are built here: a test run of this package alone would otherwise
+    // start whatever an earlier build left behind.
+    calsync_demo::stack::build_binaries().await.expect("the stack's binaries build");
     let stack = Stack::launch(LaunchOptions {
         workers: 2,
         database_url: database_url.to_string(),
@@ -24,7 +27,7 @@ async fn booked_canceled_and_rescheduled_meetings_reach_the_database_under_the_r
         log_dir: std::env::temp_dir().join(format!("calsync-e2e-{}", &run[..12])),
     })
     .await
-    .expect("the stack starts (run `cargo build --workspace --bins` first when running this test alone)");
+    .expect("the stack starts");
 
     let outcome = scenario::run(&stack, &|_| {}).await.unwrap();
     scenario::wait_for_rows(&stack, &outcome, Duration::from_secs(60)).await.unwrap();

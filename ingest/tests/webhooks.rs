@@ -134,9 +134,11 @@ async fn health_is_ok_and_readiness_reports_the_broker_up_and_the_database_down(
     app.stop().await;
 }
 
-#[tokio::test]
-async fn readiness_reports_the_database_up_once_it_is_migrated() {
-    let database_url = std::env::var("DATABASE_URL").expect("DATABASE_URL is set for tests");
+// An empty database of its own: ingest applies the schema itself. (Never DATABASE_URL's own
+// database: that is the server's maintenance database, which sqlx only keeps its bookkeeping in.)
+#[sqlx::test(migrations = false)]
+async fn readiness_reports_the_database_up_once_it_is_migrated(pool: sqlx::PgPool) {
+    let database_url = calsync_testkit::test_database_url(&pool);
     let app = spawn_app_with(Options { database_url, ..Options::default() }).await;
 
     calsync_testkit::wait_until(Duration::from_secs(30), "database reported up", || async {
