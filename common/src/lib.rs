@@ -1,7 +1,6 @@
 //! Shared building blocks of calsync's services.
 //!
 //! - [`config`]: every address, secret and tunable, read from the environment (or `--flags`) by clap.
-//! - [`connect`]: the OAuth connect flow, status and disconnect (HTTP-free).
 //! - [`telemetry`]: tracing subscriber (pretty or JSON) and the Prometheus recorder.
 //! - [`shutdown`]: SIGTERM / Ctrl-C turned into one [`tokio_util::sync::CancellationToken`].
 //! - [`retry`]: the one place retry and reconnect policies live.
@@ -9,17 +8,14 @@
 //! - [`calendly`]: Calendly wire formats, the webhook signature check, and the API client.
 //! - [`queue`]: RabbitMQ topology, the confirming publisher, and message shapes.
 //! - [`db`]: PostgreSQL pool, migrations, and the data access used by both services.
-//! - [`replay`]: republishing parked deliveries once their Calendly account is connected.
 //! - [`http`]: outgoing HTTP clients (rustls + ring).
 
 pub mod calendly;
 pub mod config;
-pub mod connect;
 pub mod crypto;
 pub mod db;
 pub mod http;
 pub mod queue;
-pub mod replay;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

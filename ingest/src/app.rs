@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use axum::Router;
 
+use crate::connect::ConnectService;
 use calsync_common::calendly::signature::WebhookVerifier;
-use calsync_common::config::IngestSettings;
-use calsync_common::connect::ConnectService;
 use calsync_common::db::Database;
 use calsync_common::queue::Broker;
 
 use crate::routes;
+use crate::settings::IngestSettings;
 
 /// Everything handlers need. Read-only after start-up and internally synchronised (the broker and
 /// pool manage their own connections), so one `Arc` shared by all requests is enough.

@@ -9,8 +9,10 @@
 //! finishes in-flight requests, then closes the broker connection.
 
 pub mod app;
+pub mod connect;
 pub mod error;
 pub mod routes;
+pub mod settings;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,15 +21,15 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::connect::ConnectService;
 use calsync_common::calendly::CalendlyClient;
 use calsync_common::calendly::signature::WebhookVerifier;
-use calsync_common::config::IngestSettings;
-use calsync_common::connect::ConnectService;
 use calsync_common::crypto::TokenCipher;
 use calsync_common::db::Database;
 use calsync_common::queue::{Broker, BrokerConfig, Topology};
 
 pub use app::AppState;
+use settings::IngestSettings;
 
 pub struct Application {
     listener: TcpListener,

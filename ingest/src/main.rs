@@ -1,18 +1,15 @@
 use clap::Parser;
 
-use calsync_common::config::IngestSettings;
+use calsync_common::config::ConfigError;
 use calsync_common::{shutdown, telemetry};
+use calsync_ingest::settings::IngestSettings;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let settings = IngestSettings::parse();
-    if let Err(error) = settings.validate() {
-        eprintln!("calsync-ingest: {error}");
-        return std::process::ExitCode::from(2);
-    }
     telemetry::init_tracing(settings.telemetry.log_format);
     let shutdown = shutdown::on_signal();
-    match calsync_ingest::Application::build(settings, shutdown.clone()).await {
+    match calsync_ingest::Application::build(settings, shutdown).await {
         Ok(app) => match app.run_until_stopped().await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(error) => {
@@ -22,7 +19,8 @@ async fn main() -> std::process::ExitCode {
         },
         Err(error) => {
             eprintln!("calsync-ingest: {error:#}");
-            std::process::ExitCode::FAILURE
+            // 2 = refused to start: a required setting is missing or invalid (fail closed).
+            std::process::ExitCode::from(if error.downcast_ref::<ConfigError>().is_some() { 2 } else { 1 })
         }
     }
 }

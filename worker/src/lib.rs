@@ -9,6 +9,7 @@
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
 
+pub mod admin;
 pub mod consumer;
 pub mod deps;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod fetch;
 pub mod health;
 pub mod process;
 pub mod refresh;
+pub mod settings;
 pub mod sync;
 
 use std::net::SocketAddr;
@@ -27,12 +29,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use calsync_common::calendly::CalendlyClient;
-use calsync_common::config::WorkerSettings;
 use calsync_common::crypto::TokenCipher;
 use calsync_common::db::Database;
 use calsync_common::queue::{Broker, BrokerConfig, RetryTarget, Topology};
 
 pub use deps::Deps;
+use settings::WorkerSettings;
 
 pub struct Worker {
     settings: WorkerSettings,

@@ -1,7 +1,7 @@
 use clap::{Parser, Subcommand};
 
-use calsync_common::config::WorkerSettings;
 use calsync_common::{shutdown, telemetry};
+use calsync_worker::settings::WorkerSettings;
 
 #[derive(Parser)]
 #[command(name = "calsync-worker", version, about = "Turns queued Calendly webhooks into the right user's meetings")]
@@ -47,7 +47,6 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(settings: WorkerSettings) -> anyhow::Result<()> {
-    settings.validate()?;
     let shutdown = shutdown::on_signal();
     calsync_worker::Worker::build(settings, shutdown).await?.run_until_stopped().await
 }
@@ -66,7 +65,7 @@ async fn rotate_token_key(settings: &WorkerSettings) -> anyhow::Result<()> {
     let url = &settings.database.database_url;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
     calsync_common::db::prepare(url, &pool).await?;
-    let report = calsync_common::db::rotation::reencrypt_all(&pool, &cipher).await?;
+    let report = calsync_worker::admin::rotate_key::reencrypt_all(&pool, &cipher).await?;
     println!(
         "re-encrypted {} connection(s) and {} pending OAuth state(s) with key {}",
         report.connections_reencrypted,
@@ -89,7 +88,7 @@ async fn replay_dead(settings: &WorkerSettings) -> anyhow::Result<()> {
         connection_name: "calsync-worker replay-dead".into(),
     });
     anyhow::ensure!(broker.wait_ready(std::time::Duration::from_secs(15)).await, "RabbitMQ is not reachable");
-    let moved = calsync_common::replay::replay_dead(&pool, &broker).await;
+    let moved = calsync_worker::admin::replay_dead::replay_dead(&pool, &broker).await;
     broker.close().await;
     println!("moved {} dead letter(s) back to their work queues", moved?);
     Ok(())

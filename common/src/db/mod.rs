@@ -9,7 +9,6 @@ pub mod connections;
 pub mod inbox;
 pub mod meetings;
 pub mod oauth_states;
-pub mod rotation;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

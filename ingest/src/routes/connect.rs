@@ -9,7 +9,7 @@ use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use calsync_common::connect::{Callback, ConnectError};
+use crate::connect::{Callback, ConnectError};
 
 use crate::AppState;
 use crate::error::ApiError;

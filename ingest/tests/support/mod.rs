@@ -9,8 +9,8 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use calsync_common::calendly::signature;
-use calsync_common::config::IngestSettings;
 use calsync_common::crypto;
+use calsync_ingest::settings::IngestSettings;
 use calsync_testkit::IsolatedTopology;
 
 pub const KEY: &str = "test-signing-key";

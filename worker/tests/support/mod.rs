@@ -15,11 +15,12 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use calendly_sim::{Booking, DeliveryMode, NewInvitee, NewUser, SimConfig, SimServer};
-use calsync_common::config::{TokenKeyArgs, WorkerSettings};
+use calsync_common::config::TokenKeyArgs;
 use calsync_common::crypto::{self, TokenCipher};
 use calsync_common::db::connections::{self, Connected};
 use calsync_common::queue::{Broker, BrokerConfig, message};
 use calsync_testkit::IsolatedTopology;
+use calsync_worker::settings::WorkerSettings;
 
 /// Generous: it only matters when something is broken, and delayed retries take tens of seconds.
 pub const DEADLINE: Duration = Duration::from_secs(60);

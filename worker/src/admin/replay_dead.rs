@@ -1,39 +1,6 @@
-//! Replaying parked deliveries when a Calendly account is (re)connected.
-//!
-//! `unmatched` and `awaiting_reauth` inbox rows keep their body. Once a user has proved control of
-//! the Calendly account they were addressed to (by completing OAuth), those bodies are published
-//! again, unchanged: the worker then resolves them through `created_by` like any live delivery, so
-//! they land with the connecting user and nowhere else. The inbox row flips to `processed` when the
-//! worker commits; replaying twice is harmless (the second copy is a duplicate).
+//! `calsync-worker replay-dead`: dead letters back to their work queues once the cause is fixed.
 
-use time::OffsetDateTime;
-
-use crate::db::inbox;
-use crate::queue::{Broker, PublishError, message};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReplayError {
-    #[error("reading parked deliveries: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("republishing a parked delivery: {0}")]
-    Publish(#[from] PublishError),
-}
-
-/// Republishes every replayable delivery addressed to `calendly_user_uri`; returns how many.
-pub async fn replay_parked(
-    pool: &sqlx::PgPool,
-    broker: &Broker,
-    calendly_user_uri: &str,
-    replay_days: u32,
-) -> Result<usize, ReplayError> {
-    let parked = inbox::parked_for(pool, calendly_user_uri, replay_days).await?;
-    for (message_id, body) in &parked {
-        broker.publish(&message::webhook(body.clone(), OffsetDateTime::now_utc())).await?;
-        tracing::info!(%message_id, "replayed a parked delivery");
-    }
-    metrics::counter!("calsync_inbox_replayed_total").increment(parked.len() as u64);
-    Ok(parked.len())
-}
+use calsync_common::queue::{Broker, PublishError, message};
 
 /// Moves every message in `calsync.dead` back to its work queue with a fresh attempt count, after
 /// the cause has been fixed. A webhook's `dead` inbox row is cleared first so the worker does not
@@ -43,7 +10,7 @@ pub async fn replay_dead(pool: &sqlx::PgPool, broker: &Broker) -> Result<usize, 
     use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
     use lapin::types::FieldTable;
 
-    use crate::queue::message::{ATTEMPTS_HEADER, DEATH_REASON_HEADER, LAST_ERROR_HEADER, Outgoing};
+    use calsync_common::queue::message::{ATTEMPTS_HEADER, DEATH_REASON_HEADER, LAST_ERROR_HEADER, Outgoing};
 
     let channel = broker.open_channel().await?;
     let dead = broker.topology().dead_queue();

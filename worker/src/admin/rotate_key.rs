@@ -1,12 +1,12 @@
-//! Re-encrypting every stored secret with the current `TOKEN_ENCRYPTION_KEY` after a rotation
+//! `calsync-worker rotate-token-key`: re-encrypting every stored secret with the current `TOKEN_ENCRYPTION_KEY` after a rotation
 //! (`calsync-worker rotate-token-key`).
 
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::crypto::{CryptoError, TokenCipher};
-use crate::db::connections::{ACCESS_TOKEN, REFRESH_TOKEN, binding};
-use crate::db::oauth_states;
+use calsync_common::crypto::{CryptoError, TokenCipher};
+use calsync_common::db::connections::{ACCESS_TOKEN, REFRESH_TOKEN, binding};
+use calsync_common::db::oauth_states;
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RotationReport {

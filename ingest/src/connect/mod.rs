@@ -2,6 +2,8 @@
 //! consented, the webhook subscription, the backfill, the replay of parked deliveries, status, and
 //! disconnect. HTTP-free so it can be tested and reused; ingest's routes are a thin layer on it.
 
+pub mod replay;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +17,12 @@ use time::OffsetDateTime;
 use url::Url;
 use uuid::Uuid;
 
-use crate::calendly::{CalendlyClient, CalendlyError};
-use crate::crypto::{CryptoError, TokenCipher};
-use crate::db::connections::{self, Connected, Connection, StoreError};
-use crate::db::oauth_states::{self, StateRejection};
-use crate::queue::Broker;
-use crate::queue::message::{SyncJob, sync_job};
+use calsync_common::calendly::{CalendlyClient, CalendlyError};
+use calsync_common::crypto::{CryptoError, TokenCipher};
+use calsync_common::db::connections::{self, Connected, Connection, StoreError};
+use calsync_common::db::oauth_states::{self, StateRejection};
+use calsync_common::queue::Broker;
+use calsync_common::queue::message::{SyncJob, sync_job};
 
 /// How long a user has to finish the consent screen.
 pub const STATE_TTL: time::Duration = time::Duration::minutes(10);
@@ -192,7 +194,7 @@ impl ConnectService {
             .bind(&last_error)
             .execute(&self.pool)
             .await?;
-        match crate::replay::replay_parked(&self.pool, &self.broker, &me.uri, self.replay_days).await {
+        match replay::replay_parked(&self.pool, &self.broker, &me.uri, self.replay_days).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(connection_id = %connection.id, replayed = n, "replayed parked deliveries"),
             Err(error) => tracing::warn!(connection_id = %connection.id, %error, "could not replay parked deliveries"),

@@ -1,0 +1,159 @@
+//! Settings of `calsync-ingest`: its own variables plus the groups it shares with the worker
+//! ([`calsync_common::config`]).
+
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use secrecy::SecretString;
+use url::Url;
+
+use calsync_common::config::{
+    AmqpArgs, CalendlyArgs, ConfigError, DatabaseArgs, TelemetryArgs, TokenKeyArgs, present, secret,
+};
+
+/// Settings of `calsync-ingest`.
+#[derive(Parser, Clone, Debug)]
+#[command(name = "calsync-ingest", version, about = "Verifies Calendly webhooks and queues them durably")]
+pub struct IngestSettings {
+    #[arg(long, env = "INGEST_ADDR", default_value = "0.0.0.0:8080")]
+    pub ingest_addr: String,
+
+    /// Every key verifies (rotation). Required: ingest refuses to start without one.
+    #[arg(long, env = "CALENDLY_WEBHOOK_SIGNING_KEYS", value_parser = secret, value_delimiter = ',')]
+    pub calendly_webhook_signing_keys: Vec<SecretString>,
+
+    /// How old a signature timestamp may be, in seconds.
+    #[arg(long, env = "CALENDLY_WEBHOOK_TOLERANCE_SECS", default_value_t = 180)]
+    pub calendly_webhook_tolerance_secs: u64,
+
+    /// Where Calendly should deliver webhooks; unset (or empty) = do not create subscriptions.
+    #[arg(long, env = "CALENDLY_WEBHOOK_CALLBACK_URL", value_parser = optional_url)]
+    pub calendly_webhook_callback_url: Option<OptionalUrl>,
+
+    #[arg(long, env = "CALENDLY_OAUTH_REDIRECT_URI", default_value = "http://127.0.0.1:8080/oauth/calendly/callback")]
+    pub calendly_oauth_redirect_uri: Url,
+
+    /// Bearer token of the connection API; the API answers 503 until it is set.
+    #[arg(long, env = "INTERNAL_API_TOKEN", value_parser = secret)]
+    pub internal_api_token: Option<SecretString>,
+
+    /// Where the OAuth callback redirects on success; unset (or empty) = a small HTML result page.
+    #[arg(long, env = "CONNECT_RETURN_URL", value_parser = optional_url)]
+    pub connect_return_url: Option<OptionalUrl>,
+
+    /// How long a webhook request waits for the broker's confirm before answering 503.
+    #[arg(long, env = "INGEST_PUBLISH_TIMEOUT_MS", default_value_t = 5000, hide = true)]
+    pub ingest_publish_timeout_ms: u64,
+
+    /// Confirm-mode channels shared by all requests.
+    #[arg(long, env = "INGEST_PUBLISH_CHANNELS", default_value_t = 4, hide = true)]
+    pub ingest_publish_channels: usize,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    #[command(flatten)]
+    pub calendly: CalendlyArgs,
+    #[command(flatten)]
+    pub token_keys: TokenKeyArgs,
+    #[command(flatten)]
+    pub inbox: InboxArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct InboxArgs {
+    /// How old an unmatched delivery may be and still be replayed when its Calendly user connects.
+    #[arg(long, env = "INBOX_REPLAY_DAYS", default_value_t = 7)]
+    pub inbox_replay_days: u32,
+}
+
+/// A URL setting that may be set to the empty string in an env file, meaning "unset".
+#[derive(Clone, Debug)]
+pub struct OptionalUrl(pub Option<Url>);
+
+fn optional_url(value: &str) -> Result<OptionalUrl, url::ParseError> {
+    if value.trim().is_empty() { Ok(OptionalUrl(None)) } else { Url::parse(value.trim()).map(|u| OptionalUrl(Some(u))) }
+}
+
+impl IngestSettings {
+    pub fn callback_url(&self) -> Option<&Url> {
+        self.calendly_webhook_callback_url.as_ref().and_then(|u| u.0.as_ref())
+    }
+
+    pub fn return_url(&self) -> Option<&Url> {
+        self.connect_return_url.as_ref().and_then(|u| u.0.as_ref())
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.ingest_publish_timeout_ms)
+    }
+
+    /// Fail closed: the settings without which ingest must not run, named by their variable.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        use secrecy::ExposeSecret;
+        let keys = &self.calendly_webhook_signing_keys;
+        if keys.iter().all(|k| k.expose_secret().trim().is_empty()) {
+            return Err(ConfigError::Missing("CALENDLY_WEBHOOK_SIGNING_KEYS"));
+        }
+        if keys.iter().any(|k| k.expose_secret().trim().is_empty()) {
+            // An empty HMAC key is one anybody can sign with.
+            return Err(ConfigError::Invalid("CALENDLY_WEBHOOK_SIGNING_KEYS", "contains an empty key".into()));
+        }
+        if present(&self.token_keys.token_encryption_key).is_none() {
+            return Err(ConfigError::Missing("TOKEN_ENCRYPTION_KEY"));
+        }
+        if self.ingest_publish_channels == 0 {
+            return Err(ConfigError::Invalid("INGEST_PUBLISH_CHANNELS", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingest(extra: &[&str]) -> IngestSettings {
+        let mut args = vec!["calsync-ingest", "--token-encryption-key=a2V5"];
+        args.extend_from_slice(extra);
+        IngestSettings::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn empty_optional_urls_from_an_env_file_mean_unset() {
+        let settings = ingest(&[
+            "--connect-return-url=",
+            "--calendly-webhook-callback-url= ",
+            "--calendly-webhook-signing-keys=k",
+        ]);
+        assert!(settings.return_url().is_none());
+        assert!(settings.callback_url().is_none());
+    }
+
+    #[test]
+    fn an_empty_signing_key_is_refused_and_no_key_at_all_is_missing() {
+        assert!(matches!(
+            ingest(&["--calendly-webhook-signing-keys=k,"]).validate(),
+            Err(ConfigError::Invalid("CALENDLY_WEBHOOK_SIGNING_KEYS", _))
+        ));
+        assert!(matches!(
+            ingest(&["--calendly-webhook-signing-keys="]).validate(),
+            Err(ConfigError::Missing("CALENDLY_WEBHOOK_SIGNING_KEYS"))
+        ));
+        assert!(ingest(&["--calendly-webhook-signing-keys=k1,k2"]).validate().is_ok());
+    }
+
+    #[test]
+    fn a_blank_token_key_counts_as_not_set() {
+        let settings = IngestSettings::try_parse_from([
+            "calsync-ingest",
+            "--token-encryption-key=",
+            "--calendly-webhook-signing-keys=k",
+        ])
+        .unwrap();
+        assert!(matches!(settings.validate(), Err(ConfigError::Missing("TOKEN_ENCRYPTION_KEY"))));
+    }
+}

@@ -1,0 +1,7 @@
+//! Operator subcommands' work, beside the `calsync-worker` subcommands that call it.
+//!
+//! - [`rotate_key`]: re-encrypt every stored token with the current key.
+//! - [`replay_dead`]: move dead letters back to their work queues.
+
+pub mod replay_dead;
+pub mod rotate_key;

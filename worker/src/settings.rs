@@ -1,0 +1,64 @@
+//! Settings of `calsync-worker`: its own variables plus the groups it shares with ingest
+//! ([`calsync_common::config`]).
+
+use clap::Args;
+
+use calsync_common::config::{AmqpArgs, CalendlyArgs, ConfigError, DatabaseArgs, TelemetryArgs, TokenKeyArgs, present};
+
+/// Settings of `calsync-worker`.
+#[derive(Args, Clone, Debug)]
+pub struct WorkerSettings {
+    /// Deliveries processed at once (also the AMQP prefetch).
+    #[arg(long, env = "WORKER_CONCURRENCY", default_value_t = 32)]
+    pub worker_concurrency: u16,
+
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    #[arg(long, env = "WORKER_ADDR", default_value = "0.0.0.0:9090")]
+    pub worker_addr: String,
+
+    /// Failed attempts after which a message goes to `calsync.dead`.
+    #[arg(long, env = "WORKER_MAX_ATTEMPTS", default_value_t = 8)]
+    pub worker_max_attempts: u32,
+
+    /// Backfill starts this many days back (and has no upper bound).
+    #[arg(long, env = "SYNC_LOOKBACK_DAYS", default_value_t = 30)]
+    pub sync_lookback_days: u32,
+
+    /// How long in-flight deliveries may take to finish after SIGTERM before they are requeued.
+    #[arg(long, env = "WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 20, hide = true)]
+    pub worker_shutdown_grace_secs: u64,
+
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    #[command(flatten)]
+    pub calendly: CalendlyArgs,
+    #[command(flatten)]
+    pub token_keys: TokenKeyArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+impl WorkerSettings {
+    /// PostgreSQL connections per worker process. A delivery holds one only for its short database
+    /// steps (never across the Calendly call), so a quarter of the concurrency is plenty; the cap
+    /// keeps a scaled-out pool within PostgreSQL's default `max_connections` (100), and PostgreSQL
+    /// on few cores is faster with fewer connections anyway (see BENCHMARKS.md).
+    pub fn db_pool_size(&self) -> u32 {
+        (u32::from(self.worker_concurrency) / 4).clamp(4, 16)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if present(&self.token_keys.token_encryption_key).is_none() {
+            return Err(ConfigError::Missing("TOKEN_ENCRYPTION_KEY"));
+        }
+        if self.worker_concurrency == 0 {
+            return Err(ConfigError::Invalid("WORKER_CONCURRENCY", "must be at least 1".into()));
+        }
+        if self.worker_max_attempts == 0 {
+            return Err(ConfigError::Invalid("WORKER_MAX_ATTEMPTS", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
