@@ -10,6 +10,7 @@ use futures_util::StreamExt;
 use calsync_common::calendly::types::{Invitee, ScheduledEvent, WebhookEnvelope};
 use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
 use calsync_common::db::{connections, meetings};
+use calsync_common::meeting::{Meeting, MeetingInvitee};
 use calsync_common::queue::message;
 
 use crate::Ctx;
@@ -49,8 +50,9 @@ async fn upsert_ceiling(world: &World, bodies: &[Vec<u8>], concurrency: u16) -> 
                 let id = message::message_id(body);
                 let mut tx = pool.begin().await?;
                 anyhow::ensure!(connections::lock_if_linked(&mut tx, connection).await?);
-                let meeting = meetings::upsert_meeting(&mut tx, connection.user_id, &event).await?;
-                meetings::upsert_invitee(&mut tx, meeting, &invitee).await?;
+                let meeting =
+                    meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(&event)).await?;
+                meetings::upsert_invitee(&mut tx, meeting, &MeetingInvitee::from_invitee(&invitee)).await?;
                 let record = InboxRecord {
                     message_id: &id,
                     event: Some(&envelope.event),

@@ -6,6 +6,7 @@
 //! - [`retry`]: the one place retry and reconnect policies live.
 //! - [`crypto`]: AES-256-GCM token encryption with associated data and key rotation.
 //! - [`calendly`]: Calendly wire formats, the webhook signature check, and the API client.
+//! - [`meeting`]: meeting and invitee rows built from Calendly's types (status and cancellation rules).
 //! - [`queue`]: RabbitMQ topology, the confirming publisher, and message shapes.
 //! - [`db`]: PostgreSQL pool, migrations, and the data access used by both services.
 //! - [`http`]: outgoing HTTP clients (rustls + ring).
@@ -15,6 +16,7 @@ pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod http;
+pub mod meeting;
 pub mod queue;
 pub mod retry;
 pub mod shutdown;

@@ -208,7 +208,9 @@ impl Env {
     async fn wait_inbox(&self, ids: &[String], status: &str) {
         wait_until(Duration::from_secs(30), &format!("inbox {status}"), || async {
             for id in ids {
-                if calsync_common::db::inbox::status_of(&self.pool, id).await.unwrap().as_deref() != Some(status) {
+                if calsync_common::db::inbox::status_of(&self.pool, id).await.unwrap().map(|s| s.as_str())
+                    != Some(status)
+                {
                     return false;
                 }
             }

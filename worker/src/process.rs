@@ -3,14 +3,14 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use time::OffsetDateTime;
 
-use calsync_common::calendly::types::{EventKind, Invitee, WebhookEnvelope};
-use calsync_common::db::connections::{self, Connection};
+use calsync_common::calendly::types::EventKind;
+use calsync_common::calendly::webhook::{Change, InviteeChange, Webhook};
+use calsync_common::db::connections::{self, Connection, ConnectionStatus};
 use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
 use calsync_common::db::meetings;
+use calsync_common::meeting::{Meeting, MeetingInvitee};
 
 use crate::deps::Deps;
 use crate::error::ProcessError;
@@ -37,14 +37,10 @@ pub enum Outcome {
     Dead { reason: String },
 }
 
-/// Low-cardinality `event` label.
-pub fn event_label(event: Option<&str>) -> &'static str {
-    match event {
-        Some("invitee.created") => "invitee.created",
-        Some("invitee.canceled") => "invitee.canceled",
-        Some("invitee_no_show.created") => "invitee_no_show.created",
-        Some("invitee_no_show.deleted") => "invitee_no_show.deleted",
-        Some(_) => "other",
+/// Low-cardinality `event` label: a known event's name, `other`, or `unparseable`.
+pub fn event_label(webhook: Option<&Webhook>) -> &'static str {
+    match webhook {
+        Some(webhook) => webhook.kind().map_or("other", EventKind::as_str),
         None => "unparseable",
     }
 }
@@ -52,15 +48,15 @@ pub fn event_label(event: Option<&str>) -> &'static str {
 struct Context<'a> {
     deps: &'a Deps,
     delivery: &'a WebhookDelivery,
-    envelope: Option<&'a WebhookEnvelope>,
+    webhook: Option<&'a Webhook>,
 }
 
 impl Context<'_> {
     fn record<'r>(&'r self, status: InboxStatus, last_error: Option<&'r str>) -> InboxRecord<'r> {
         InboxRecord {
             message_id: &self.delivery.message_id,
-            event: self.envelope.map(|e| e.event.as_str()),
-            created_by: self.envelope.map(|e| e.created_by.as_str()),
+            event: self.webhook.map(|w| w.event.as_str()),
+            created_by: self.webhook.map(|w| w.created_by.as_str()),
             received_at: self.delivery.received_at,
             status,
             attempts: self.delivery.attempt as i32,
@@ -95,58 +91,51 @@ impl Context<'_> {
 
 /// Processes one webhook delivery; also returns its `event` metric label.
 pub async fn process_webhook(deps: &Deps, delivery: &WebhookDelivery) -> (Outcome, &'static str) {
-    let envelope = match serde_json::from_slice::<WebhookEnvelope>(&delivery.body) {
-        Ok(envelope) => envelope,
+    let webhook = match Webhook::parse(&delivery.body) {
+        Ok(webhook) => webhook,
         Err(error) => {
-            let ctx = Context { deps, delivery, envelope: None };
-            let reason = format!("not a Calendly webhook envelope (needs event, created_by, payload): {error}");
-            return (ctx.dead(reason).await, event_label(None));
+            let ctx = Context { deps, delivery, webhook: None };
+            return (ctx.dead(error.to_string()).await, event_label(None));
         }
     };
-    let ctx = Context { deps, delivery, envelope: Some(&envelope) };
-    (process_envelope(&ctx, &envelope).await, event_label(Some(&envelope.event)))
+    let ctx = Context { deps, delivery, webhook: Some(&webhook) };
+    (process_parsed(&ctx, &webhook).await, event_label(Some(&webhook)))
 }
 
-async fn process_envelope(ctx: &Context<'_>, envelope: &WebhookEnvelope) -> Outcome {
+async fn process_parsed(ctx: &Context<'_>, webhook: &Webhook) -> Outcome {
     let (deps, delivery) = (ctx.deps, ctx.delivery);
 
-    let Some(kind) = EventKind::parse(&envelope.event) else {
+    if let Change::Ignored = webhook.change {
         return ctx.park(InboxStatus::Ignored, None).await;
-    };
+    }
 
     // The one and only way to find the user: the Calendly user who created the subscription.
-    let connection = match connections::resolve_for_delivery(&deps.pool, &envelope.created_by, &delivery.message_id)
+    let connection = match connections::resolve_for_delivery(&deps.pool, &webhook.created_by, &delivery.message_id)
         .await
     {
         // Duplicates (Calendly retries, our own redeliveries) of finished work change nothing.
-        Ok(Some(resolved)) if resolved.inbox_status.as_deref().is_some_and(InboxStatus::is_final) => {
+        Ok(Some(resolved)) if resolved.inbox_status.is_some_and(InboxStatus::is_final) => {
             return Outcome::Done(InboxStatus::Processed);
         }
         Ok(Some(resolved)) => resolved.connection,
         Ok(None) => {
-            tracing::info!(message_id = %delivery.message_id, created_by = %envelope.created_by, "no connected user for this webhook; parked as unmatched");
+            tracing::info!(message_id = %delivery.message_id, created_by = %webhook.created_by, "no connected user for this webhook; parked as unmatched");
             metrics::counter!("calsync_worker_unmatched_total").increment(1);
             // The inbox guard keeps an already processed duplicate processed.
             return ctx.park(InboxStatus::Unmatched, None).await;
         }
         Err(error) => return ctx.retry_or_dead(format!("database: {error}"), None).await,
     };
-    if connection.status == "needs_reauth" {
+    if connection.status == ConnectionStatus::NeedsReauth {
         return ctx.park(InboxStatus::AwaitingReauth, connection.last_error.as_deref()).await;
     }
 
-    let invitee = match Invitee::deserialize(&envelope.payload) {
-        Ok(invitee) => invitee,
-        Err(error) => return ctx.dead(format!("{} payload is not an invitee: {error}", envelope.event)).await,
+    let change = match &webhook.change {
+        Change::Invitee(change) => change,
+        Change::Malformed { reason } => return ctx.dead(reason.clone()).await,
+        Change::Ignored => unreachable!("ignored webhooks returned above"),
     };
-    let embedded_updated_at = envelope
-        .payload
-        .get("scheduled_event")
-        .and_then(|e| e.get("updated_at"))
-        .and_then(|v| v.as_str())
-        .and_then(|v| OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339).ok());
-
-    match apply(ctx, &connection, kind, &invitee, embedded_updated_at).await {
+    match apply(ctx, &connection, change).await {
         Ok(()) => {
             let latency = (OffsetDateTime::now_utc() - delivery.received_at).as_seconds_f64().max(0.0);
             metrics::histogram!("calsync_webhook_end_to_end_seconds").record(latency);
@@ -160,15 +149,9 @@ async fn process_envelope(ctx: &Context<'_>, envelope: &WebhookEnvelope) -> Outc
 
 /// Fetches the event with the connection's own token and writes meeting, invitee and inbox row in
 /// one transaction.
-async fn apply(
-    ctx: &Context<'_>,
-    connection: &Connection,
-    kind: EventKind,
-    invitee: &Invitee,
-    embedded_updated_at: Option<OffsetDateTime>,
-) -> Result<(), ProcessError> {
-    let deps = ctx.deps;
-    let event = deps.event_fetches.get_event(deps, connection, &invitee.event, embedded_updated_at).await?;
+async fn apply(ctx: &Context<'_>, connection: &Connection, change: &InviteeChange) -> Result<(), ProcessError> {
+    let (deps, invitee) = (ctx.deps, &change.invitee);
+    let event = deps.event_fetches.get_event(deps, connection, &invitee.event, change.event_updated_at).await?;
     if event.uri != invitee.event {
         return Err(ProcessError::Permanent(format!("Calendly answered {} for {}", event.uri, invitee.event)));
     }
@@ -176,10 +159,10 @@ async fn apply(
     if !connections::lock_if_linked(&mut tx, connection).await? {
         return Err(ProcessError::transient("the connection changed while processing; resolving again"));
     }
-    let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &event).await?;
-    meetings::upsert_invitee(&mut tx, meeting_id, invitee).await?;
+    let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(&event)).await?;
+    meetings::upsert_invitee(&mut tx, meeting_id, &MeetingInvitee::from_invitee(invitee)).await?;
     inbox::record(&mut *tx, &ctx.record(InboxStatus::Processed, None)).await?;
     tx.commit().await?;
-    tracing::debug!(message_id = %ctx.delivery.message_id, ?kind, user_id = %connection.user_id, "webhook applied");
+    tracing::debug!(message_id = %ctx.delivery.message_id, kind = ?change.kind, user_id = %connection.user_id, "webhook applied");
     Ok(())
 }

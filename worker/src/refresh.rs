@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use calsync_common::calendly::CalendlyError;
-use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, REFRESH_TOKEN, binding};
+use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, ConnectionStatus, REFRESH_TOKEN, binding};
 use calsync_common::retry;
 
 use crate::deps::Deps;
@@ -58,11 +58,15 @@ async fn refresh_locked(deps: &Deps, connection_id: Uuid, rejected: Option<&str>
     let row = connections::lock(&mut tx, connection_id)
         .await?
         .ok_or_else(|| ProcessError::transient("connection vanished"))?;
-    match row.status.as_str() {
-        "active" => {}
-        "needs_reauth" => return Err(ProcessError::NeedsReauth("the connection needs to be reconnected".into())),
+    match row.status {
+        ConnectionStatus::Active => {}
+        ConnectionStatus::NeedsReauth => {
+            return Err(ProcessError::NeedsReauth("the connection needs to be reconnected".into()));
+        }
         // Disconnected while we worked: a retry resolves the delivery again (and parks it).
-        _ => return Err(ProcessError::transient("the connection was disconnected while processing")),
+        ConnectionStatus::Disconnected => {
+            return Err(ProcessError::transient("the connection was disconnected while processing"));
+        }
     }
     // Re-read under the lock: whoever held it before us may have refreshed already.
     let someone_refreshed = match rejected {

@@ -4,9 +4,10 @@
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use calsync_common::db::connections;
+use calsync_common::db::connections::{self, ConnectionStatus};
 use calsync_common::db::inbox::InboxStatus;
 use calsync_common::db::meetings;
+use calsync_common::meeting::{Meeting, MeetingInvitee};
 
 use crate::deps::Deps;
 use crate::error::ProcessError;
@@ -39,7 +40,7 @@ pub async fn process_sync(deps: &Deps, connection_id: Uuid, attempt: u32) -> Out
 /// Returns the number of events written, or `None` when the connection is gone or not active.
 async fn backfill(deps: &Deps, connection_id: Uuid) -> Result<Option<usize>, ProcessError> {
     let Some(connection) = connections::find(&deps.pool, connection_id).await? else { return Ok(None) };
-    if connection.status != "active" {
+    if connection.status != ConnectionStatus::Active {
         return Ok(None);
     }
     let Some(user_uri) = connection.calendly_user_uri.clone() else { return Ok(None) };
@@ -72,9 +73,9 @@ async fn backfill(deps: &Deps, connection_id: Uuid) -> Result<Option<usize>, Pro
             if !connections::lock_if_linked(&mut tx, &connection).await? {
                 return Ok(None);
             }
-            let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, event).await?;
+            let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(event)).await?;
             for invitee in &invitees {
-                meetings::upsert_invitee(&mut tx, meeting_id, invitee).await?;
+                meetings::upsert_invitee(&mut tx, meeting_id, &MeetingInvitee::from_invitee(invitee)).await?;
             }
             tx.commit().await?;
             written += 1;

@@ -1,7 +1,8 @@
 //! Everything that speaks Calendly's wire formats.
 //!
 //! - [`signature`]: the `Calendly-Webhook-Signature` scheme (parse, verify, sign).
-//! - [`types`]: webhook envelope and API payloads, parsed leniently.
+//! - [`types`]: webhook envelope and API payloads, parsed leniently; the one list of events.
+//! - [`webhook`]: a webhook body parsed once into a typed [`webhook::Webhook`].
 //! - [`client`]: the API and OAuth client, with the SSRF guard on fetched URIs.
 //! - [`error`]: Calendly failures sorted by what the caller should do.
 
@@ -9,6 +10,7 @@ pub mod client;
 pub mod error;
 pub mod signature;
 pub mod types;
+pub mod webhook;
 
 pub use client::CalendlyClient;
 pub use error::CalendlyError;

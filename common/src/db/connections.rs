@@ -5,12 +5,28 @@ use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::calendly::webhook::CalendlyUserUri;
 use crate::crypto::{Binding, CryptoError, TokenCipher};
+use crate::db::inbox::InboxStatus;
 
 pub const PROVIDER: &str = "calendly";
 pub const TABLE: &str = "calendar_connections";
 pub const ACCESS_TOKEN: &str = "access_token";
 pub const REFRESH_TOKEN: &str = "refresh_token";
+
+/// `calendar_connections.status`. The only place its spellings exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionStatus {
+    /// Tokens work; webhooks become meetings.
+    Active,
+    /// Calendly refused the refresh token: still linked to its user (`is_active`), deliveries are
+    /// parked as `awaiting_reauth` until the user connects again.
+    NeedsReauth,
+    /// Unlinked by the user: tokens wiped, later webhooks are `unmatched`.
+    Disconnected,
+}
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Connection {
@@ -23,7 +39,7 @@ pub struct Connection {
     pub refresh_token: Option<String>,
     pub token_expires_at: Option<OffsetDateTime>,
     pub is_active: bool,
-    pub status: String,
+    pub status: ConnectionStatus,
     pub webhook_subscription_uri: Option<String>,
     pub last_synced_at: Option<OffsetDateTime>,
     pub last_error: Option<String>,
@@ -70,13 +86,13 @@ macro_rules! select_connection {
 pub struct Resolved {
     #[sqlx(flatten)]
     pub connection: Connection,
-    pub inbox_status: Option<String>,
+    pub inbox_status: Option<InboxStatus>,
 }
 
 /// The active connection of `calendly_user_uri`, with the inbox status of `message_id`.
 pub async fn resolve_for_delivery(
     pool: &PgPool,
-    calendly_user_uri: &str,
+    calendly_user_uri: &CalendlyUserUri,
     message_id: &str,
 ) -> sqlx::Result<Option<Resolved>> {
     sqlx::query_as(concat!(
@@ -86,7 +102,7 @@ pub async fn resolve_for_delivery(
          FROM calendar_connections WHERE provider = $1 AND calendly_user_uri = $2 AND is_active"
     ))
     .bind(PROVIDER)
-    .bind(calendly_user_uri)
+    .bind(calendly_user_uri.as_str())
     .bind(message_id)
     .fetch_optional(pool)
     .await
@@ -136,11 +152,13 @@ pub async fn store_tokens(
 pub async fn mark_needs_reauth(tx: &mut PgConnection, id: Uuid, reason: &str) -> sqlx::Result<()> {
     // Only an active row moves to needs_reauth: a disconnect that raced us must stay disconnected.
     sqlx::query(
-        "UPDATE calendar_connections SET status = 'needs_reauth', last_error = $2, updated_at = now() \
-         WHERE id = $1 AND status = 'active'",
+        "UPDATE calendar_connections SET status = $3, last_error = $2, updated_at = now() \
+         WHERE id = $1 AND status = $4",
     )
     .bind(id)
     .bind(reason)
+    .bind(ConnectionStatus::NeedsReauth)
+    .bind(ConnectionStatus::Active)
     .execute(tx)
     .await
     .map(|_| ())
@@ -170,14 +188,40 @@ pub async fn set_last_error(pool: &PgPool, id: Uuid, error: &str) -> sqlx::Resul
 pub async fn lock_if_linked(tx: &mut PgConnection, connection: &Connection) -> sqlx::Result<bool> {
     let row: Option<(bool,)> = sqlx::query_as(
         "SELECT true FROM calendar_connections WHERE id = $1 AND user_id = $2 AND calendly_user_uri = $3 \
-         AND status = 'active' FOR SHARE",
+         AND status = $4 FOR SHARE",
     )
     .bind(connection.id)
     .bind(connection.user_id)
     .bind(&connection.calendly_user_uri)
+    .bind(ConnectionStatus::Active)
     .fetch_optional(tx)
     .await?;
     Ok(row.is_some())
+}
+
+/// The id of `user_id`'s connection row, if the user ever connected.
+pub async fn id_of_user(tx: &mut PgConnection, user_id: Uuid) -> sqlx::Result<Option<Uuid>> {
+    sqlx::query_scalar("SELECT id FROM calendar_connections WHERE provider = $1 AND user_id = $2")
+        .bind(PROVIDER)
+        .bind(user_id)
+        .fetch_optional(tx)
+        .await
+}
+
+/// Wipes the tokens and unlinks the row (`disconnected`, `is_active = false`), recording what went
+/// wrong at Calendly on the way, if anything.
+pub async fn mark_disconnected(tx: &mut PgConnection, id: Uuid, problems: Option<&str>) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE calendar_connections SET access_token = NULL, refresh_token = NULL, token_expires_at = NULL, \
+         status = $3, is_active = false, webhook_subscription_uri = NULL, last_error = $2, \
+         updated_at = now() WHERE id = $1",
+    )
+    .bind(id)
+    .bind(problems)
+    .bind(ConnectionStatus::Disconnected)
+    .execute(tx)
+    .await
+    .map(|_| ())
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -217,11 +261,11 @@ pub async fn store_connected(pool: &PgPool, cipher: &TokenCipher, c: &Connected<
     let result = sqlx::query(
         "INSERT INTO calendar_connections (id, user_id, provider, calendly_user_uri, calendly_organization_uri, \
              access_token, refresh_token, token_expires_at, is_active, status, last_error) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, true, 'active', NULL) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, true, $9, NULL) \
          ON CONFLICT (provider, user_id) DO UPDATE SET calendly_user_uri = EXCLUDED.calendly_user_uri, \
              calendly_organization_uri = EXCLUDED.calendly_organization_uri, access_token = EXCLUDED.access_token, \
              refresh_token = EXCLUDED.refresh_token, token_expires_at = EXCLUDED.token_expires_at, \
-             is_active = true, status = 'active', last_error = NULL, updated_at = now()",
+             is_active = true, status = EXCLUDED.status, last_error = NULL, updated_at = now()",
     )
     .bind(id)
     .bind(c.user_id)
@@ -231,6 +275,7 @@ pub async fn store_connected(pool: &PgPool, cipher: &TokenCipher, c: &Connected<
     .bind(&access)
     .bind(&refresh)
     .bind(c.expires_at)
+    .bind(ConnectionStatus::Active)
     .execute(&mut *tx)
     .await;
     match result {

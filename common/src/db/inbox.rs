@@ -4,7 +4,9 @@
 use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `webhook_inbox.status`. The only place its spellings exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
 pub enum InboxStatus {
     Processed,
     Ignored,
@@ -25,8 +27,8 @@ impl InboxStatus {
     }
 
     /// Final states: a redelivery of the same body needs no work.
-    pub fn is_final(status: &str) -> bool {
-        matches!(status, "processed" | "ignored" | "dead")
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Processed | Self::Ignored | Self::Dead)
     }
 
     fn keeps_body(self) -> bool {
@@ -46,7 +48,7 @@ pub struct InboxRecord<'a> {
     pub body: &'a [u8],
 }
 
-pub async fn status_of(pool: &PgPool, message_id: &str) -> sqlx::Result<Option<String>> {
+pub async fn status_of(pool: &PgPool, message_id: &str) -> sqlx::Result<Option<InboxStatus>> {
     sqlx::query_scalar("SELECT status FROM webhook_inbox WHERE message_id = $1")
         .bind(message_id)
         .fetch_optional(pool)
@@ -65,16 +67,17 @@ pub async fn record(executor: impl PgExecutor<'_>, r: &InboxRecord<'_>) -> sqlx:
              attempts = GREATEST(webhook_inbox.attempts, EXCLUDED.attempts), last_error = EXCLUDED.last_error, \
              processed_at = EXCLUDED.processed_at, body = EXCLUDED.body \
          -- A late duplicate (or a racing replay) never turns a processed delivery back into a parked or dead one.
-         WHERE webhook_inbox.status <> 'processed' OR EXCLUDED.status = 'processed'",
+         WHERE webhook_inbox.status <> $9 OR EXCLUDED.status = $9",
     )
     .bind(r.message_id)
     .bind(r.event)
     .bind(r.created_by)
     .bind(r.received_at)
-    .bind(r.status.as_str())
+    .bind(r.status)
     .bind(r.attempts)
     .bind(r.last_error)
     .bind(body)
+    .bind(InboxStatus::Processed)
     .execute(executor)
     .await
     .map(|_| ())
@@ -86,14 +89,25 @@ pub async fn parked_for(pool: &PgPool, created_by: &str, replay_days: u32) -> sq
     sqlx::query_as(
         "SELECT message_id, body FROM webhook_inbox \
          WHERE created_by = $1 AND body IS NOT NULL \
-           AND (status = 'awaiting_reauth' \
-                OR (status = 'unmatched' AND received_at > now() - make_interval(days => $2))) \
+           AND (status = $3 OR (status = $4 AND received_at > now() - make_interval(days => $2))) \
          ORDER BY received_at",
     )
     .bind(created_by)
     .bind(replay_days as i32)
+    .bind(InboxStatus::AwaitingReauth)
+    .bind(InboxStatus::Unmatched)
     .fetch_all(pool)
     .await
+}
+
+/// Forgets that `message_id` died, so its revived dead letter is not taken for a duplicate.
+pub async fn forget_dead(pool: &PgPool, message_id: &str) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM webhook_inbox WHERE message_id = $1 AND status = $2")
+        .bind(message_id)
+        .bind(InboxStatus::Dead)
+        .execute(pool)
+        .await
+        .map(|_| ())
 }
 
 /// Rows per status, for operators and the demo.

@@ -1,19 +1,14 @@
 //! `meetings` and `meeting_invitees`: upserts that tolerate duplicates and out-of-order deliveries.
+//! What the rows say is decided in [`crate::meeting`]; this module only writes them.
 
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::calendly::types::{Invitee, ScheduledEvent};
 use crate::db::connections::PROVIDER;
+use crate::meeting::{Meeting, MeetingInvitee};
 
-/// Inserts or updates `user_id`'s meeting for `event`; returns the meeting id.
-pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, event: &ScheduledEvent) -> sqlx::Result<Uuid> {
-    let cancellation = event.cancellation.as_ref();
-    let canceled_at = if event.status == "canceled" {
-        cancellation.and_then(|c| c.created_at).or(Some(event.updated_at))
-    } else {
-        None
-    };
+/// Inserts or updates `user_id`'s row for `meeting`; returns the meeting id.
+pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, meeting: &Meeting) -> sqlx::Result<Uuid> {
     let row: Option<(Uuid,)> = sqlx::query_as(
         "INSERT INTO meetings (id, user_id, provider, calendly_event_uri, name, status, start_time, end_time, \
              event_type_uri, location, canceled_at, cancel_reason, source_updated_at) \
@@ -30,16 +25,16 @@ pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, event: &Schedu
     .bind(Uuid::new_v4())
     .bind(user_id)
     .bind(PROVIDER)
-    .bind(&event.uri)
-    .bind(&event.name)
-    .bind(normalise_status(&event.status))
-    .bind(event.start_time)
-    .bind(event.end_time)
-    .bind(&event.event_type)
-    .bind(&event.location)
-    .bind(canceled_at)
-    .bind(cancellation.and_then(|c| c.reason.clone()))
-    .bind(event.updated_at)
+    .bind(&meeting.calendly_event_uri)
+    .bind(&meeting.name)
+    .bind(meeting.status)
+    .bind(meeting.start_time)
+    .bind(meeting.end_time)
+    .bind(&meeting.event_type_uri)
+    .bind(&meeting.location)
+    .bind(meeting.canceled_at)
+    .bind(&meeting.cancel_reason)
+    .bind(meeting.source_updated_at)
     .fetch_optional(&mut *tx)
     .await?;
     match row {
@@ -49,7 +44,7 @@ pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, event: &Schedu
             let (id,): (Uuid,) =
                 sqlx::query_as("SELECT id FROM meetings WHERE user_id = $1 AND calendly_event_uri = $2")
                     .bind(user_id)
-                    .bind(&event.uri)
+                    .bind(&meeting.calendly_event_uri)
                     .fetch_one(&mut *tx)
                     .await?;
             Ok(id)
@@ -58,13 +53,7 @@ pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, event: &Schedu
 }
 
 /// Inserts or updates an invitee of `meeting_id`.
-pub async fn upsert_invitee(tx: &mut PgConnection, meeting_id: Uuid, invitee: &Invitee) -> sqlx::Result<()> {
-    let cancellation = invitee.cancellation.as_ref();
-    let canceled_at = if invitee.status == "canceled" {
-        cancellation.and_then(|c| c.created_at).or(Some(invitee.updated_at))
-    } else {
-        None
-    };
+pub async fn upsert_invitee(tx: &mut PgConnection, meeting_id: Uuid, invitee: &MeetingInvitee) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO meeting_invitees (id, meeting_id, calendly_invitee_uri, email, name, status, rescheduled, \
              old_invitee_uri, new_invitee_uri, no_show, canceled_at, cancel_reason, canceled_by, canceler_type, \
@@ -84,25 +73,20 @@ pub async fn upsert_invitee(tx: &mut PgConnection, meeting_id: Uuid, invitee: &I
     )
     .bind(Uuid::new_v4())
     .bind(meeting_id)
-    .bind(&invitee.uri)
+    .bind(&invitee.calendly_invitee_uri)
     .bind(&invitee.email)
     .bind(&invitee.name)
-    .bind(normalise_status(&invitee.status))
-    .bind(invitee.rescheduled.unwrap_or(false))
-    .bind(&invitee.old_invitee)
-    .bind(&invitee.new_invitee)
-    .bind(invitee.no_show.as_ref().is_some_and(|v| !v.is_null()))
-    .bind(canceled_at)
-    .bind(cancellation.and_then(|c| c.reason.clone()))
-    .bind(cancellation.and_then(|c| c.canceled_by.clone()))
-    .bind(cancellation.and_then(|c| c.canceler_type.clone()))
-    .bind(invitee.updated_at)
+    .bind(invitee.status)
+    .bind(invitee.rescheduled)
+    .bind(&invitee.old_invitee_uri)
+    .bind(&invitee.new_invitee_uri)
+    .bind(invitee.no_show)
+    .bind(invitee.canceled_at)
+    .bind(&invitee.cancel_reason)
+    .bind(&invitee.canceled_by)
+    .bind(&invitee.canceler_type)
+    .bind(invitee.source_updated_at)
     .execute(&mut *tx)
     .await
     .map(|_| ())
-}
-
-/// Our columns only know `active` and `canceled`.
-fn normalise_status(status: &str) -> &'static str {
-    if status == "canceled" { "canceled" } else { "active" }
 }

@@ -17,9 +17,10 @@ use time::OffsetDateTime;
 use url::Url;
 use uuid::Uuid;
 
+use calsync_common::calendly::types::EventKind;
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::crypto::{CryptoError, TokenCipher};
-use calsync_common::db::connections::{self, Connected, Connection, StoreError};
+use calsync_common::db::connections::{self, Connected, Connection, ConnectionStatus, StoreError};
 use calsync_common::db::oauth_states::{self, StateRejection};
 use calsync_common::queue::Broker;
 use calsync_common::queue::message::{SyncJob, sync_job};
@@ -28,9 +29,6 @@ use calsync_common::queue::message::{SyncJob, sync_job};
 pub const STATE_TTL: time::Duration = time::Duration::minutes(10);
 /// Scopes Calendly apps created after March 2026 must ask for.
 pub const SCOPES: &str = "users:read scheduled_events:read webhooks:write";
-/// The events our subscription asks for.
-pub const EVENTS: &[&str] =
-    &["invitee.created", "invitee.canceled", "invitee_no_show.created", "invitee_no_show.deleted"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -67,11 +65,11 @@ pub struct Callback {
 
 /// What `GET /connections/calendly/{user_id}` shows: never a token.
 #[derive(Debug, Serialize)]
-pub struct ConnectionStatus {
+pub struct StatusReport {
     pub user_id: Uuid,
     pub provider: String,
     pub connected: bool,
-    pub status: String,
+    pub status: ConnectionStatus,
     pub calendly_user_uri: Option<String>,
     pub calendly_organization_uri: Option<String>,
     pub webhook_subscription_uri: Option<String>,
@@ -211,7 +209,9 @@ impl ConnectService {
         user: &str,
         token: &SecretString,
     ) -> Result<String, String> {
-        let create = || self.calendly.create_subscription(callback_url.as_str(), EVENTS, organization, user, token);
+        // Our subscription asks for exactly the events we turn into meetings.
+        let events = EventKind::ALL.map(EventKind::as_str);
+        let create = || self.calendly.create_subscription(callback_url.as_str(), &events, organization, user, token);
         let explain = |error: CalendlyError| match error {
             CalendlyError::Forbidden(_) => {
                 "webhook subscriptions need a paid Calendly plan (403): connected, but no webhooks will arrive"
@@ -245,13 +245,13 @@ impl ConnectService {
         }
     }
 
-    pub async fn status(&self, user_id: Uuid) -> Result<Option<ConnectionStatus>, ConnectError> {
+    pub async fn status(&self, user_id: Uuid) -> Result<Option<StatusReport>, ConnectError> {
         let Some(c) = connections::find_by_user(&self.pool, user_id).await? else { return Ok(None) };
         let subscription_state = self.live_subscription_state(&c).await;
-        Ok(Some(ConnectionStatus {
+        Ok(Some(StatusReport {
             user_id: c.user_id,
             provider: c.provider,
-            connected: c.status == "active",
+            connected: c.status == ConnectionStatus::Active,
             status: c.status,
             calendly_user_uri: c.calendly_user_uri,
             calendly_organization_uri: c.calendly_organization_uri,
@@ -266,7 +266,7 @@ impl ConnectService {
     async fn live_subscription_state(&self, c: &Connection) -> Option<String> {
         let uri = c.webhook_subscription_uri.as_deref()?;
         let fresh = c.token_expires_at.is_some_and(|t| t > OffsetDateTime::now_utc() + time::Duration::minutes(1));
-        if c.status != "active" || !fresh {
+        if c.status != ConnectionStatus::Active || !fresh {
             return None;
         }
         let token = c.decrypt_access(&self.cipher).ok()?;
@@ -278,13 +278,7 @@ impl ConnectService {
     /// and marks the row `disconnected`. Returns false when the user never connected.
     pub async fn disconnect(&self, user_id: Uuid) -> Result<bool, ConnectError> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<(Uuid,)> =
-            sqlx::query_as("SELECT id FROM calendar_connections WHERE provider = $1 AND user_id = $2")
-                .bind(connections::PROVIDER)
-                .bind(user_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((id,)) = row else { return Ok(false) };
+        let Some(id) = connections::id_of_user(&mut tx, user_id).await? else { return Ok(false) };
         // Held until the row is wiped: no worker can refresh (and so resurrect) these tokens meanwhile.
         let Some(c) = connections::lock(&mut tx, id).await? else { return Ok(false) };
         let mut problems = Vec::new();
@@ -313,15 +307,8 @@ impl ConnectService {
         for problem in &problems {
             tracing::warn!(%user_id, %problem, "disconnect");
         }
-        sqlx::query(
-            "UPDATE calendar_connections SET access_token = NULL, refresh_token = NULL, token_expires_at = NULL, \
-             status = 'disconnected', is_active = false, webhook_subscription_uri = NULL, last_error = $2, \
-             updated_at = now() WHERE id = $1",
-        )
-        .bind(id)
-        .bind((!problems.is_empty()).then(|| problems.join("; ")))
-        .execute(&mut *tx)
-        .await?;
+        let problems = (!problems.is_empty()).then(|| problems.join("; "));
+        connections::mark_disconnected(&mut tx, id, problems.as_deref()).await?;
         tx.commit().await?;
         tracing::info!(%user_id, "Calendly account disconnected");
         Ok(true)

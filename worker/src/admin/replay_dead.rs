@@ -56,10 +56,7 @@ pub async fn replay_dead(pool: &sqlx::PgPool, broker: &Broker) -> Result<usize, 
             .collect();
         headers = FieldTable::from(kept);
         if !is_sync {
-            sqlx::query("DELETE FROM webhook_inbox WHERE message_id = $1 AND status = 'dead'")
-                .bind(message::message_id(&delivery.data))
-                .execute(pool)
-                .await?;
+            calsync_common::db::inbox::forget_dead(pool, &message::message_id(&delivery.data)).await?;
         }
         let copy = Outgoing {
             routing_key,

@@ -173,7 +173,8 @@ impl Harness {
     }
 
     pub async fn inbox_status(&self, message_id: &str) -> Option<String> {
-        calsync_common::db::inbox::status_of(&self.pool, message_id).await.unwrap()
+        let status = calsync_common::db::inbox::status_of(&self.pool, message_id).await.unwrap();
+        status.map(|s| s.as_str().to_owned())
     }
 
     /// Waits until every message id has one of `statuses` in the inbox.
