@@ -9,20 +9,18 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
-use time::OffsetDateTime;
+use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
-use calsync_common::queue::message::{
-    self, ATTEMPTS_HEADER, DEATH_REASON_HEADER, LAST_ERROR_HEADER, Outgoing, RECEIVED_AT_MS_HEADER, SyncJob,
-};
-use calsync_common::queue::{Broker, RetryTarget, Topology};
+use calsync_common::queue::message::Incoming;
+use calsync_common::queue::{Broker, RetryTarget};
 use calsync_common::retry;
 
 use crate::deps::Deps;
-use crate::process::{self, Outcome, WebhookDelivery};
-use crate::sync;
+use crate::outcome::Outcome;
+use crate::{process, sync};
 
 /// How long to wait before requeueing a message whose retry could not be published (the broker is
 /// struggling; an immediate requeue would spin).
@@ -93,7 +91,14 @@ async fn consume(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let (deps, broker, target) = (deps.clone(), broker.clone(), config.target);
-                    tracker.spawn(async move { handle(&deps, &broker, target, delivery).await });
+                    let incoming = Incoming::read(&delivery);
+                    // Every log line about this delivery says which one it is, even for a body
+                    // that parses as nothing.
+                    let span = tracing::info_span!(
+                        "delivery", %queue, message_id = %incoming.message_id, attempt = incoming.attempt
+                    );
+                    let work = async move { handle(&deps, &broker, target, delivery, incoming).await };
+                    tracker.spawn(work.instrument(span));
                 }
                 Some(Err(error)) => break Err(error.into()),
                 None => break Err(anyhow::anyhow!("the consumer was cancelled by the broker")),
@@ -108,86 +113,32 @@ async fn consume(
     result
 }
 
-fn attempt_of(delivery: &Delivery) -> u32 {
-    let failed = message::int_header(&delivery.properties, ATTEMPTS_HEADER).unwrap_or(0).max(0) as u32;
-    failed + 1
-}
-
-async fn handle(deps: &Deps, broker: &Broker, target: RetryTarget, delivery: Delivery) {
+async fn handle(deps: &Deps, broker: &Broker, target: RetryTarget, delivery: Delivery, incoming: Incoming) {
     let started = std::time::Instant::now();
-    let attempt = attempt_of(&delivery);
     metrics::gauge!("calsync_worker_in_flight").increment(1.0);
     let (outcome, event) = match target {
-        RetryTarget::Webhooks => {
-            let webhook = WebhookDelivery {
-                message_id: delivery
-                    .properties
-                    .message_id()
-                    .as_ref()
-                    .map(|m| m.as_str().to_owned())
-                    .unwrap_or_else(|| message::message_id(&delivery.data)),
-                body: delivery.data.clone(),
-                attempt,
-                received_at: received_at(&delivery),
-            };
-            process::process_webhook(deps, &webhook).await
-        }
-        RetryTarget::Sync => match serde_json::from_slice::<SyncJob>(&delivery.data) {
-            Ok(job) => (sync::process_sync(deps, job.connection_id, attempt).await, "sync"),
-            Err(error) => (Outcome::Dead { reason: format!("not a sync job: {error}") }, "sync"),
-        },
+        RetryTarget::Webhooks => process::process_webhook(deps, &incoming).await,
+        RetryTarget::Sync => (sync::process_sync(deps, &incoming).await, "sync"),
     };
-    let outcome_label = match &outcome {
-        Outcome::Done(status) => status.as_str(),
-        Outcome::Retry { .. } => "retry",
-        Outcome::Dead { .. } => "dead",
-    };
-    tracing::debug!(attempt, outcome = outcome_label, "delivery handled");
-    metrics::counter!("calsync_worker_deliveries_total", "event" => event, "outcome" => outcome_label).increment(1);
+    tracing::debug!(outcome = outcome.label(), "delivery handled");
+    metrics::counter!("calsync_worker_deliveries_total", "event" => event, "outcome" => outcome.label()).increment(1);
     metrics::histogram!("calsync_worker_processing_seconds").record(started.elapsed().as_secs_f64());
-    settle(broker, target, delivery, attempt, outcome).await;
+    settle(broker, target, delivery, &incoming, outcome).await;
     metrics::gauge!("calsync_worker_in_flight").decrement(1.0);
 }
 
-fn received_at(delivery: &Delivery) -> OffsetDateTime {
-    message::int_header(&delivery.properties, RECEIVED_AT_MS_HEADER)
-        .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
-        .or_else(|| delivery.properties.timestamp().and_then(|s| OffsetDateTime::from_unix_timestamp(s as i64).ok()))
-        .unwrap_or_else(OffsetDateTime::now_utc)
-}
-
-async fn settle(broker: &Broker, target: RetryTarget, delivery: Delivery, attempt: u32, outcome: Outcome) {
+/// Turns an outcome into AMQP: ack, or publish a retry / dead-letter copy (confirmed) and then ack.
+async fn settle(broker: &Broker, target: RetryTarget, delivery: Delivery, incoming: &Incoming, outcome: Outcome) {
     let forward = match outcome {
-        Outcome::Done(_) => None,
+        Outcome::Ack { .. } => None,
         Outcome::Retry { reason, at_least } => {
-            let tier = retry::redelivery_tier(attempt, at_least);
-            tracing::info!(attempt, delay = ?retry::REDELIVERY_DELAYS[tier], %reason, "retrying later");
-            Some(Outgoing {
-                routing_key: Topology::retry_routing_key(target, tier),
-                body: delivery.data.clone(),
-                properties: message::with_headers(
-                    &delivery.properties,
-                    &[
-                        (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempt))),
-                        (LAST_ERROR_HEADER, message::text(&truncate(&reason))),
-                    ],
-                ),
-            })
+            let tier = retry::redelivery_tier(incoming.attempt, at_least);
+            tracing::info!(delay = ?retry::REDELIVERY_DELAYS[tier], %reason, "retrying later");
+            Some(incoming.retry(target, tier, &reason))
         }
         Outcome::Dead { reason } => {
-            tracing::warn!(attempt, %reason, "dead-lettering");
-            Some(Outgoing {
-                routing_key: Topology::dead_routing_key(target),
-                body: delivery.data.clone(),
-                properties: message::with_headers(
-                    &delivery.properties,
-                    &[
-                        (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(attempt))),
-                        (DEATH_REASON_HEADER, message::text(&truncate(&reason))),
-                        (LAST_ERROR_HEADER, message::text(&truncate(&reason))),
-                    ],
-                ),
-            })
+            tracing::warn!(%reason, "dead-lettering");
+            Some(incoming.dead_letter(target, &reason))
         }
     };
     if let Some(copy) = forward
@@ -202,9 +153,4 @@ async fn settle(broker: &Broker, target: RetryTarget, delivery: Delivery, attemp
         // The broker will redeliver it; processing is idempotent, so that is only extra work.
         tracing::warn!(%error, "ack failed; the message will be redelivered");
     }
-}
-
-/// AMQP header values are bounded; keep reasons readable and small.
-fn truncate(reason: &str) -> String {
-    reason.chars().take(1000).collect()
 }

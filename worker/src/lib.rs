@@ -15,6 +15,7 @@ pub mod deps;
 pub mod error;
 pub mod fetch;
 pub mod health;
+pub mod outcome;
 pub mod process;
 pub mod refresh;
 pub mod settings;

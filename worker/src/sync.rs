@@ -8,33 +8,39 @@ use calsync_common::db::connections::{self, ConnectionStatus};
 use calsync_common::db::inbox::InboxStatus;
 use calsync_common::db::meetings;
 use calsync_common::meeting::{Meeting, MeetingInvitee};
+use calsync_common::queue::message::{Incoming, SyncJob};
 
 use crate::deps::Deps;
 use crate::error::ProcessError;
-use crate::process::Outcome;
+use crate::outcome::{self, Outcome};
 use crate::refresh;
 
-/// Runs one backfill job (attempt `attempt`, 1-based).
-pub async fn process_sync(deps: &Deps, connection_id: Uuid, attempt: u32) -> Outcome {
-    match backfill(deps, connection_id).await {
+/// Runs one backfill job delivery.
+pub async fn process_sync(deps: &Deps, delivery: &Incoming) -> Outcome {
+    let job = match serde_json::from_slice::<SyncJob>(&delivery.body) {
+        Ok(job) => job,
+        Err(error) => return Outcome::Dead { reason: format!("not a sync job: {error}") },
+    };
+    let connection_id = job.connection_id;
+    let outcome = match backfill(deps, connection_id).await {
         Ok(Some(events)) => {
             tracing::info!(%connection_id, events, "backfill finished");
-            Outcome::Done(InboxStatus::Processed)
+            Outcome::ack(InboxStatus::Processed)
         }
-        Ok(None) => Outcome::Done(InboxStatus::Ignored),
-        Err(ProcessError::NeedsReauth(reason)) => {
-            tracing::warn!(%connection_id, %reason, "backfill skipped: connection needs reauth");
-            Outcome::Done(InboxStatus::AwaitingReauth)
+        Ok(None) => Outcome::ack(InboxStatus::Ignored),
+        Err(error) => outcome::decide(error, delivery.attempt, deps.max_attempts),
+    };
+    match &outcome {
+        Outcome::Ack { status: InboxStatus::AwaitingReauth, note } => {
+            tracing::warn!(%connection_id, reason = note.as_deref().unwrap_or(""), "backfill skipped: connection needs reauth");
         }
-        Err(ProcessError::Transient { reason, at_least }) if attempt < deps.max_attempts => {
-            Outcome::Retry { reason, at_least }
+        // Sync jobs have no inbox row: the connection's status shows why its backfill stopped.
+        Outcome::Dead { reason } => {
+            let _ = connections::set_last_error(&deps.pool, connection_id, &format!("backfill failed: {reason}")).await;
         }
-        Err(error) => {
-            let reason = format!("backfill failed after {attempt} attempts: {error}");
-            let _ = connections::set_last_error(&deps.pool, connection_id, &reason).await;
-            Outcome::Dead { reason }
-        }
+        _ => {}
     }
+    outcome
 }
 
 /// Returns the number of events written, or `None` when the connection is gone or not active.

@@ -1,9 +1,15 @@
-//! What goes on the wire: routing keys, properties and headers of calsync's messages.
+//! What goes on the wire: routing keys, properties and headers of calsync's messages. The only
+//! module that knows header names and routing keys: the worker reads a delivery once into an
+//! [`Incoming`], and everything it publishes is built by a constructor here (webhook, sync job,
+//! retry, dead letter, revived dead letter).
 
 use lapin::BasicProperties;
+use lapin::message::Delivery;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
+
+use crate::queue::topology::{RetryTarget, Topology};
 
 /// Header carrying ingest's receive time in milliseconds (AMQP's `timestamp` is whole seconds,
 /// too coarse for the end-to-end latency metric).
@@ -12,6 +18,22 @@ pub const RECEIVED_AT_MS_HEADER: &str = "x-received-at-ms";
 pub const ATTEMPTS_HEADER: &str = "x-attempts";
 pub const DEATH_REASON_HEADER: &str = "x-death-reason";
 pub const LAST_ERROR_HEADER: &str = "x-last-error";
+/// Routing key of every sync job (bound to `calsync.sync` by `sync.#`).
+const SYNC_ROUTING_KEY: &str = "sync.calendly.backfill";
+/// Headers that describe one life of a message (our attempt count and reasons, the broker's own
+/// dead-lettering and delivery-count bookkeeping): a revived dead letter starts without them.
+const BOOKKEEPING_HEADERS: &[&str] = &[
+    ATTEMPTS_HEADER,
+    DEATH_REASON_HEADER,
+    LAST_ERROR_HEADER,
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-delivery-count",
+];
+/// AMQP header values are bounded; keep reasons readable and small.
+const MAX_REASON_CHARS: usize = 1000;
 
 /// A message ready to publish to the main exchange.
 #[derive(Debug, Clone)]
@@ -76,7 +98,95 @@ pub fn sync_job(job: &SyncJob) -> Outgoing {
         // 2 = persistent: a queued backfill survives a broker restart.
         .with_delivery_mode(2)
         .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
-    Outgoing { routing_key: "sync.calendly.backfill".into(), body, properties }
+    Outgoing { routing_key: SYNC_ROUTING_KEY.into(), body, properties }
+}
+
+/// A delivery as the worker sees it, read once from the AMQP message.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub message_id: String,
+    /// 1 for the first try; grows with every delayed redelivery.
+    pub attempt: u32,
+    /// Ingest's receive time (for the inbox and the end-to-end latency).
+    pub received_at: OffsetDateTime,
+    pub body: Vec<u8>,
+    /// Carried into retries and dead letters, so they keep the original's identity and headers.
+    properties: BasicProperties,
+}
+
+impl Incoming {
+    pub fn read(delivery: &Delivery) -> Self {
+        let properties = &delivery.properties;
+        let failed = int_header(properties, ATTEMPTS_HEADER).unwrap_or(0).max(0) as u32;
+        let received_at = int_header(properties, RECEIVED_AT_MS_HEADER)
+            .and_then(|ms| OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok())
+            .or_else(|| properties.timestamp().and_then(|s| OffsetDateTime::from_unix_timestamp(s as i64).ok()))
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        Self {
+            message_id: properties
+                .message_id()
+                .as_ref()
+                .map(|m| m.as_str().to_owned())
+                .unwrap_or_else(|| message_id(&delivery.data)),
+            attempt: failed + 1,
+            received_at,
+            body: delivery.data.clone(),
+            properties: properties.clone(),
+        }
+    }
+
+    /// A copy for `target`'s retry queue of delay `tier`, counting this attempt as failed.
+    pub fn retry(&self, target: RetryTarget, tier: usize, reason: &str) -> Outgoing {
+        let reason = text(&truncate(reason));
+        Outgoing {
+            routing_key: Topology::retry_routing_key(target, tier),
+            body: self.body.clone(),
+            properties: with_headers(
+                &self.properties,
+                &[(ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(self.attempt))), (LAST_ERROR_HEADER, reason)],
+            ),
+        }
+    }
+
+    /// A copy for `calsync.dead`, saying why it can never succeed.
+    pub fn dead_letter(&self, target: RetryTarget, reason: &str) -> Outgoing {
+        let reason = text(&truncate(reason));
+        Outgoing {
+            routing_key: Topology::dead_routing_key(target),
+            body: self.body.clone(),
+            properties: with_headers(
+                &self.properties,
+                &[
+                    (ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(self.attempt))),
+                    (DEATH_REASON_HEADER, reason.clone()),
+                    (LAST_ERROR_HEADER, reason),
+                ],
+            ),
+        }
+    }
+}
+
+/// A dead letter made new (`replay-dead`): back to the work queue it died in, with a fresh attempt
+/// count. Returns that queue too.
+pub fn revived(dead: &Delivery) -> (RetryTarget, Outgoing) {
+    let target = Topology::target_of_dead_letter(dead.routing_key.as_str());
+    let routing_key = match target {
+        RetryTarget::Webhooks => webhook_routing_key(&dead.data),
+        RetryTarget::Sync => SYNC_ROUTING_KEY.to_owned(),
+    };
+    let headers = dead.properties.headers().clone().unwrap_or_default();
+    let kept: std::collections::BTreeMap<_, _> = headers
+        .inner()
+        .iter()
+        .filter(|(name, _)| !BOOKKEEPING_HEADERS.contains(&name.as_str()))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect();
+    let properties = dead.properties.clone().with_headers(FieldTable::from(kept));
+    (target, Outgoing { routing_key, body: dead.data.clone(), properties })
+}
+
+fn truncate(reason: &str) -> String {
+    reason.chars().take(MAX_REASON_CHARS).collect()
 }
 
 /// Reads an integer header, whatever integer width the sender used.
@@ -102,7 +212,7 @@ pub fn str_header(properties: &BasicProperties, name: &str) -> Option<String> {
 }
 
 /// Copies `properties` with some headers replaced.
-pub fn with_headers(properties: &BasicProperties, set: &[(&str, AMQPValue)]) -> BasicProperties {
+fn with_headers(properties: &BasicProperties, set: &[(&str, AMQPValue)]) -> BasicProperties {
     let mut headers = properties.headers().clone().unwrap_or_default();
     for (name, value) in set {
         headers.insert((*name).into(), value.clone());
@@ -111,7 +221,7 @@ pub fn with_headers(properties: &BasicProperties, set: &[(&str, AMQPValue)]) -> 
 }
 
 /// A string header value.
-pub fn text(value: &str) -> AMQPValue {
+fn text(value: &str) -> AMQPValue {
     AMQPValue::LongString(LongString::from(value))
 }
 
@@ -130,6 +240,56 @@ mod tests {
         assert_eq!(webhook_routing_key(br#"{"event":"a.#"}"#), "webhook.calendly.unknown");
         assert_eq!(webhook_routing_key(br#"{"event":7}"#), "webhook.calendly.unknown");
         assert_eq!(webhook_routing_key(br#"{"payload":{}}"#), "webhook.calendly.unknown");
+    }
+
+    fn delivery(routing_key: &str, body: &[u8], headers: &[(&str, AMQPValue)]) -> Delivery {
+        let mut delivery = Delivery::mock(1, "calsync".into(), routing_key.into(), false, body.to_vec());
+        delivery.properties = with_headers(&webhook(body.to_vec(), OffsetDateTime::now_utc()).properties, headers);
+        delivery
+    }
+
+    #[test]
+    fn a_retry_counts_the_failed_attempt_and_keeps_identity_and_body() {
+        let first = Incoming::read(&delivery("webhook.calendly.invitee.created", b"{}", &[]));
+        assert_eq!(first.attempt, 1);
+
+        let retry = first.retry(RetryTarget::Webhooks, 1, "503 from Calendly");
+        let mut again = delivery(&retry.routing_key, &retry.body, &[]);
+        again.properties = retry.properties.clone();
+        let second = Incoming::read(&again);
+
+        assert_eq!(retry.routing_key, "retry.webhooks.5s");
+        assert_eq!(second.attempt, 2);
+        assert_eq!(second.message_id, first.message_id);
+        assert_eq!(second.received_at, first.received_at);
+        assert_eq!(str_header(&retry.properties, LAST_ERROR_HEADER).as_deref(), Some("503 from Calendly"));
+    }
+
+    #[test]
+    fn a_dead_letter_says_why_in_bounded_headers() {
+        let incoming = Incoming::read(&delivery("webhook.calendly.invitee.created", b"{}", &[]));
+        let dead = incoming.dead_letter(RetryTarget::Sync, &"x".repeat(5000));
+        assert_eq!(dead.routing_key, "dead.sync");
+        assert_eq!(str_header(&dead.properties, DEATH_REASON_HEADER).unwrap().len(), MAX_REASON_CHARS);
+    }
+
+    #[test]
+    fn a_revived_dead_letter_returns_to_its_queue_without_its_old_bookkeeping() {
+        let body = br#"{"event":"invitee.canceled"}"#;
+        let headers = [
+            (ATTEMPTS_HEADER, AMQPValue::LongLongInt(8)),
+            (DEATH_REASON_HEADER, text("gave up")),
+            ("x-delivery-count", AMQPValue::LongLongInt(3)),
+        ];
+        let (target, copy) = revived(&delivery("dead.webhooks", body, &headers));
+        assert_eq!(target, RetryTarget::Webhooks);
+        assert_eq!(copy.routing_key, "webhook.calendly.invitee.canceled");
+        assert_eq!(int_header(&copy.properties, ATTEMPTS_HEADER), None);
+        assert_eq!(str_header(&copy.properties, DEATH_REASON_HEADER), None);
+        assert!(int_header(&copy.properties, RECEIVED_AT_MS_HEADER).is_some(), "its receive time survives");
+
+        let (target, copy) = revived(&delivery("dead.sync", b"{}", &headers));
+        assert_eq!((target, copy.routing_key.as_str()), (RetryTarget::Sync, SYNC_ROUTING_KEY));
     }
 
     #[test]

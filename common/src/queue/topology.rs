@@ -78,6 +78,16 @@ impl Topology {
         format!("dead.{}", target.short())
     }
 
+    /// The work queue a dead letter came from, from its routing key (`dead.sync` for sync jobs,
+    /// whether we dead-lettered it or the broker did; webhooks otherwise).
+    pub fn target_of_dead_letter(routing_key: &str) -> RetryTarget {
+        if routing_key == Self::dead_routing_key(RetryTarget::Sync) || routing_key.starts_with("sync.") {
+            RetryTarget::Sync
+        } else {
+            RetryTarget::Webhooks
+        }
+    }
+
     /// Every queue this topology declares.
     pub fn queues(&self) -> Vec<String> {
         let mut queues = vec![self.webhooks_queue(), self.sync_queue(), self.dead_queue()];

@@ -1,6 +1,6 @@
 //! `calsync-worker replay-dead`: dead letters back to their work queues once the cause is fixed.
 
-use calsync_common::queue::{Broker, PublishError, message};
+use calsync_common::queue::{Broker, PublishError, RetryTarget, message};
 
 /// Moves every message in `calsync.dead` back to its work queue with a fresh attempt count, after
 /// the cause has been fixed. A webhook's `dead` inbox row is cleared first so the worker does not
@@ -9,8 +9,6 @@ use calsync_common::queue::{Broker, PublishError, message};
 pub async fn replay_dead(pool: &sqlx::PgPool, broker: &Broker) -> Result<usize, ReplayDeadError> {
     use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
     use lapin::types::FieldTable;
-
-    use calsync_common::queue::message::{ATTEMPTS_HEADER, DEATH_REASON_HEADER, LAST_ERROR_HEADER, Outgoing};
 
     let channel = broker.open_channel().await?;
     let dead = broker.topology().dead_queue();
@@ -31,38 +29,10 @@ pub async fn replay_dead(pool: &sqlx::PgPool, broker: &Broker) -> Result<usize, 
             break;
         };
         let delivery = &message.delivery;
-        let is_sync =
-            delivery.routing_key.as_str().ends_with(".sync") || delivery.routing_key.as_str().starts_with("sync.");
-        let routing_key =
-            if is_sync { "sync.calendly.backfill".to_owned() } else { message::webhook_routing_key(&delivery.data) };
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        let kept: std::collections::BTreeMap<_, _> = headers
-            .inner()
-            .iter()
-            .filter(|(k, _)| {
-                ![
-                    ATTEMPTS_HEADER,
-                    DEATH_REASON_HEADER,
-                    LAST_ERROR_HEADER,
-                    "x-death",
-                    "x-first-death-exchange",
-                    "x-first-death-queue",
-                    "x-first-death-reason",
-                    "x-delivery-count",
-                ]
-                .contains(&k.as_str())
-            })
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        headers = FieldTable::from(kept);
-        if !is_sync {
+        let (target, copy) = message::revived(delivery);
+        if target == RetryTarget::Webhooks {
             calsync_common::db::inbox::forget_dead(pool, &message::message_id(&delivery.data)).await?;
         }
-        let copy = Outgoing {
-            routing_key,
-            body: delivery.data.clone(),
-            properties: delivery.properties.clone().with_headers(headers),
-        };
         broker.publish(&copy).await?;
         delivery.acker.ack(BasicAckOptions::default()).await.map_err(PublishError::Channel)?;
         moved += 1;
