@@ -1,31 +1,50 @@
 //! Retry policy: the one place that decides how long to wait before trying again.
+//!
+//! The `backoff` crate is unmaintained upstream (RUSTSEC-2025-0012): it is used here and nowhere
+//! else, behind [`Delays`], so it can be swapped in this file alone.
 
 use std::time::Duration;
 
 use backoff::ExponentialBackoff;
+use backoff::backoff::Backoff;
+
+/// A sequence of growing, jittered waits; `None` once the policy gives up.
+pub struct Delays(ExponentialBackoff);
+
+impl Delays {
+    /// How long to wait before the next try, or `None` when it is time to stop trying here.
+    pub fn next_delay(&mut self) -> Option<Duration> {
+        self.0.next_backoff()
+    }
+
+    /// Start again from the shortest wait (after a success).
+    pub fn reset(&mut self) {
+        self.0.reset();
+    }
+}
 
 /// Reconnecting to RabbitMQ or PostgreSQL: quick first retries so a blip heals in well under a
 /// second, capped so a long outage is polled every few seconds, never given up on.
-pub fn reconnect() -> ExponentialBackoff {
-    ExponentialBackoff {
+pub fn reconnect() -> Delays {
+    Delays(ExponentialBackoff {
         initial_interval: Duration::from_millis(200),
         max_interval: Duration::from_secs(5),
         multiplier: 2.0,
         max_elapsed_time: None,
         ..ExponentialBackoff::default()
-    }
+    })
 }
 
 /// In-process retries of a Calendly call: a few seconds in all, after which the message goes back
 /// to the broker's delayed-retry path instead of holding a worker slot.
-pub fn calendly_call() -> ExponentialBackoff {
-    ExponentialBackoff {
+pub fn calendly_call() -> Delays {
+    Delays(ExponentialBackoff {
         initial_interval: Duration::from_millis(100),
         max_interval: Duration::from_secs(2),
         multiplier: 2.0,
         max_elapsed_time: Some(Duration::from_secs(5)),
         ..ExponentialBackoff::default()
-    }
+    })
 }
 
 /// Delays of the broker-side retry queues, one queue per delay so a long wait never holds up a

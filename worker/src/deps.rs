@@ -5,7 +5,15 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use calsync_common::calendly::CalendlyClient;
+use calsync_common::calendly::types::ScheduledEvent;
 use calsync_common::crypto::TokenCipher;
+use uuid::Uuid;
+
+use crate::single_flight::SingleFlight;
+
+/// In-flight event fetches by (connection, event URI), for [`crate::fetch`]. Keyed by connection so
+/// one user's token never answers for another's delivery.
+pub type EventFetches = SingleFlight<(Uuid, String), ScheduledEvent>;
 
 pub struct Deps {
     pub pool: PgPool,
@@ -16,5 +24,5 @@ pub struct Deps {
     /// Backfill window start, counted back from now.
     pub sync_lookback: Duration,
     /// Shares one Calendly fetch among concurrent deliveries about the same event.
-    pub event_fetches: crate::fetch::SingleFlight,
+    pub event_fetches: EventFetches,
 }

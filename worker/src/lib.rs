@@ -1,15 +1,21 @@
 //! calsync-worker: turns queued webhooks into the right user's meetings.
 //!
+//! - [`settings`]: the worker's settings (its own, plus the groups shared with ingest).
 //! - [`consumer`]: AMQP only — consume, hand over, settle (ack / delayed retry / dead letter).
-//! - [`process`]: one webhook to rows, with no AMQP types; returns an [`process::Outcome`].
-//! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
-//! - [`refresh`]: the connection's token, refreshed once per expiry under a row lock; the retry
-//!   loop around every Calendly call.
+//! - [`process`]: one webhook to rows, with no AMQP types; returns an [`outcome::Outcome`].
 //! - [`sync`]: backfill jobs from `calsync.sync`.
-//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`outcome`]: what becomes of a delivery, decided once for webhooks and sync jobs.
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
+//! - [`calendly_call`]: the one way to call Calendly as a user (401 → refresh once, 429, retries).
+//! - [`tokens`]: the connection's token, refreshed once per expiry under a row lock.
+//! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
+//! - [`single_flight`]: one execution per key at a time, generic.
+//! - [`deps`]: what processing needs, built once per process.
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`admin`]: the operator subcommands' work (`rotate-token-key`, `replay-dead`).
 
 pub mod admin;
+pub mod calendly_call;
 pub mod consumer;
 pub mod deps;
 pub mod error;
@@ -17,9 +23,10 @@ pub mod fetch;
 pub mod health;
 pub mod outcome;
 pub mod process;
-pub mod refresh;
 pub mod settings;
+pub mod single_flight;
 pub mod sync;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -73,7 +80,7 @@ impl Worker {
             cipher,
             max_attempts: settings.worker_max_attempts,
             sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),
-            event_fetches: fetch::SingleFlight::default(),
+            event_fetches: deps::EventFetches::default(),
         });
         Ok(Self { settings, deps, broker, database, listener, shutdown })
     }

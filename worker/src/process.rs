@@ -13,6 +13,7 @@ use calsync_common::queue::message::Incoming;
 
 use crate::deps::Deps;
 use crate::error::ProcessError;
+use crate::fetch;
 use crate::outcome::{self, Outcome};
 
 /// Low-cardinality `event` label: a known event's name, `other`, or `unparseable`.
@@ -81,7 +82,7 @@ async fn apply(
     change: &InviteeChange,
 ) -> Result<(), ProcessError> {
     let invitee = &change.invitee;
-    let event = deps.event_fetches.get_event(deps, connection, &invitee.event, change.event_updated_at).await?;
+    let event = fetch::get_event(deps, connection, &invitee.event, change.event_updated_at).await?;
     if event.uri != invitee.event {
         return Err(ProcessError::Permanent(format!("Calendly answered {} for {}", event.uri, invitee.event)));
     }

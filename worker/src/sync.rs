@@ -10,10 +10,10 @@ use calsync_common::db::meetings;
 use calsync_common::meeting::{Meeting, MeetingInvitee};
 use calsync_common::queue::message::{Incoming, SyncJob};
 
+use crate::calendly_call;
 use crate::deps::Deps;
 use crate::error::ProcessError;
 use crate::outcome::{self, Outcome};
-use crate::refresh;
 
 /// Runs one backfill job delivery.
 pub async fn process_sync(deps: &Deps, delivery: &Incoming) -> Outcome {
@@ -55,7 +55,7 @@ async fn backfill(deps: &Deps, connection_id: Uuid) -> Result<Option<usize>, Pro
     let mut written = 0;
     let mut page: Option<String> = None;
     loop {
-        let events = refresh::call(deps, &connection, |token| {
+        let events = calendly_call::call(deps, &connection, |token| {
             let (user_uri, page) = (user_uri.clone(), page.clone());
             async move { deps.calendly.list_events(&user_uri, min_start, page.as_deref(), &token).await }
         })
@@ -64,7 +64,7 @@ async fn backfill(deps: &Deps, connection_id: Uuid) -> Result<Option<usize>, Pro
             let mut invitees = Vec::new();
             let mut invitee_page: Option<String> = None;
             loop {
-                let batch = refresh::call(deps, &connection, |token| {
+                let batch = calendly_call::call(deps, &connection, |token| {
                     let page = invitee_page.clone();
                     async move { deps.calendly.list_invitees(&event.uri, page.as_deref(), &token).await }
                 })

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tokio_util::sync::CancellationToken;
@@ -76,7 +75,7 @@ impl Database {
                     tracing::warn!(error = format!("{error:#}"), "database not ready; retrying")
                 }
             }
-            let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+            let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {},

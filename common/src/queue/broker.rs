@@ -11,7 +11,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use backoff::backoff::Backoff;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
 use secrecy::{ExposeSecret, SecretString};
@@ -241,7 +240,7 @@ async fn supervise(inner: Arc<Inner>) {
             }
             Err(_) => tracing::warn!("connecting to RabbitMQ timed out; retrying"),
         }
-        let delay = backoff.next_backoff().unwrap_or(Duration::from_secs(5));
+        let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
         tokio::select! {
             _ = inner.stop.cancelled() => break,
             _ = tokio::time::sleep(delay) => {},

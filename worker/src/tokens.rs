@@ -1,27 +1,17 @@
-//! The right user's access token, refreshed exactly once per expiry however many workers want it,
-//! and the retry loop every Calendly call goes through.
+//! The right user's access token, refreshed exactly once per expiry however many workers want it.
 
-use std::future::Future;
-use std::time::Duration;
-
-use backoff::backoff::Backoff;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use calsync_common::calendly::CalendlyError;
 use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, ConnectionStatus, REFRESH_TOKEN, binding};
-use calsync_common::retry;
 
 use crate::deps::Deps;
 use crate::error::ProcessError;
 
 /// Refresh when the token expires within this margin, so no call races its expiry.
 pub const REFRESH_MARGIN: time::Duration = time::Duration::minutes(5);
-
-/// A 429 whose reset is at most this long is waited out in-process; longer ones go to the broker's
-/// delayed-retry path so the worker slot is freed.
-const MAX_IN_PROCESS_RATE_WAIT: Duration = Duration::from_secs(2);
 
 /// A decrypted access token and the ciphertext it came from (to tell, after a 401, whether someone
 /// else has refreshed in the meantime).
@@ -102,40 +92,6 @@ async fn refresh_locked(deps: &Deps, connection_id: Uuid, rejected: Option<&str>
         Err(error) => {
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "error").increment(1);
             Err(error.into())
-        }
-    }
-}
-
-/// Runs `call` with `connection`'s token: refreshes once after a 401, waits out short rate limits,
-/// retries transient failures for a few seconds, and turns everything else into a typed error.
-pub async fn call<T, F, Fut>(deps: &Deps, connection: &Connection, mut call: F) -> Result<T, ProcessError>
-where
-    F: FnMut(SecretString) -> Fut,
-    Fut: Future<Output = Result<T, CalendlyError>>,
-{
-    let mut token = access_token(deps, connection).await?;
-    let mut refreshed_after_401 = false;
-    let mut backoff = retry::calendly_call();
-    loop {
-        let secret = SecretString::from(token.secret.expose_secret().to_owned());
-        let error = match call(secret).await {
-            Ok(value) => return Ok(value),
-            Err(error) => error,
-        };
-        match error {
-            CalendlyError::Unauthorized if !refreshed_after_401 => {
-                refreshed_after_401 = true;
-                token = after_unauthorized(deps, connection.id, &token).await?;
-            }
-            CalendlyError::RateLimited { reset } if reset <= MAX_IN_PROCESS_RATE_WAIT => match backoff.next_backoff() {
-                Some(_) => tokio::time::sleep(reset).await,
-                None => return Err(CalendlyError::RateLimited { reset }.into()),
-            },
-            CalendlyError::Transient(_) => match backoff.next_backoff() {
-                Some(delay) => tokio::time::sleep(delay).await,
-                None => return Err(error.into()),
-            },
-            other => return Err(other.into()),
         }
     }
 }

@@ -1,0 +1,54 @@
+//! One way to call Calendly as a user: with that user's own token, refreshed once after a 401,
+//! short rate limits waited out, transient failures retried for a few seconds, and every other
+//! answer turned into a typed error.
+
+use std::future::Future;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use calsync_common::calendly::CalendlyError;
+use calsync_common::db::connections::Connection;
+use calsync_common::retry;
+
+use crate::deps::Deps;
+use crate::error::ProcessError;
+use crate::tokens;
+
+/// A 429 whose reset is at most this long is waited out in-process; longer ones go to the broker's
+/// delayed-retry path so the worker slot is freed.
+const MAX_IN_PROCESS_RATE_WAIT: Duration = Duration::from_secs(2);
+
+/// Runs `call` with `connection`'s token: refreshes once after a 401, waits out short rate limits,
+/// retries transient failures for a few seconds, and turns everything else into a typed error.
+pub async fn call<T, F, Fut>(deps: &Deps, connection: &Connection, mut call: F) -> Result<T, ProcessError>
+where
+    F: FnMut(SecretString) -> Fut,
+    Fut: Future<Output = Result<T, CalendlyError>>,
+{
+    let mut token = tokens::access_token(deps, connection).await?;
+    let mut refreshed_after_401 = false;
+    let mut backoff = retry::calendly_call();
+    loop {
+        let secret = SecretString::from(token.secret.expose_secret().to_owned());
+        let error = match call(secret).await {
+            Ok(value) => return Ok(value),
+            Err(error) => error,
+        };
+        match error {
+            CalendlyError::Unauthorized if !refreshed_after_401 => {
+                refreshed_after_401 = true;
+                token = tokens::after_unauthorized(deps, connection.id, &token).await?;
+            }
+            CalendlyError::RateLimited { reset } if reset <= MAX_IN_PROCESS_RATE_WAIT => match backoff.next_delay() {
+                Some(_) => tokio::time::sleep(reset).await,
+                None => return Err(CalendlyError::RateLimited { reset }.into()),
+            },
+            CalendlyError::Transient(_) => match backoff.next_delay() {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(error.into()),
+            },
+            other => return Err(other.into()),
+        }
+    }
+}
