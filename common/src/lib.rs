@@ -9,12 +9,14 @@
 //! - [`meeting`]: meeting and invitee rows built from Calendly's types (status and cancellation rules).
 //! - [`queue`]: RabbitMQ topology, the confirming publisher, and message shapes.
 //! - [`db`]: PostgreSQL pool, migrations, and the data access used by both services.
+//! - [`health`]: `/healthz`, `/readyz`, `/metrics` for both services.
 //! - [`http`]: outgoing HTTP clients (rustls + ring).
 
 pub mod calendly;
 pub mod config;
 pub mod crypto;
 pub mod db;
+pub mod health;
 pub mod http;
 pub mod meeting;
 pub mod queue;

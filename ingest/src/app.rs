@@ -7,16 +7,30 @@ use axum::Router;
 use crate::connect::ConnectService;
 use calsync_common::calendly::signature::WebhookVerifier;
 use calsync_common::db::Database;
+use calsync_common::health;
 use calsync_common::queue::Broker;
 
 use crate::routes;
 use crate::settings::IngestSettings;
 
 /// Everything handlers need. Read-only after start-up and internally synchronised (the broker and
-/// pool manage their own connections), so one `Arc` shared by all requests is enough.
+/// pool manage their own connections), so one `Arc` shared by all requests is enough; it derefs to
+/// [`Shared`], so handlers write `state.broker`.
 #[derive(Clone)]
-pub struct AppState {
-    pub inner: Arc<Shared>,
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 pub struct Shared {
@@ -31,9 +45,12 @@ pub struct Shared {
 }
 
 pub fn router(state: AppState) -> Router {
+    // Ready = the broker can take webhooks; the database is reported but webhook intake does not need it.
+    let probe =
+        health::Probe { broker: state.broker.clone(), database: state.database.clone(), database_required: false };
     Router::new()
         .merge(routes::webhooks::router())
         .merge(routes::connect::router())
-        .merge(routes::health::router())
+        .merge(health::router(probe))
         .with_state(state)
 }

@@ -2,7 +2,11 @@
 //!
 //! - [`app`]: shared state and the router.
 //! - [`error`]: the one API error type; each variant names its status code.
-//! - [`routes`]: webhook intake, the connect flow and connection API, health/metrics.
+//! - [`settings`]: ingest's settings (its own, plus the groups shared with the worker).
+//! - [`routes`]: webhook intake and the connection API (thin: extract, call, map).
+//! - [`connect`]: the OAuth connect flow, status and disconnect, HTTP-free; replay of parked
+//!   deliveries when an account connects.
+//! - health, readiness and metrics come from `calsync_common::health`.
 //!
 //! [`Application::build`] binds the listener (port 0 in tests) and starts the broker and
 //! database supervisors; [`Application::run_until_stopped`] serves until the shutdown token fires,
@@ -67,7 +71,7 @@ impl Application {
             callback_url: settings.callback_url().cloned(),
             replay_days: settings.inbox.inbox_replay_days,
         };
-        let state = AppState { inner: Arc::new(app::Shared { settings, verifier, broker, database, connect }) };
+        let state = AppState::new(app::Shared { settings, verifier, broker, database, connect });
         Ok(Self { listener, state, shutdown })
     }
 
@@ -87,7 +91,7 @@ impl Application {
         // Graceful: stop accepting on shutdown, let in-flight requests (and their publisher
         // confirms) finish, and only then close the broker connection.
         axum::serve(self.listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
-        self.state.inner.broker.close().await;
+        self.state.broker.close().await;
         tracing::info!("calsync-ingest stopped");
         Ok(())
     }

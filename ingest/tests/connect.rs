@@ -77,7 +77,7 @@ impl Env {
         .await
         .unwrap();
         let addr = app.local_addr();
-        let (broker, database) = (app.state().inner.broker.clone(), app.state().inner.database.clone());
+        let (broker, database) = (app.state().broker.clone(), app.state().database.clone());
         tokio::spawn(app.run_until_stopped());
         assert!(broker.wait_ready(Duration::from_secs(10)).await);
         assert!(database.wait_ready(Duration::from_secs(10)).await);
@@ -427,7 +427,7 @@ async fn bare_ingest(
     .await
     .unwrap();
     let addr = app.local_addr();
-    let broker = app.state().inner.broker.clone();
+    let broker = app.state().broker.clone();
     tokio::spawn(app.run_until_stopped());
     assert!(broker.wait_ready(Duration::from_secs(10)).await);
     (addr, shutdown)

@@ -347,7 +347,7 @@ async fn create_subscription(
         if !owner.webhooks_enabled {
             return Err(forbidden("Please upgrade your Calendly account to Standard"));
         }
-        if body.events.is_empty() || body.events.iter().any(|e| !crate::delivery::ALL_EVENTS.contains(&e.as_str())) {
+        if body.events.is_empty() || body.events.iter().any(|e| !crate::webhook::ALL_EVENTS.contains(&e.as_str())) {
             return Err(bad_request("events must be a non-empty list of supported events"));
         }
         let duplicate = world

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::delivery::DeliveryMode;
 use crate::sim::{Booking, Cancellation, FailNext, Faults, NewUser, Sim, SimError};
+use crate::webhook::DeliveryMode;
 
 pub const PREFIX: &str = "/_sim";
 

@@ -4,6 +4,7 @@
 //! - [`sim`]: shared state and every operation (book, cancel, reschedule, no-show, faults, ...).
 //! - [`api`]: Calendly API v2 behind bearer auth, per-user rate limits and injected faults.
 //! - [`oauth`]: authorize / token / revoke, with PKCE and single-use rotating refresh tokens.
+//! - [`webhook`]: the events, a captured delivery, and Calendly's signature scheme.
 //! - [`delivery`]: signed webhook delivery with Calendly-like retries, or capture for tests.
 //! - [`control`]: the `/_sim` control API.
 //! - [`load`]: the load generator behind `calendly-sim load`.
@@ -19,14 +20,15 @@ pub mod load;
 pub mod model;
 pub mod oauth;
 pub mod sim;
+pub mod webhook;
 
 use std::net::SocketAddr;
 
 use axum::Router;
 use tokio::net::TcpListener;
 
-pub use delivery::{Captured, DeliveryMode};
 pub use sim::{Booking, Cancellation, FailNext, Faults, NewInvitee, NewUser, Sim, SimConfig};
+pub use webhook::{Captured, DeliveryMode};
 
 pub fn router(sim: Sim) -> Router {
     Router::new().merge(api::router()).merge(oauth::router()).merge(control::router()).with_state(sim)

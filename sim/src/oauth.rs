@@ -13,9 +13,8 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
-use uuid::Uuid;
 
-use crate::model::{AccessToken, AuthCode, RefreshToken, Uris};
+use crate::model::{AuthCode, Uris};
 use crate::sim::{Sim, random_token};
 
 /// Query parameter (simulator only) naming the user who approves: UUID, URI or email.
@@ -131,26 +130,6 @@ fn basic_client(headers: &HeaderMap) -> Option<(String, String)> {
     Some((id.to_owned(), secret.to_owned()))
 }
 
-pub(crate) fn issue_tokens(sim: &Sim, user: Uuid) -> serde_json::Value {
-    let now = OffsetDateTime::now_utc();
-    let ttl = sim.config().access_token_ttl;
-    let (access, refresh) = (random_token(), random_token());
-    let mut world = sim.world();
-    world.access_tokens.insert(access.clone(), AccessToken { user, expires_at: now + ttl, revoked: false });
-    world.refresh_tokens.insert(refresh.clone(), RefreshToken { user, used: false, revoked: false });
-    let organization = world.users[&user].organization;
-    json!({
-        "token_type": "Bearer",
-        "access_token": access,
-        "refresh_token": refresh,
-        "expires_in": ttl.as_secs(),
-        "created_at": now.unix_timestamp(),
-        "scope": "default",
-        "owner": sim.uris().user(user),
-        "organization": sim.uris().organization(organization),
-    })
-}
-
 async fn token(State(sim): State<Sim>, headers: HeaderMap, Form(form): Form<BTreeMap<String, String>>) -> Response {
     if let Err(response) = sim.enter("token").await {
         return response;
@@ -222,7 +201,7 @@ async fn token(State(sim): State<Sim>, headers: HeaderMap, Form(form): Form<BTre
         _ => return oauth_error(StatusCode::BAD_REQUEST, "unsupported_grant_type", "grant_type is not supported"),
     };
     *sim.counters().token_grants.entry(grant_type.to_owned()).or_default() += 1;
-    (StatusCode::OK, Json(issue_tokens(&sim, user))).into_response()
+    (StatusCode::OK, Json(sim.issue_tokens(user))).into_response()
 }
 
 async fn revoke(State(sim): State<Sim>, Form(form): Form<BTreeMap<String, String>>) -> Response {

@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::delivery::{self, Captured, DeliveryMode};
 use crate::model::*;
+use crate::webhook::{ALL_EVENTS, Captured, DeliveryMode};
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -184,6 +184,27 @@ pub(crate) fn random_token() -> String {
 }
 
 impl Sim {
+    /// A fresh access/refresh pair for `user`, as the token endpoint answers it.
+    pub(crate) fn issue_tokens(&self, user: Uuid) -> serde_json::Value {
+        let now = OffsetDateTime::now_utc();
+        let ttl = self.config().access_token_ttl;
+        let (access, refresh) = (random_token(), random_token());
+        let mut world = self.world();
+        world.access_tokens.insert(access.clone(), AccessToken { user, expires_at: now + ttl, revoked: false });
+        world.refresh_tokens.insert(refresh.clone(), RefreshToken { user, used: false, revoked: false });
+        let organization = world.users[&user].organization;
+        json!({
+            "token_type": "Bearer",
+            "access_token": access,
+            "refresh_token": refresh,
+            "expires_in": ttl.as_secs(),
+            "created_at": now.unix_timestamp(),
+            "scope": "default",
+            "owner": self.uris().user(user),
+            "organization": self.uris().organization(organization),
+        })
+    }
+
     pub fn new(config: SimConfig, public_url: String) -> Self {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().expect("http client");
@@ -440,7 +461,7 @@ impl Sim {
     /// need the browser dance). Not counted as a token-endpoint grant.
     pub fn grant_tokens(&self, user: &str) -> Result<Value, SimError> {
         let id = Self::resolve_user(&self.world(), user)?;
-        Ok(crate::oauth::issue_tokens(self, id))
+        Ok(self.issue_tokens(id))
     }
 
     /// Makes every access token of `user` expired (refresh tokens stay valid).
@@ -539,7 +560,7 @@ impl Sim {
         let sub = Subscription {
             id: Uuid::new_v4(),
             callback_url: callback_url.to_owned(),
-            events: delivery::ALL_EVENTS.iter().map(|e| e.to_string()).collect(),
+            events: ALL_EVENTS.iter().map(|e| e.to_string()).collect(),
             scope: "user".into(),
             organization: world.users[&id].organization,
             user: Some(id),

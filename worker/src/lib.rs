@@ -11,7 +11,6 @@
 //! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
 //! - [`single_flight`]: one execution per key at a time, generic.
 //! - [`deps`]: what processing needs, built once per process.
-//! - [`health`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`admin`]: the operator subcommands' work (`rotate-token-key`, `replay-dead`).
 
 pub mod admin;
@@ -20,7 +19,6 @@ pub mod consumer;
 pub mod deps;
 pub mod error;
 pub mod fetch;
-pub mod health;
 pub mod outcome;
 pub mod process;
 pub mod settings;
@@ -39,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use calsync_common::calendly::CalendlyClient;
 use calsync_common::crypto::TokenCipher;
 use calsync_common::db::Database;
+use calsync_common::health;
 use calsync_common::queue::{Broker, BrokerConfig, RetryTarget, Topology};
 
 pub use deps::Deps;
@@ -91,8 +90,11 @@ impl Worker {
 
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let addr = self.health_addr();
-        let health =
-            health::router(health::HealthState { broker: self.broker.clone(), database: self.database.clone() });
+        let health = health::router(health::Probe {
+            broker: self.broker.clone(),
+            database: self.database.clone(),
+            database_required: true,
+        });
         let stop_health = self.shutdown.clone();
         let server = tokio::spawn(async move {
             axum::serve(self.listener, health)

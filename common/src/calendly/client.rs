@@ -25,6 +25,14 @@ pub struct CalendlyClient {
     client_secret: Option<SecretString>,
 }
 
+/// `path` below `base`'s own path (a base URL may carry a path prefix, e.g. behind a proxy).
+fn under(base: &Url, path: &str) -> Url {
+    let mut url = base.clone();
+    let prefix = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&format!("{prefix}{path}"));
+    url
+}
+
 impl CalendlyClient {
     pub fn new(args: &CalendlyArgs) -> anyhow::Result<Self> {
         let http = crate::http::client_builder()
@@ -53,17 +61,11 @@ impl CalendlyClient {
     }
 
     fn api_path(&self, path: &str) -> Url {
-        let mut url = self.api_base.clone();
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}{path}"));
-        url
+        under(&self.api_base, path)
     }
 
     fn auth_path(&self, path: &str) -> Url {
-        let mut url = self.auth_base.clone();
-        let base = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{base}{path}"));
-        url
+        under(&self.auth_base, path)
     }
 
     async fn send(&self, endpoint: &'static str, request: RequestBuilder) -> Result<Response, CalendlyError> {

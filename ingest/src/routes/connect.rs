@@ -23,7 +23,7 @@ pub fn router() -> Router<AppState> {
 
 /// Constant-time bearer check; the API is closed (503) until a token is configured.
 fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(expected) = calsync_common::config::present(&state.inner.settings.internal_api_token) else {
+    let Some(expected) = calsync_common::config::present(&state.settings.internal_api_token) else {
         return Err(ApiError::Unavailable {
             code: "connection_api_disabled",
             message: "INTERNAL_API_TOKEN is not set; the connection API is disabled".into(),
@@ -43,7 +43,7 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// The connection API needs PostgreSQL; answer 503 at once while it is not there.
 fn database_ready(state: &AppState) -> Result<(), ApiError> {
-    if state.inner.database.is_migrated() { Ok(()) } else { Err(ApiError::database("not migrated yet")) }
+    if state.database.is_migrated() { Ok(()) } else { Err(ApiError::database("not migrated yet")) }
 }
 
 fn api_error(error: ConnectError) -> ApiError {
@@ -74,7 +74,7 @@ async fn begin(
     let Json(request) =
         body.map_err(|e| ApiError::BadRequest(format!("expected {{\"user_id\": \"<uuid>\"}}: {}", e.body_text())))?;
     database_ready(&state)?;
-    let url = state.inner.connect.begin(request.user_id).await.map_err(api_error)?;
+    let url = state.connect.begin(request.user_id).await.map_err(api_error)?;
     Ok(Json(serde_json::json!({ "authorize_url": url.as_str() })))
 }
 
@@ -85,7 +85,7 @@ async fn status(
 ) -> Result<Response, ApiError> {
     authorize(&state, &headers)?;
     database_ready(&state)?;
-    match state.inner.connect.status(user_id).await.map_err(api_error)? {
+    match state.connect.status(user_id).await.map_err(api_error)? {
         Some(status) => Ok(Json(status).into_response()),
         None => Err(ApiError::NotFound(format!("user {user_id} never connected Calendly"))),
     }
@@ -98,7 +98,7 @@ async fn disconnect(
 ) -> Result<StatusCode, ApiError> {
     authorize(&state, &headers)?;
     database_ready(&state)?;
-    if state.inner.connect.disconnect(user_id).await.map_err(api_error)? {
+    if state.connect.disconnect(user_id).await.map_err(api_error)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("user {user_id} never connected Calendly")))
@@ -117,15 +117,15 @@ fn page(status: StatusCode, title: &str, detail: &str) -> Response {
 }
 
 async fn callback(State(state): State<AppState>, Query(query): Query<Callback>) -> Response {
-    if !state.inner.database.is_migrated() {
+    if !state.database.is_migrated() {
         return page(
             StatusCode::SERVICE_UNAVAILABLE,
             "Please try again shortly",
             "calsync cannot store the connection right now.",
         );
     }
-    match state.inner.connect.complete(query).await {
-        Ok(_) => match state.inner.settings.return_url() {
+    match state.connect.complete(query).await {
+        Ok(_) => match state.settings.return_url() {
             Some(url) => {
                 let mut url = url.clone();
                 url.query_pairs_mut().append_pair("calendly", "connected");

@@ -1,3 +1,2 @@
 pub mod connect;
-pub mod health;
 pub mod webhooks;

@@ -73,12 +73,12 @@ async fn accept(
         None => None,
         Some(value) => Some(value.to_str().map_err(|_| signature::SignatureError::Malformed)?),
     };
-    state.inner.verifier.verify(header, &body, received_at.unix_timestamp())?;
+    state.verifier.verify(header, &body, received_at.unix_timestamp())?;
 
     let message = message::webhook(body.to_vec(), received_at);
     let message_id = message::message_id(&message.body);
     let started = Instant::now();
-    let published = state.inner.broker.publish(&message).await;
+    let published = state.broker.publish(&message).await;
     metrics::histogram!("calsync_ingest_publish_seconds").record(started.elapsed().as_secs_f64());
     match published {
         Ok(()) => {

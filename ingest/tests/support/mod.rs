@@ -65,7 +65,7 @@ pub async fn spawn_app_with(options: Options) -> TestApp {
         .await
         .expect("ingest builds");
     let addr = app.local_addr();
-    let broker = app.state().inner.broker.clone();
+    let broker = app.state().broker.clone();
     let server = tokio::spawn(app.run_until_stopped());
     if options.amqp_url == calsync_testkit::amqp_url() {
         assert!(broker.wait_ready(Duration::from_secs(10)).await, "ingest connected to RabbitMQ");
