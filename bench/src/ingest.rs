@@ -15,7 +15,7 @@ use calsync_common::queue::{Broker, message};
 
 use crate::Ctx;
 use crate::load::{self, SIGNING_KEY};
-use crate::procs::{Proc, free_port, wait_ok};
+use crate::procs::{Memory, Proc, free_port, wait_ok};
 use crate::stats::{self, ms, ratio, row};
 
 /// The HTTP-only ceiling: axum with the same body limit, signature check and message preparation
@@ -70,11 +70,6 @@ async fn publish_ceiling(broker: &Broker, concurrency: usize, duration: Duration
         let _ = t.await;
     }
     done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
-}
-
-pub struct Memory {
-    pub idle_mib: f64,
-    pub peak_mib: f64,
 }
 
 pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory> {

@@ -146,20 +146,15 @@ async fn main() -> anyhow::Result<()> {
     let worker_memory = worker::run(&ctx, &world, &mut rows).await?;
     eprintln!("▸ end to end");
     e2e::run(&ctx, &world, &mut rows, 200).await?;
-    rows.push(stats::row(
-        "memory",
-        "calsync-ingest RSS idle / peak",
-        format!("{:.1} / {:.1} MiB", ingest_memory.idle_mib, ingest_memory.peak_mib),
-        "target idle ≤ 30 MB",
-        "-",
-    ));
-    rows.push(stats::row(
-        "memory",
-        "calsync-worker RSS idle / peak",
-        format!("{:.1} / {:.1} MiB", worker_memory.idle_mib, worker_memory.peak_mib),
-        "target idle ≤ 30 MB",
-        "-",
-    ));
+    for (binary, memory) in [("calsync-ingest", ingest_memory), ("calsync-worker", worker_memory)] {
+        rows.push(stats::row(
+            "memory",
+            format!("{binary} RSS idle / peak"),
+            format!("{:.1} / {:.1} MiB", memory.idle_mib, memory.peak_mib),
+            "target idle ≤ 30 MB",
+            "-",
+        ));
+    }
     world.sim.stop().await;
     println!("machine: {}\n", machine());
     stats::print(&rows);

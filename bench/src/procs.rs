@@ -7,6 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::process::{Child, Command};
 
+/// Resident memory of a process: idle, and the peak under the benchmark's load.
+pub struct Memory {
+    pub idle_mib: f64,
+    pub peak_mib: f64,
+}
+
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let path = exe.parent().context("exe dir")?.join(name);

@@ -14,16 +14,11 @@ use calsync_common::meeting::{Meeting, MeetingInvitee};
 use calsync_common::queue::message;
 
 use crate::Ctx;
-use crate::procs::{Proc, wait_ok};
+use crate::procs::{Memory, Proc, wait_ok};
 use crate::stats::{self, ratio, row};
 use crate::world::{USERS, World};
 
 const PREFIX: &str = "bench-worker";
-
-pub struct Memory {
-    pub idle_mib: f64,
-    pub peak_mib: f64,
-}
 
 /// The write transaction of one delivery, without AMQP or HTTP: share-lock the connection, upsert
 /// meeting and invitee (event snapshot from the payload), record the inbox row, commit.

@@ -77,6 +77,32 @@ pub struct TelemetryArgs {
     pub log_format: LogFormat,
 }
 
+/// The groups every service reads, flattened into each service's settings as `shared`.
+#[derive(Args, Clone, Debug)]
+pub struct SharedArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub amqp: AmqpArgs,
+    #[command(flatten)]
+    pub calendly: CalendlyArgs,
+    #[command(flatten)]
+    pub token_keys: TokenKeyArgs,
+    #[command(flatten)]
+    pub telemetry: TelemetryArgs,
+}
+
+impl SharedArgs {
+    /// Fail closed on what every service needs: without a token key, tokens could be neither
+    /// stored nor read.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if present(&self.token_keys.token_encryption_key).is_none() {
+            return Err(ConfigError::Missing("TOKEN_ENCRYPTION_KEY"));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{0} is not set; calsync refuses to start without it (see .env.example)")]

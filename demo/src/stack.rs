@@ -235,6 +235,12 @@ impl Stack {
         Ok(exits)
     }
 
+    /// The simulator's counters (`/_sim/counters`): what Calendly believes it delivered.
+    pub async fn sim_counters(&self) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}/_sim/counters", self.endpoints.sim_url);
+        Ok(self.http.get(url).send().await?.error_for_status()?.json().await?)
+    }
+
     pub fn pool(&self) -> anyhow::Result<sqlx::PgPool> {
         Ok(sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(&self.endpoints.database_url)?)
     }

@@ -34,15 +34,7 @@ async fn booked_canceled_and_rescheduled_meetings_reach_the_database_under_the_r
 
     assert_eq!(stack.dead_letters().await.unwrap(), 0);
     let pool = stack.pool().unwrap();
-    let sim: serde_json::Value = stack
-        .http
-        .get(format!("{}/_sim/counters", stack.endpoints.sim_url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sim = stack.sim_counters().await.unwrap();
     let delivered = sim["deliveries_succeeded"].as_f64().unwrap();
     let processed: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'")
         .fetch_one(&pool)

@@ -21,16 +21,15 @@ pub mod settings;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::connect::ConnectService;
+use crate::connect::{ConnectOptions, ConnectService};
 use calsync_common::calendly::CalendlyClient;
 use calsync_common::calendly::signature::WebhookVerifier;
 use calsync_common::crypto::TokenCipher;
 use calsync_common::db::Database;
-use calsync_common::queue::{Broker, BrokerConfig, Topology};
+use calsync_common::queue::{Broker, BrokerConfig};
 
 pub use app::AppState;
 use settings::IngestSettings;
@@ -44,20 +43,16 @@ pub struct Application {
 impl Application {
     pub async fn build(settings: IngestSettings, shutdown: CancellationToken) -> anyhow::Result<Self> {
         settings.validate()?;
-        let cipher = TokenCipher::from_settings(&settings.token_keys)?;
+        let cipher = TokenCipher::from_settings(&settings.shared.token_keys)?;
         // Installed before the first request so no count is lost before the first scrape.
         calsync_common::telemetry::metrics_handle();
-        let listener = TcpListener::bind(&settings.ingest_addr)
-            .await
-            .with_context(|| format!("binding INGEST_ADDR {}", settings.ingest_addr))?;
+        let listener = calsync_common::http::listen(&settings.ingest_addr, "INGEST_ADDR").await?;
         let broker = Broker::start(BrokerConfig {
-            url: settings.amqp.amqp_url.clone(),
-            topology: Topology::new(settings.amqp.amqp_topology_prefix.clone()),
             publish_channels: settings.ingest_publish_channels,
             confirm_timeout: settings.publish_timeout(),
-            connection_name: "calsync-ingest".into(),
+            ..BrokerConfig::from_args(&settings.shared.amqp, "calsync-ingest")
         });
-        let database = Database::start(&settings.database.database_url, 10, shutdown.clone())?;
+        let database = Database::start(&settings.shared.database.database_url, 10, shutdown.clone())?;
         let verifier = WebhookVerifier::new(
             settings.calendly_webhook_signing_keys.clone(),
             std::time::Duration::from_secs(settings.calendly_webhook_tolerance_secs),
@@ -65,11 +60,13 @@ impl Application {
         let connect = ConnectService {
             pool: database.pool().clone(),
             cipher: Arc::new(cipher),
-            calendly: CalendlyClient::new(&settings.calendly)?,
+            calendly: CalendlyClient::new(&settings.shared.calendly)?,
             broker: broker.clone(),
-            redirect_uri: settings.calendly_oauth_redirect_uri.clone(),
-            callback_url: settings.callback_url().cloned(),
-            replay_days: settings.inbox.inbox_replay_days,
+            options: ConnectOptions {
+                redirect_uri: settings.calendly_oauth_redirect_uri.clone(),
+                callback_url: settings.callback_url().cloned(),
+                replay_days: settings.inbox.inbox_replay_days,
+            },
         };
         let state = AppState::new(app::Shared { settings, verifier, broker, database, connect });
         Ok(Self { listener, state, shutdown })

@@ -7,7 +7,7 @@ use calsync_ingest::settings::IngestSettings;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let settings = IngestSettings::parse();
-    telemetry::init_tracing(settings.telemetry.log_format);
+    telemetry::init_tracing(settings.shared.telemetry.log_format);
     let shutdown = shutdown::on_signal();
     match calsync_ingest::Application::build(settings, shutdown).await {
         Ok(app) => match app.run_until_stopped().await {

@@ -7,9 +7,7 @@ use clap::{Args, Parser};
 use secrecy::SecretString;
 use url::Url;
 
-use calsync_common::config::{
-    AmqpArgs, CalendlyArgs, ConfigError, DatabaseArgs, TelemetryArgs, TokenKeyArgs, present, secret,
-};
+use calsync_common::config::{ConfigError, SharedArgs, secret};
 
 /// Settings of `calsync-ingest`.
 #[derive(Parser, Clone, Debug)]
@@ -50,17 +48,9 @@ pub struct IngestSettings {
     pub ingest_publish_channels: usize,
 
     #[command(flatten)]
-    pub database: DatabaseArgs,
-    #[command(flatten)]
-    pub amqp: AmqpArgs,
-    #[command(flatten)]
-    pub calendly: CalendlyArgs,
-    #[command(flatten)]
-    pub token_keys: TokenKeyArgs,
+    pub shared: SharedArgs,
     #[command(flatten)]
     pub inbox: InboxArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -102,9 +92,7 @@ impl IngestSettings {
             // An empty HMAC key is one anybody can sign with.
             return Err(ConfigError::Invalid("CALENDLY_WEBHOOK_SIGNING_KEYS", "contains an empty key".into()));
         }
-        if present(&self.token_keys.token_encryption_key).is_none() {
-            return Err(ConfigError::Missing("TOKEN_ENCRYPTION_KEY"));
-        }
+        self.shared.validate()?;
         if self.ingest_publish_channels == 0 {
             return Err(ConfigError::Invalid("INGEST_PUBLISH_CHANNELS", "must be at least 1".into()));
         }

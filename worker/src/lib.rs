@@ -30,7 +30,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +37,7 @@ use calsync_common::calendly::CalendlyClient;
 use calsync_common::crypto::TokenCipher;
 use calsync_common::db::Database;
 use calsync_common::health;
-use calsync_common::queue::{Broker, BrokerConfig, RetryTarget, Topology};
+use calsync_common::queue::{Broker, BrokerConfig, RetryTarget};
 
 pub use deps::Deps;
 use settings::WorkerSettings;
@@ -55,27 +54,20 @@ pub struct Worker {
 impl Worker {
     pub async fn build(settings: WorkerSettings, shutdown: CancellationToken) -> anyhow::Result<Self> {
         settings.validate()?;
-        let cipher = TokenCipher::from_settings(&settings.token_keys)?;
+        let cipher = TokenCipher::from_settings(&settings.shared.token_keys)?;
         calsync_common::telemetry::metrics_handle();
-        if settings.calendly.calendly_oauth_client_id.is_none()
-            || settings.calendly.calendly_oauth_client_secret.is_none()
+        if settings.shared.calendly.calendly_oauth_client_id.is_none()
+            || settings.shared.calendly.calendly_oauth_client_secret.is_none()
         {
             tracing::warn!("CALENDLY_OAUTH_CLIENT_ID/SECRET are not set: expiring tokens cannot be refreshed");
         }
-        let listener = TcpListener::bind(&settings.worker_addr)
-            .await
-            .with_context(|| format!("binding WORKER_ADDR {}", settings.worker_addr))?;
-        let database = Database::start(&settings.database.database_url, settings.db_pool_size(), shutdown.clone())?;
-        let broker = Broker::start(BrokerConfig {
-            url: settings.amqp.amqp_url.clone(),
-            topology: Topology::new(settings.amqp.amqp_topology_prefix.clone()),
-            publish_channels: 2,
-            confirm_timeout: Duration::from_secs(10),
-            connection_name: "calsync-worker".into(),
-        });
+        let listener = calsync_common::http::listen(&settings.worker_addr, "WORKER_ADDR").await?;
+        let database =
+            Database::start(&settings.shared.database.database_url, settings.db_pool_size(), shutdown.clone())?;
+        let broker = Broker::start(BrokerConfig::from_args(&settings.shared.amqp, "calsync-worker"));
         let deps = Arc::new(Deps {
             pool: database.pool().clone(),
-            calendly: CalendlyClient::new(&settings.calendly)?,
+            calendly: CalendlyClient::new(&settings.shared.calendly)?,
             cipher,
             max_attempts: settings.worker_max_attempts,
             sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),

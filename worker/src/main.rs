@@ -26,7 +26,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    telemetry::init_tracing(cli.settings.telemetry.log_format);
+    telemetry::init_tracing(cli.settings.shared.telemetry.log_format);
     let result = match cli.command {
         Some(Command::Migrate) => migrate(&cli.settings).await,
         Some(Command::RotateTokenKey) => rotate_token_key(&cli.settings).await,
@@ -52,7 +52,7 @@ async fn run(settings: WorkerSettings) -> anyhow::Result<()> {
 }
 
 async fn migrate(settings: &WorkerSettings) -> anyhow::Result<()> {
-    let url = &settings.database.database_url;
+    let url = &settings.shared.database.database_url;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_lazy(url)?;
     calsync_common::db::prepare(url, &pool).await?;
     println!("migrations applied");
@@ -61,8 +61,8 @@ async fn migrate(settings: &WorkerSettings) -> anyhow::Result<()> {
 
 async fn rotate_token_key(settings: &WorkerSettings) -> anyhow::Result<()> {
     settings.validate()?;
-    let cipher = calsync_common::crypto::TokenCipher::from_settings(&settings.token_keys)?;
-    let url = &settings.database.database_url;
+    let cipher = calsync_common::crypto::TokenCipher::from_settings(&settings.shared.token_keys)?;
+    let url = &settings.shared.database.database_url;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
     calsync_common::db::prepare(url, &pool).await?;
     let report = calsync_worker::admin::rotate_key::reencrypt_all(&pool, &cipher).await?;
@@ -76,16 +76,13 @@ async fn rotate_token_key(settings: &WorkerSettings) -> anyhow::Result<()> {
 }
 
 async fn replay_dead(settings: &WorkerSettings) -> anyhow::Result<()> {
-    use calsync_common::queue::{Broker, BrokerConfig, Topology};
-    let url = &settings.database.database_url;
+    use calsync_common::queue::{Broker, BrokerConfig};
+    let url = &settings.shared.database.database_url;
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
     calsync_common::db::prepare(url, &pool).await?;
     let broker = Broker::start(BrokerConfig {
-        url: settings.amqp.amqp_url.clone(),
-        topology: Topology::new(settings.amqp.amqp_topology_prefix.clone()),
         publish_channels: 1,
-        confirm_timeout: std::time::Duration::from_secs(10),
-        connection_name: "calsync-worker replay-dead".into(),
+        ..BrokerConfig::from_args(&settings.shared.amqp, "calsync-worker replay-dead")
     });
     anyhow::ensure!(broker.wait_ready(std::time::Duration::from_secs(15)).await, "RabbitMQ is not reachable");
     let moved = calsync_worker::admin::replay_dead::replay_dead(&pool, &broker).await;

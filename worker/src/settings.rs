@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use calsync_common::config::{AmqpArgs, CalendlyArgs, ConfigError, DatabaseArgs, TelemetryArgs, TokenKeyArgs, present};
+use calsync_common::config::{ConfigError, SharedArgs};
 
 /// Settings of `calsync-worker`.
 #[derive(Args, Clone, Debug)]
@@ -29,15 +29,7 @@ pub struct WorkerSettings {
     pub worker_shutdown_grace_secs: u64,
 
     #[command(flatten)]
-    pub database: DatabaseArgs,
-    #[command(flatten)]
-    pub amqp: AmqpArgs,
-    #[command(flatten)]
-    pub calendly: CalendlyArgs,
-    #[command(flatten)]
-    pub token_keys: TokenKeyArgs,
-    #[command(flatten)]
-    pub telemetry: TelemetryArgs,
+    pub shared: SharedArgs,
 }
 
 impl WorkerSettings {
@@ -50,9 +42,7 @@ impl WorkerSettings {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if present(&self.token_keys.token_encryption_key).is_none() {
-            return Err(ConfigError::Missing("TOKEN_ENCRYPTION_KEY"));
-        }
+        self.shared.validate()?;
         if self.worker_concurrency == 0 {
             return Err(ConfigError::Invalid("WORKER_CONCURRENCY", "must be at least 1".into()));
         }

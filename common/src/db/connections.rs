@@ -28,22 +28,32 @@ pub enum ConnectionStatus {
     Disconnected,
 }
 
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// A `calendar_connections` row. It serialises as the connection status the API shows: never a
+/// token (not even ciphertext), nor internal bookkeeping.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct Connection {
+    #[serde(skip)]
     pub id: Uuid,
     pub user_id: Uuid,
     pub provider: String,
     pub calendly_user_uri: Option<String>,
     pub calendly_organization_uri: Option<String>,
+    #[serde(skip)]
     pub access_token: Option<String>,
+    #[serde(skip)]
     pub refresh_token: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
     pub token_expires_at: Option<OffsetDateTime>,
+    #[serde(skip)]
     pub is_active: bool,
     pub status: ConnectionStatus,
     pub webhook_subscription_uri: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
     pub last_synced_at: Option<OffsetDateTime>,
     pub last_error: Option<String>,
+    #[serde(skip)]
     pub created_at: OffsetDateTime,
+    #[serde(skip)]
     pub updated_at: OffsetDateTime,
 }
 

@@ -18,6 +18,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{Outgoing, Topology};
+use crate::config::AmqpArgs;
 use crate::retry;
 
 /// How long one connection attempt (TCP + AMQP handshake + topology) may take.
@@ -35,6 +36,20 @@ pub struct BrokerConfig {
     pub confirm_timeout: Duration,
     /// Shown in the RabbitMQ management UI, so operators can tell ingest from workers.
     pub connection_name: String,
+}
+
+impl BrokerConfig {
+    /// A process's broker from its `AMQP_URL` / `AMQP_TOPOLOGY_PREFIX`, named `connection_name`,
+    /// with a small publish pool and a 10 s confirm wait (ingest sets its own).
+    pub fn from_args(amqp: &AmqpArgs, connection_name: &str) -> Self {
+        Self {
+            url: amqp.amqp_url.clone(),
+            topology: Topology::new(amqp.amqp_topology_prefix.clone()),
+            publish_channels: 2,
+            confirm_timeout: Duration::from_secs(10),
+            connection_name: connection_name.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -63,32 +63,34 @@ pub struct Callback {
     pub error_description: Option<String>,
 }
 
-/// What `GET /connections/calendly/{user_id}` shows: never a token.
+/// What `GET /connections/calendly/{user_id}` shows: the row as [`Connection`] serialises it (never
+/// a token), plus two answers derived from it.
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
-    pub user_id: Uuid,
-    pub provider: String,
     pub connected: bool,
-    pub status: ConnectionStatus,
-    pub calendly_user_uri: Option<String>,
-    pub calendly_organization_uri: Option<String>,
-    pub webhook_subscription_uri: Option<String>,
     /// Live from Calendly (`active`/`disabled`) when it can be asked, else null.
     pub subscription_state: Option<String>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub last_synced_at: Option<OffsetDateTime>,
-    pub last_error: Option<String>,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub token_expires_at: Option<OffsetDateTime>,
+    #[serde(flatten)]
+    pub connection: Connection,
 }
 
 pub struct ConnectService {
     pub pool: PgPool,
+    /// Tokens and PKCE verifiers are stored encrypted, bound to their row.
     pub cipher: Arc<TokenCipher>,
     pub calendly: CalendlyClient,
+    /// Backfill jobs and replayed parked deliveries are published as the account connects.
     pub broker: Broker,
+    pub options: ConnectOptions,
+}
+
+/// The settings the connect flow reads.
+pub struct ConnectOptions {
+    /// Where Calendly sends the browser back (`CALENDLY_OAUTH_REDIRECT_URI`).
     pub redirect_uri: Url,
+    /// Where our webhook subscription delivers; `None` = create no subscription.
     pub callback_url: Option<Url>,
+    /// How old an `unmatched` delivery may be and still be replayed (`INBOX_REPLAY_DAYS`).
     pub replay_days: u32,
 }
 
@@ -117,7 +119,7 @@ impl ConnectService {
         url.query_pairs_mut()
             .append_pair("client_id", client_id)
             .append_pair("response_type", "code")
-            .append_pair("redirect_uri", self.redirect_uri.as_str())
+            .append_pair("redirect_uri", self.options.redirect_uri.as_str())
             .append_pair("state", &state)
             // Always show the consent screen: the account that consents is the one we store.
             .append_pair("prompt", "consent")
@@ -145,7 +147,8 @@ impl ConnectService {
         let verifier = self.cipher.decrypt(&sealed_verifier, oauth_states::verifier_binding(&state_hash))?;
         let code = callback.code.ok_or(ConnectError::MissingCode)?;
 
-        let tokens = self.calendly.exchange_code(&code, self.redirect_uri.as_str(), verifier.expose_secret()).await?;
+        let tokens =
+            self.calendly.exchange_code(&code, self.options.redirect_uri.as_str(), verifier.expose_secret()).await?;
         let access = SecretString::from(tokens.access_token.clone());
         // The identity comes from Calendly, asked with the token just issued for this consent.
         let me = match self.calendly.users_me(&access).await {
@@ -176,7 +179,7 @@ impl ConnectService {
 
         let mut problems = Vec::new();
         let mut subscription = connection.webhook_subscription_uri.clone();
-        if let Some(callback_url) = &self.callback_url {
+        if let Some(callback_url) = &self.options.callback_url {
             match self.ensure_subscription(callback_url, &me.current_organization, &me.uri, &access).await {
                 Ok(uri) => subscription = Some(uri),
                 Err(problem) => problems.push(problem),
@@ -192,7 +195,7 @@ impl ConnectService {
             .bind(&last_error)
             .execute(&self.pool)
             .await?;
-        match replay::replay_parked(&self.pool, &self.broker, &me.uri, self.replay_days).await {
+        match replay::replay_parked(&self.pool, &self.broker, &me.uri, self.options.replay_days).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(connection_id = %connection.id, replayed = n, "replayed parked deliveries"),
             Err(error) => tracing::warn!(connection_id = %connection.id, %error, "could not replay parked deliveries"),
@@ -248,19 +251,7 @@ impl ConnectService {
     pub async fn status(&self, user_id: Uuid) -> Result<Option<StatusReport>, ConnectError> {
         let Some(c) = connections::find_by_user(&self.pool, user_id).await? else { return Ok(None) };
         let subscription_state = self.live_subscription_state(&c).await;
-        Ok(Some(StatusReport {
-            user_id: c.user_id,
-            provider: c.provider,
-            connected: c.status == ConnectionStatus::Active,
-            status: c.status,
-            calendly_user_uri: c.calendly_user_uri,
-            calendly_organization_uri: c.calendly_organization_uri,
-            webhook_subscription_uri: c.webhook_subscription_uri,
-            subscription_state,
-            last_synced_at: c.last_synced_at,
-            last_error: c.last_error,
-            token_expires_at: c.token_expires_at,
-        }))
+        Ok(Some(StatusReport { connected: c.status == ConnectionStatus::Active, subscription_state, connection: c }))
     }
 
     async fn live_subscription_state(&self, c: &Connection) -> Option<String> {

@@ -1,6 +1,7 @@
 //! The connection API (bearer `INTERNAL_API_TOKEN`) and the OAuth callback (a browser page).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -46,6 +47,19 @@ fn database_ready(state: &AppState) -> Result<(), ApiError> {
     if state.database.is_migrated() { Ok(()) } else { Err(ApiError::database("not migrated yet")) }
 }
 
+/// A connection API request that may proceed: the bearer token matched, then the database is there.
+struct Admitted;
+
+impl FromRequestParts<AppState> for Admitted {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authorize(state, &parts.headers)?;
+        database_ready(state)?;
+        Ok(Self)
+    }
+}
+
 fn api_error(error: ConnectError) -> ApiError {
     match error {
         ConnectError::Database(e) => ApiError::database(e),
@@ -78,13 +92,7 @@ async fn begin(
     Ok(Json(serde_json::json!({ "authorize_url": url.as_str() })))
 }
 
-async fn status(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    Path(user_id): Path<Uuid>,
-) -> Result<Response, ApiError> {
-    authorize(&state, &headers)?;
-    database_ready(&state)?;
+async fn status(_: Admitted, State(state): State<AppState>, Path(user_id): Path<Uuid>) -> Result<Response, ApiError> {
     match state.connect.status(user_id).await.map_err(api_error)? {
         Some(status) => Ok(Json(status).into_response()),
         None => Err(ApiError::NotFound(format!("user {user_id} never connected Calendly"))),
@@ -92,12 +100,10 @@ async fn status(
 }
 
 async fn disconnect(
+    _: Admitted,
     State(state): State<AppState>,
-    headers: HeaderMap,
     Path(user_id): Path<Uuid>,
 ) -> Result<StatusCode, ApiError> {
-    authorize(&state, &headers)?;
-    database_ready(&state)?;
     if state.connect.disconnect(user_id).await.map_err(api_error)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
