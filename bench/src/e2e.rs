@@ -6,6 +6,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 
 use calsync_common::calendly::signature;
+use calsync_common::db::inbox::InboxStatus;
 use calsync_common::queue::message;
 
 use crate::Ctx;
@@ -65,7 +66,8 @@ pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, rate: u64
     }
     world.wait_processed(sent_at.len(), Duration::from_secs(300)).await?;
     let committed: Vec<(String, OffsetDateTime)> =
-        sqlx::query_as("SELECT message_id, processed_at FROM webhook_inbox WHERE status = 'processed'")
+        sqlx::query_as("SELECT message_id, processed_at FROM webhook_inbox WHERE status = $1")
+            .bind(InboxStatus::Processed)
             .fetch_all(&world.pool)
             .await?;
     let mut latencies: Vec<Duration> = committed

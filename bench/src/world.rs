@@ -13,6 +13,7 @@ use uuid::Uuid;
 use calsync_common::config::TokenKeyArgs;
 use calsync_common::crypto::TokenCipher;
 use calsync_common::db::connections::{self, Connected, Connection};
+use calsync_common::db::inbox::InboxStatus;
 
 use crate::Ctx;
 use crate::procs::{Proc, free_port, wait_ok};
@@ -156,7 +157,8 @@ impl World {
     }
 
     pub async fn processed(&self) -> anyhow::Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'")
+        Ok(sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE status = $1")
+            .bind(InboxStatus::Processed)
             .fetch_one(&self.pool)
             .await?)
     }
@@ -174,7 +176,8 @@ impl World {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let (first, last): (time::OffsetDateTime, time::OffsetDateTime) =
-            sqlx::query_as("SELECT min(processed_at), max(processed_at) FROM webhook_inbox WHERE status = 'processed'")
+            sqlx::query_as("SELECT min(processed_at), max(processed_at) FROM webhook_inbox WHERE status = $1")
+                .bind(InboxStatus::Processed)
                 .fetch_one(&self.pool)
                 .await?;
         Ok((last - first).as_seconds_f64().max(0.001))
