@@ -47,7 +47,7 @@ async fn upsert_ceiling(world: &World, bodies: &[Vec<u8>], concurrency: u16) -> 
                 anyhow::ensure!(connections::lock_if_linked(&mut tx, connection).await?);
                 let meeting =
                     meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(&event)).await?;
-                meetings::upsert_invitee(&mut tx, meeting, &MeetingInvitee::from_invitee(&invitee)).await?;
+                meetings::upsert_invitee(&mut tx, meeting, &MeetingInvitee::of_event(&event, &invitee)?).await?;
                 let record = InboxRecord {
                     message_id: &id,
                     event: Some(&envelope.event),

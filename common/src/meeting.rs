@@ -90,8 +90,32 @@ pub struct MeetingInvitee {
     pub source_updated_at: OffsetDateTime,
 }
 
+/// A webhook named an invitee that is not one of the fetched event's.
+#[derive(Debug, thiserror::Error)]
+#[error("invitee {invitee} is not an invitee of event {event}")]
+pub struct ForeignInvitee {
+    pub invitee: String,
+    pub event: String,
+}
+
 impl MeetingInvitee {
-    pub fn from_invitee(invitee: &Invitee) -> Self {
+    /// The row for `invitee` on `event`'s meeting, only if it really is one of that event's
+    /// invitees (`<event uri>/invitees/<id>`, and the invitee names that event): a body that pairs
+    /// an event with someone else's invitee must not write that invitee into this meeting.
+    pub fn of_event(event: &ScheduledEvent, invitee: &Invitee) -> Result<Self, ForeignInvitee> {
+        let own = invitee.event == event.uri
+            && invitee
+                .uri
+                .strip_prefix(event.uri.as_str())
+                .and_then(|rest| rest.strip_prefix("/invitees/"))
+                .is_some_and(|id| !id.is_empty() && !id.contains('/'));
+        if !own {
+            return Err(ForeignInvitee { invitee: invitee.uri.clone(), event: event.uri.clone() });
+        }
+        Ok(Self::from_invitee(invitee))
+    }
+
+    fn from_invitee(invitee: &Invitee) -> Self {
         let status = MeetingStatus::from_calendly(&invitee.status);
         let cancellation = invitee.cancellation.as_ref();
         Self {
@@ -144,6 +168,25 @@ mod tests {
         serde_json::from_value(base).unwrap()
     }
 
+    fn own(invitee: &Invitee) -> MeetingInvitee {
+        MeetingInvitee::of_event(&event(json!({})), invitee).unwrap()
+    }
+
+    #[test]
+    fn an_invitee_of_another_event_is_refused() {
+        let of_other = |uri: &str, event_uri: &str| {
+            let other = invitee(json!({"uri": uri, "event": event_uri}));
+            MeetingInvitee::of_event(&event(json!({})), &other).is_err()
+        };
+        let e = "https://api.calendly.com/scheduled_events/E";
+        assert!(of_other("https://api.calendly.com/scheduled_events/F/invitees/I", e), "another event's invitee");
+        assert!(of_other(&format!("{e}/invitees/I"), "https://api.calendly.com/scheduled_events/F"), "names F");
+        assert!(of_other(&format!("{e}X/invitees/I"), e), "a prefix is not the event");
+        assert!(of_other(&format!("{e}/invitees/"), e), "no invitee id");
+        assert!(of_other(&format!("{e}/invitees/I/x"), e), "nested path");
+        assert!(!of_other(&format!("{e}/invitees/I"), e));
+    }
+
     #[test]
     fn an_active_event_is_an_active_meeting_with_no_cancellation() {
         let meeting = Meeting::from_event(&event(json!({})));
@@ -178,7 +221,7 @@ mod tests {
 
     #[test]
     fn a_rescheduled_invitee_is_canceled_and_points_to_its_replacement() {
-        let row = MeetingInvitee::from_invitee(&invitee(json!({
+        let row = own(&invitee(json!({
             "status": "canceled",
             "rescheduled": true,
             "new_invitee": "https://api.calendly.com/scheduled_events/F/invitees/J",
@@ -193,15 +236,14 @@ mod tests {
 
     #[test]
     fn an_invitee_is_a_no_show_only_when_calendly_sends_a_no_show_object() {
-        assert!(!MeetingInvitee::from_invitee(&invitee(json!({"no_show": null}))).no_show);
-        assert!(!MeetingInvitee::from_invitee(&invitee(json!({}))).no_show);
-        assert!(MeetingInvitee::from_invitee(&invitee(json!({"no_show": {"uri": "x"}}))).no_show);
+        assert!(!own(&invitee(json!({"no_show": null}))).no_show);
+        assert!(!own(&invitee(json!({}))).no_show);
+        assert!(own(&invitee(json!({"no_show": {"uri": "x"}}))).no_show);
     }
 
     #[test]
     fn an_active_invitee_has_no_cancellation_time_even_if_calendly_sends_one() {
-        let row =
-            MeetingInvitee::from_invitee(&invitee(json!({"cancellation": {"created_at": "2026-01-02T11:59:00Z"}})));
+        let row = own(&invitee(json!({"cancellation": {"created_at": "2026-01-02T11:59:00Z"}})));
         assert_eq!(row.status, MeetingStatus::Active);
         assert_eq!(row.canceled_at, None);
     }

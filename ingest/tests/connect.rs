@@ -156,6 +156,7 @@ impl Env {
             duration_minutes: None,
             invitees: vec![calendly_sim::NewInvitee { name: "G".into(), email: "g@example.com".into() }],
             location: None,
+            co_hosts: Vec::new(),
         };
         self.sim.sim.book(booking).unwrap();
     }

@@ -228,7 +228,7 @@ async fn users_me(State(sim): State<Sim>, headers: HeaderMap) -> Response {
 async fn get_event(State(sim): State<Sim>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     sim.api("get_event", &headers, |world, uris, user| {
         let event = id.parse::<Uuid>().ok().and_then(|id| world.events.get(&id)).ok_or_else(not_found)?;
-        if event.host != user {
+        if !event.is_hosted_by(user) {
             return Err(forbidden("You do not have permission to access this resource."));
         }
         Ok((StatusCode::OK, json!({ "resource": world.event_json(uris, event) })))
@@ -268,8 +268,10 @@ async fn list_events(State(sim): State<Sim>, Query(q): Query<EventQuery>, header
             .events
             .values()
             .filter(|e| {
-                filter_user
-                    .map_or_else(|| world.users.get(&e.host).is_some_and(|h| h.organization == org), |u| e.host == u)
+                filter_user.map_or_else(
+                    || world.users.get(&e.host).is_some_and(|h| h.organization == org),
+                    |u| e.is_hosted_by(u),
+                )
             })
             .filter(|e| q.min_start_time.is_none_or(|t| e.start_time >= t))
             .filter(|e| q.max_start_time.is_none_or(|t| e.start_time < t))
@@ -297,7 +299,7 @@ async fn list_invitees(
 ) -> Response {
     sim.api("list_invitees", &headers, |world, uris, user| {
         let event = id.parse::<Uuid>().ok().and_then(|id| world.events.get(&id)).ok_or_else(not_found)?;
-        if event.host != user {
+        if !event.is_hosted_by(user) {
             return Err(forbidden("You do not have permission to access this resource."));
         }
         // Booking order is creation order, which is what Calendly pages by.

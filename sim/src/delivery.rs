@@ -13,18 +13,21 @@ use crate::sim::Sim;
 use crate::webhook::{Captured, DeliveryMode, SIGNATURE_HEADER};
 
 impl Sim {
-    /// Delivers `event` about something hosted by `host` to every matching active subscription.
-    pub(crate) fn deliver(&self, event: &str, host: Uuid, payload: serde_json::Value) {
+    /// Delivers `event` about something hosted by `hosts` to every matching active subscription:
+    /// each host's user-scoped one (a collective event reaches every host), and those of the hosts'
+    /// organizations.
+    pub(crate) fn deliver(&self, event: &str, hosts: &[Uuid], payload: serde_json::Value) {
         let targets: Vec<(Uuid, String, String)> = {
             let world = self.world();
-            let Some(host_user) = world.users.get(&host) else { return };
+            let organizations: Vec<Uuid> =
+                hosts.iter().filter_map(|h| world.users.get(h)).map(|u| u.organization).collect();
             world
                 .subscriptions
                 .values()
                 .filter(|s| s.state == "active" && s.events.iter().any(|e| e == event))
                 .filter(|s| match s.scope.as_str() {
-                    "user" => s.user == Some(host),
-                    _ => s.organization == host_user.organization,
+                    "user" => s.user.is_some_and(|u| hosts.contains(&u)),
+                    _ => organizations.contains(&s.organization),
                 })
                 .map(|s| (s.id, s.callback_url.clone(), self.uris().user(s.creator)))
                 .collect()

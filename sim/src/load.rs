@@ -95,6 +95,7 @@ fn act(sim: &Sim, user: Uuid, n: u64, report: &mut LoadReport) {
         duration_minutes: Some(30),
         invitees: vec![NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") }],
         location: None,
+        co_hosts: Vec::new(),
     };
     if sim.book(booking).is_ok() {
         report.booked += 1;

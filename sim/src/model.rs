@@ -37,7 +37,11 @@ pub struct User {
 #[derive(Debug, Clone)]
 pub struct Event {
     pub id: Uuid,
+    /// The event's owner (the booked user).
     pub host: Uuid,
+    /// Further hosts of a collective (or round-robin) event: each one's user-scoped subscription
+    /// receives the event's webhooks, and each one may read the event with their own token.
+    pub co_hosts: Vec<Uuid>,
     pub name: String,
     pub status: &'static str,
     pub start_time: OffsetDateTime,
@@ -48,6 +52,17 @@ pub struct Event {
     pub cancellation: Option<Value>,
     pub created_at: OffsetDateTime,
     pub updated_at: OffsetDateTime,
+}
+
+impl Event {
+    /// Every host, the owner first.
+    pub fn hosts(&self) -> Vec<Uuid> {
+        std::iter::once(self.host).chain(self.co_hosts.iter().copied()).collect()
+    }
+
+    pub fn is_hosted_by(&self, user: Uuid) -> bool {
+        self.host == user || self.co_hosts.contains(&user)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -175,7 +190,18 @@ impl World {
     pub fn event_json(&self, uris: &Uris, event: &Event) -> Value {
         let invitees: Vec<&Invitee> = self.invitees_of(event.id).collect();
         let active = invitees.iter().filter(|i| i.status == "active").count();
-        let host = self.users.get(&event.host);
+        let memberships: Vec<Value> = event
+            .hosts()
+            .into_iter()
+            .map(|id| {
+                let host = self.users.get(&id);
+                json!({
+                    "user": uris.user(id),
+                    "user_email": host.map(|h| h.email.clone()),
+                    "user_name": host.map(|h| h.name.clone()),
+                })
+            })
+            .collect();
         json!({
             "uri": uris.event(event.id),
             "name": event.name,
@@ -187,11 +213,7 @@ impl World {
             "invitees_counter": { "total": invitees.len(), "active": active, "limit": event.invitee_limit },
             "created_at": ts(event.created_at),
             "updated_at": ts(event.updated_at),
-            "event_memberships": [{
-                "user": uris.user(event.host),
-                "user_email": host.map(|h| h.email.clone()),
-                "user_name": host.map(|h| h.name.clone()),
-            }],
+            "event_memberships": memberships,
             "event_guests": [],
             "cancellation": event.cancellation,
             "meeting_notes_plain": null,

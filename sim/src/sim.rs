@@ -150,6 +150,9 @@ pub struct Booking {
     pub invitees: Vec<NewInvitee>,
     #[serde(default)]
     pub location: Option<Value>,
+    /// Further hosts (user URIs or UUIDs) of a collective event.
+    #[serde(default)]
+    pub co_hosts: Vec<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -277,9 +280,11 @@ impl Sim {
     /// Books an event with its invitees; each invitee is delivered as `invitee.created`.
     pub fn book(&self, booking: Booking) -> Result<Value, SimError> {
         let now = OffsetDateTime::now_utc();
-        let (value, deliveries) = {
+        let (value, deliveries, hosts) = {
             let mut world = self.world();
             let host = Self::resolve_user(&world, &booking.user)?;
+            let co_hosts =
+                booking.co_hosts.iter().map(|u| Self::resolve_user(&world, u)).collect::<Result<Vec<_>, _>>()?;
             if booking.invitees.is_empty() {
                 return Err(SimError::BadRequest("a booking needs at least one invitee".into()));
             }
@@ -287,6 +292,7 @@ impl Sim {
             let event = Event {
                 id: Uuid::new_v4(),
                 host,
+                co_hosts,
                 name: booking.name.unwrap_or_else(|| "30 Minute Meeting".into()),
                 status: "active",
                 start_time: start,
@@ -327,10 +333,10 @@ impl Sim {
             let value = json!({ "event": world.event_json(uris, &world.events[&event_id]), "invitees": invitees });
             let deliveries: Vec<_> =
                 ids.iter().map(|id| ("invitee.created", world.invitee_json(uris, &world.invitees[id], true))).collect();
-            (value, deliveries.into_iter().map(|(e, p)| (e, host, p)).collect::<Vec<_>>())
+            (value, deliveries, world.events[&event_id].hosts())
         };
-        for (event, host, payload) in deliveries {
-            self.deliver(event, host, payload);
+        for (event, payload) in deliveries {
+            self.deliver(event, &hosts, payload);
         }
         Ok(value)
     }
@@ -340,7 +346,7 @@ impl Sim {
         id: Uuid,
         cancel: &Cancellation,
         now: OffsetDateTime,
-    ) -> Result<Uuid, SimError> {
+    ) -> Result<Vec<Uuid>, SimError> {
         let invitee = world.invitees.get_mut(&id).ok_or_else(|| SimError::NotFound(format!("no invitee {id}")))?;
         if invitee.status == "canceled" {
             return Err(SimError::BadRequest("invitee already canceled".into()));
@@ -363,18 +369,18 @@ impl Sim {
             event.cancellation = cancellation;
         }
         event.updated_at = now;
-        Ok(event.host)
+        Ok(event.hosts())
     }
 
     /// Cancels an invitee (and its event once no invitee is left): `invitee.canceled`.
     pub fn cancel(&self, invitee: Uuid, cancel: Cancellation) -> Result<Value, SimError> {
         let now = OffsetDateTime::now_utc();
-        let (host, payload) = {
+        let (hosts, payload) = {
             let mut world = self.world();
-            let host = Self::cancel_locked(&mut world, invitee, &cancel, now)?;
-            (host, world.invitee_json(&self.inner.uris, &world.invitees[&invitee], true))
+            let hosts = Self::cancel_locked(&mut world, invitee, &cancel, now)?;
+            (hosts, world.invitee_json(&self.inner.uris, &world.invitees[&invitee], true))
         };
-        self.deliver("invitee.canceled", host, payload.clone());
+        self.deliver("invitee.canceled", &hosts, payload.clone());
         Ok(payload)
     }
 
@@ -383,7 +389,7 @@ impl Sim {
     /// `invitee.canceled` then `invitee.created`.
     pub fn reschedule(&self, invitee: Uuid, new_start: Option<OffsetDateTime>) -> Result<Value, SimError> {
         let now = OffsetDateTime::now_utc();
-        let (host, canceled, created, value) = {
+        let (hosts, canceled, created, value) = {
             let mut world = self.world();
             let old = world
                 .invitees
@@ -422,7 +428,7 @@ impl Sim {
                 canceled_by: Some(old.name.clone()),
                 canceler_type: Some("invitee".into()),
             };
-            let host = Self::cancel_locked(&mut world, invitee, &cancel, now)?;
+            let hosts = Self::cancel_locked(&mut world, invitee, &cancel, now)?;
             let o = world.invitees.get_mut(&invitee).expect("just canceled");
             o.rescheduled = true;
             o.new_invitee = Some(uris.invitee(new_event.id, new_invitee.id));
@@ -432,28 +438,28 @@ impl Sim {
             let canceled = world.invitee_json(uris, &world.invitees[&invitee], true);
             let created = world.invitee_json(uris, &world.invitees[&new_id], true);
             let value = json!({ "old_invitee": canceled.clone(), "new_invitee": created.clone() });
-            (host, canceled, created, value)
+            (hosts, canceled, created, value)
         };
-        self.deliver("invitee.canceled", host, canceled);
-        self.deliver("invitee.created", host, created);
+        self.deliver("invitee.canceled", &hosts, canceled);
+        self.deliver("invitee.created", &hosts, created);
         Ok(value)
     }
 
     /// Marks (`true`) or unmarks an invitee as a no-show: `invitee_no_show.created` / `.deleted`.
     pub fn set_no_show(&self, invitee: Uuid, no_show: bool) -> Result<Value, SimError> {
         let now = OffsetDateTime::now_utc();
-        let (host, payload) = {
+        let (hosts, payload) = {
             let mut world = self.world();
             let inv =
                 world.invitees.get_mut(&invitee).ok_or_else(|| SimError::NotFound(format!("no invitee {invitee}")))?;
             inv.no_show = no_show.then(|| json!({ "uri": format!("{}/invitee_no_shows/{}", self.inner.uris.api, Uuid::new_v4()), "created_at": ts(now) }));
             inv.updated_at = now;
             let event = inv.event;
-            let host = world.events[&event].host;
-            (host, world.invitee_json(&self.inner.uris, &world.invitees[&invitee], true))
+            let hosts = world.events[&event].hosts();
+            (hosts, world.invitee_json(&self.inner.uris, &world.invitees[&invitee], true))
         };
         let event = if no_show { "invitee_no_show.created" } else { "invitee_no_show.deleted" };
-        self.deliver(event, host, payload.clone());
+        self.deliver(event, &hosts, payload.clone());
         Ok(payload)
     }
 
@@ -591,7 +597,7 @@ impl Sim {
         world
             .invitees
             .values()
-            .filter(|i| i.status == "active" && world.events.get(&i.event).is_some_and(|e| e.host == user))
+            .filter(|i| i.status == "active" && world.events.get(&i.event).is_some_and(|e| e.is_hosted_by(user)))
             .map(|i| i.id)
             .collect()
     }

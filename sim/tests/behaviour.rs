@@ -97,6 +97,7 @@ fn book(server: &SimServer, host: &Value, invitees: usize) -> Value {
                 .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("g{n}@example.com") })
                 .collect(),
             location: None,
+            co_hosts: Vec::new(),
         })
         .unwrap()
 }
@@ -244,6 +245,42 @@ async fn reading_another_users_event_is_403() {
     let response = api(&server, bob_tokens["access_token"].as_str().unwrap(), &path).await;
 
     assert_eq!(response.status(), 403);
+}
+
+#[tokio::test]
+async fn a_collective_event_reaches_every_hosts_subscription_and_every_host_can_read_it() {
+    let server = start(SimConfig::default()).await;
+    let (ada, bob, cy) = (user(&server, "Ada"), user(&server, "Bob"), user(&server, "Cy"));
+    subscribe_capture(&server, &ada).await;
+    subscribe_capture(&server, &bob).await;
+    subscribe_capture(&server, &cy).await;
+    let booked = server
+        .sim
+        .book(Booking {
+            user: ada["uri"].as_str().unwrap().into(),
+            name: Some("Panel".into()),
+            start_time: None,
+            duration_minutes: Some(30),
+            invitees: vec![NewInvitee { name: "Grace".into(), email: "grace@example.com".into() }],
+            location: None,
+            co_hosts: vec![bob["uri"].as_str().unwrap().into()],
+        })
+        .unwrap();
+
+    let created_by: Vec<Value> = server
+        .sim
+        .take_captured()
+        .iter()
+        .map(|c| serde_json::from_str::<Value>(&c.body).unwrap()["created_by"].clone())
+        .collect();
+    assert_eq!(created_by.len(), 2, "one delivery per host's subscription, none for Cy");
+    assert!(created_by.contains(&ada["uri"]) && created_by.contains(&bob["uri"]));
+    let path = format!("/scheduled_events/{}", uuid_of(booked["event"]["uri"].as_str().unwrap()));
+    for (who, status) in [(&ada, 200), (&bob, 200), (&cy, 403)] {
+        let tokens = tokens_for(&server, who["email"].as_str().unwrap()).await;
+        assert_eq!(api(&server, tokens["access_token"].as_str().unwrap(), &path).await.status(), status);
+    }
+    assert_eq!(booked["event"]["event_memberships"].as_array().unwrap().len(), 2);
 }
 
 #[tokio::test]

@@ -83,15 +83,14 @@ async fn apply(
 ) -> Result<(), ProcessError> {
     let invitee = &change.invitee;
     let event = fetch::get_event(deps, connection, &invitee.event, change.event_updated_at).await?;
-    if event.uri != invitee.event {
-        return Err(ProcessError::Permanent(format!("Calendly answered {} for {}", event.uri, invitee.event)));
-    }
+    // Neither the invitee URI nor its event is taken from the body on trust.
+    let invitee_row = MeetingInvitee::of_event(&event, invitee).map_err(|e| ProcessError::Permanent(e.to_string()))?;
     let mut tx = deps.pool.begin().await?;
     if !connections::lock_if_linked(&mut tx, connection).await? {
         return Err(ProcessError::transient("the connection changed while processing; resolving again"));
     }
     let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(&event)).await?;
-    meetings::upsert_invitee(&mut tx, meeting_id, &MeetingInvitee::from_invitee(invitee)).await?;
+    meetings::upsert_invitee(&mut tx, meeting_id, &invitee_row).await?;
     inbox::record(&mut *tx, &inbox_row(delivery, Some(webhook), InboxStatus::Processed, None)).await?;
     tx.commit().await?;
     tracing::debug!(kind = ?change.kind, user_id = %connection.user_id, "webhook applied");

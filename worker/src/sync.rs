@@ -75,13 +75,18 @@ async fn backfill(deps: &Deps, connection_id: Uuid) -> Result<Option<usize>, Pro
                     None => break,
                 }
             }
+            let rows = invitees
+                .iter()
+                .map(|invitee| MeetingInvitee::of_event(event, invitee))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ProcessError::Permanent(format!("Calendly listed {e}")))?;
             let mut tx = deps.pool.begin().await?;
             if !connections::lock_if_linked(&mut tx, &connection).await? {
                 return Ok(None);
             }
             let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(event)).await?;
-            for invitee in &invitees {
-                meetings::upsert_invitee(&mut tx, meeting_id, &MeetingInvitee::from_invitee(invitee)).await?;
+            for row in &rows {
+                meetings::upsert_invitee(&mut tx, meeting_id, row).await?;
             }
             tx.commit().await?;
             written += 1;

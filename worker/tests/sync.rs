@@ -20,6 +20,7 @@ fn book_at(h: &Harness, user: &User, start: OffsetDateTime, invitees: usize) {
                 .map(|n| NewInvitee { name: format!("G {n}"), email: format!("g{n}@example.com") })
                 .collect(),
             location: None,
+            co_hosts: Vec::new(),
         })
         .unwrap();
 }

@@ -52,15 +52,16 @@ pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, meeting: &Meet
     }
 }
 
-/// Inserts or updates an invitee of `meeting_id`.
+/// Inserts or updates an invitee of `meeting_id`. The row is the meeting's own: the same Calendly
+/// invitee on another user's copy of the event is another row, never moved here.
 pub async fn upsert_invitee(tx: &mut PgConnection, meeting_id: Uuid, invitee: &MeetingInvitee) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO meeting_invitees (id, meeting_id, calendly_invitee_uri, email, name, status, rescheduled, \
              old_invitee_uri, new_invitee_uri, no_show, canceled_at, cancel_reason, canceled_by, canceler_type, \
              source_updated_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-         ON CONFLICT (calendly_invitee_uri) DO UPDATE SET \
-             meeting_id = EXCLUDED.meeting_id, email = EXCLUDED.email, name = EXCLUDED.name, \
+         ON CONFLICT (meeting_id, calendly_invitee_uri) DO UPDATE SET \
+             email = EXCLUDED.email, name = EXCLUDED.name, \
              status = EXCLUDED.status, rescheduled = EXCLUDED.rescheduled, \
              old_invitee_uri = COALESCE(EXCLUDED.old_invitee_uri, meeting_invitees.old_invitee_uri), \
              new_invitee_uri = COALESCE(EXCLUDED.new_invitee_uri, meeting_invitees.new_invitee_uri), \

@@ -149,6 +149,7 @@ impl Harness {
                     .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") })
                     .collect(),
                 location: None,
+                co_hosts: Vec::new(),
             })
             .unwrap()
     }

@@ -1,0 +1,159 @@
+//! One user's meetings and invitees never change another user's rows, even when both host the same
+//! Calendly event or one Calendly account moves from one app user to another.
+
+mod support;
+
+use calendly_sim::{Booking, Cancellation, NewInvitee};
+use calsync_common::db::connections;
+use calsync_common::queue::message::{SyncJob, sync_job};
+use serde_json::Value;
+use sqlx::PgPool;
+use support::*;
+use uuid::Uuid;
+
+/// A collective event hosted by `host` and `co_host`, with `invitees` invitees.
+fn book_collective(h: &Harness, host: &User, co_host: &User, invitees: usize) -> Value {
+    h.sim
+        .sim
+        .book(Booking {
+            user: host.uri.clone(),
+            name: Some("Panel".into()),
+            start_time: None,
+            duration_minutes: Some(30),
+            invitees: (0..invitees)
+                .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") })
+                .collect(),
+            location: None,
+            co_hosts: vec![co_host.uri.clone()],
+        })
+        .unwrap()
+}
+
+/// The captured bodies, split by the Calendly user whose subscription delivered them.
+fn captured_for(h: &Harness, ada: &User) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    h.captured().into_iter().partition(|body| {
+        let envelope: Value = serde_json::from_slice(body).unwrap();
+        envelope["created_by"] == ada.uri.as_str()
+    })
+}
+
+/// `(invitee uri, status)` of the invitees on `app_user`'s meetings.
+async fn invitees_of(h: &Harness, app_user: Uuid) -> Vec<(String, String)> {
+    sqlx::query_as(
+        "SELECT i.calendly_invitee_uri, i.status FROM meeting_invitees i JOIN meetings m ON m.id = i.meeting_id \
+         WHERE m.user_id = $1 ORDER BY 1",
+    )
+    .bind(app_user)
+    .fetch_all(&h.pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn two_users_hosting_one_event_each_keep_their_own_meeting_and_invitees_in_either_order(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    h.start_worker(&[]).await;
+    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
+
+    // First event: Ada's copies are processed first, then Bob's, then all of them again.
+    book_collective(&h, &ada, &bob, 2);
+    let (ada_bodies, bob_bodies) = captured_for(&h, &ada);
+    assert_eq!((ada_bodies.len(), bob_bodies.len()), (2, 2), "each host's subscription gets every invitee");
+    let mut ids = h.publish_all(&ada_bodies).await;
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    ids.extend(h.publish_all(&bob_bodies).await);
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    // Second event: Bob's first this time.
+    book_collective(&h, &ada, &bob, 1);
+    let (ada_second, bob_second) = captured_for(&h, &ada);
+    let mut second = h.publish_all(&bob_second).await;
+    h.wait_for_inbox(&second, &["processed"]).await;
+    second.extend(h.publish_all(&ada_second).await);
+    h.wait_for_inbox(&second, &["processed"]).await;
+    // Redeliveries of everything change nothing.
+    let all: Vec<Vec<u8>> = [ada_bodies, bob_bodies, ada_second, bob_second].concat();
+    let again = h.publish_all(&all).await;
+    h.wait_for_inbox(&again, &["processed"]).await;
+    calsync_testkit::wait_until(DEADLINE, "the redeliveries are settled", || async {
+        h.topology.depth(&h.topology.topology.webhooks_queue()).await == 0
+    })
+    .await;
+
+    assert_eq!(h.meetings(ada.app_user).await.len(), 2);
+    assert_eq!(h.meetings(bob.app_user).await.len(), 2);
+    let (ada_invitees, bob_invitees) = (invitees_of(&h, ada.app_user).await, invitees_of(&h, bob.app_user).await);
+    assert_eq!(ada_invitees.len(), 3, "Ada keeps all three invitees: {ada_invitees:?}");
+    assert_eq!(ada_invitees, bob_invitees, "Bob has his own copy of the same three");
+    assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 6);
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_cancel_that_reaches_one_hosts_copy_changes_only_that_copy(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    h.start_worker(&[]).await;
+    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
+    let booked = book_collective(&h, &ada, &bob, 2);
+    let ids = h.publish_all(&h.captured()).await;
+    h.wait_for_inbox(&ids, &["processed"]).await;
+
+    let first = booked["invitees"][0]["uri"].as_str().unwrap().to_owned();
+    h.sim.sim.cancel(uuid_of(&first), Cancellation::default()).unwrap();
+    let (ada_cancel, _bob_cancel_never_delivered) = captured_for(&h, &ada);
+    let ids = h.publish_all(&ada_cancel).await;
+    h.wait_for_inbox(&ids, &["processed"]).await;
+
+    let status_of = |rows: &[(String, String)]| rows.iter().find(|(uri, _)| *uri == first).unwrap().1.clone();
+    assert_eq!(status_of(&invitees_of(&h, ada.app_user).await), "canceled");
+    assert_eq!(status_of(&invitees_of(&h, bob.app_user).await), "active", "Bob's copy was not touched");
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn an_account_that_moves_to_another_app_user_leaves_the_first_users_meetings_whole(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    h.start_worker(&[]).await;
+    let first = h.connect("Ada").await;
+    h.book(&first, 1);
+    let ids = h.publish_all(&h.captured()).await;
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    // The first app user disconnects; another app user connects the same Calendly account and its
+    // backfill writes the same event and invitee.
+    let mut tx = h.pool.begin().await.unwrap();
+    connections::mark_disconnected(&mut tx, first.connection_id, None).await.unwrap();
+    tx.commit().await.unwrap();
+    let second_user = Uuid::new_v4();
+    let expires = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
+    let second = h.store_tokens(second_user, &first.calendly, expires).await;
+    h.publisher.publish(&sync_job(&SyncJob { connection_id: second })).await.unwrap();
+
+    calsync_testkit::wait_until(DEADLINE, "the second user's backfill wrote the meeting", || async {
+        invitees_of(&h, second_user).await.len() == 1
+    })
+    .await;
+
+    assert_eq!(invitees_of(&h, first.app_user).await.len(), 1, "the first user's history keeps its invitee");
+    assert_eq!(h.meetings(first.app_user).await.len(), 1);
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_body_that_pairs_an_event_with_another_events_invitee_is_dead_and_writes_nothing(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    h.start_worker(&[]).await;
+    let ada = h.connect("Ada").await;
+    h.book(&ada, 1);
+    let other = h.book(&ada, 1);
+    let mut body: Value = serde_json::from_slice(&h.captured()[0]).unwrap();
+    // The payload's event is the first booking's; its invitee URI is the second booking's.
+    body["payload"]["uri"] = other["invitees"][0]["uri"].clone();
+    let forged = serde_json::to_vec(&body).unwrap();
+
+    let ids = h.publish_all(&[forged]).await;
+    h.wait_for_inbox(&ids, &["dead"]).await;
+
+    assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 0);
+    let dead = h.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    h.stop().await;
+}
