@@ -60,6 +60,9 @@ pub struct Faults {
     pub rate_429: f64,
     /// Overrides the per-user limit per minute when set.
     pub rate_limit_per_minute: Option<u32>,
+    /// Reported as the token endpoint's `expires_in` when set (the real lifetime is unchanged): a
+    /// broken answer such as an absurdly long lifetime.
+    pub token_expires_in: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -191,6 +194,7 @@ impl Sim {
     pub(crate) fn issue_tokens(&self, user: Uuid) -> serde_json::Value {
         let now = OffsetDateTime::now_utc();
         let ttl = self.config().access_token_ttl;
+        let expires_in = self.faults().token_expires_in.unwrap_or(ttl.as_secs() as i64);
         let (access, refresh) = (random_token(), random_token());
         let mut world = self.world();
         world.access_tokens.insert(access.clone(), AccessToken { user, expires_at: now + ttl, revoked: false });
@@ -200,7 +204,7 @@ impl Sim {
             "token_type": "Bearer",
             "access_token": access,
             "refresh_token": refresh,
-            "expires_in": ttl.as_secs(),
+            "expires_in": expires_in,
             "created_at": now.unix_timestamp(),
             "scope": "default",
             "owner": self.uris().user(user),

@@ -3,10 +3,12 @@
 //! published (with confirms) before the original is acked, so a crash in between duplicates a
 //! message rather than losing it.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
@@ -14,12 +16,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use calsync_common::calendly::webhook::Webhook;
 use calsync_common::queue::message::Incoming;
 use calsync_common::queue::{Broker, RetryTarget};
 use calsync_common::retry;
 
 use crate::deps::Deps;
-use crate::outcome::Outcome;
+use crate::error::ProcessError;
+use crate::outcome::{self, Outcome};
 use crate::{process, sync};
 
 /// How long to wait before requeueing a message whose retry could not be published (the broker is
@@ -116,15 +120,46 @@ async fn consume(
 async fn handle(deps: &Deps, broker: &Broker, target: RetryTarget, delivery: Delivery, incoming: Incoming) {
     let started = std::time::Instant::now();
     metrics::gauge!("calsync_worker_in_flight").increment(1.0);
-    let (outcome, event) = match target {
-        RetryTarget::Webhooks => process::process_webhook(deps, &incoming).await,
-        RetryTarget::Sync => (sync::process_sync(deps, &incoming).await, "sync"),
+    let work = async {
+        match target {
+            RetryTarget::Webhooks => process::process_webhook(deps, &incoming).await,
+            RetryTarget::Sync => (sync::process_sync(deps, &incoming).await, "sync"),
+        }
+    };
+    let (outcome, event) = match catch_panic(work, incoming.attempt, deps.max_attempts).await {
+        Ok(settled) => settled,
+        Err(outcome) => {
+            let event = match target {
+                RetryTarget::Webhooks => process::event_label(Webhook::parse(&incoming.body).ok().as_ref()),
+                RetryTarget::Sync => "sync",
+            };
+            (outcome, event)
+        }
     };
     tracing::debug!(outcome = outcome.label(), "delivery handled");
     metrics::counter!("calsync_worker_deliveries_total", "event" => event, "outcome" => outcome.label()).increment(1);
     metrics::histogram!("calsync_worker_processing_seconds").record(started.elapsed().as_secs_f64());
     settle(broker, target, delivery, &incoming, outcome).await;
     metrics::gauge!("calsync_worker_in_flight").decrement(1.0);
+}
+
+/// A panic must not leave the message unacked with its prefetch slot taken until the channel
+/// closes: it becomes a failed attempt like any other (retried, then dead with the panic's text).
+async fn catch_panic<T>(work: impl Future<Output = T>, attempt: u32, max_attempts: u32) -> Result<T, Outcome> {
+    AssertUnwindSafe(work).catch_unwind().await.map_err(|panic| {
+        let reason = format!("processing panicked: {}", panic_message(panic.as_ref()));
+        tracing::error!(%reason, "delivery processing panicked");
+        metrics::counter!("calsync_worker_panics_total").increment(1);
+        outcome::decide(ProcessError::transient(reason), attempt, max_attempts)
+    })
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// Turns an outcome into AMQP: ack, or publish a retry / dead-letter copy (confirmed) and then ack.
@@ -152,5 +187,30 @@ async fn settle(broker: &Broker, target: RetryTarget, delivery: Delivery, incomi
     if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
         // The broker will redeliver it; processing is idempotent, so that is only extra work.
         tracing::warn!(%error, "ack failed; the message will be redelivered");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_delivery_is_retried_with_the_panic_message_then_dead_on_the_last_attempt() {
+        let panics = || async { panic!("expires_in overflowed") };
+
+        let first: Result<(), Outcome> = catch_panic(panics(), 1, 3).await;
+        let last: Result<(), Outcome> = catch_panic(panics(), 3, 3).await;
+
+        assert_eq!(
+            first,
+            Err(Outcome::Retry { reason: "processing panicked: expires_in overflowed".into(), at_least: None })
+        );
+        assert_eq!(
+            last,
+            Err(Outcome::Dead {
+                reason: "gave up after 3 attempts: processing panicked: expires_in overflowed".into()
+            })
+        );
+        assert_eq!(catch_panic(async { 7 }, 1, 3).await, Ok(7));
     }
 }

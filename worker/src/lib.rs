@@ -53,14 +53,9 @@ pub struct Worker {
 
 impl Worker {
     pub async fn build(settings: WorkerSettings, shutdown: CancellationToken) -> anyhow::Result<Self> {
-        settings.validate()?;
+        settings.validate_for_consuming()?;
         let cipher = TokenCipher::from_settings(&settings.shared.token_keys)?;
         calsync_common::telemetry::metrics_handle();
-        if settings.shared.calendly.calendly_oauth_client_id.is_none()
-            || settings.shared.calendly.calendly_oauth_client_secret.is_none()
-        {
-            tracing::warn!("CALENDLY_OAUTH_CLIENT_ID/SECRET are not set: expiring tokens cannot be refreshed");
-        }
         let listener = calsync_common::http::listen(&settings.worker_addr, "WORKER_ADDR").await?;
         let database =
             Database::start(&settings.shared.database.database_url, settings.db_pool_size(), shutdown.clone())?;

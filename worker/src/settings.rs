@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use calsync_common::config::{ConfigError, SharedArgs};
+use calsync_common::config::{ConfigError, SharedArgs, present};
 
 /// Settings of `calsync-worker`.
 #[derive(Args, Clone, Debug)]
@@ -48,6 +48,21 @@ impl WorkerSettings {
         }
         if self.worker_max_attempts == 0 {
             return Err(ConfigError::Invalid("WORKER_MAX_ATTEMPTS", "must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// Fail closed for consuming: without the OAuth client, the first expiring token would turn into
+    /// dead letters instead of a refresh, so the worker refuses to start. (Operator subcommands
+    /// that never refresh do not need it.)
+    pub fn validate_for_consuming(&self) -> Result<(), ConfigError> {
+        self.validate()?;
+        let calendly = &self.shared.calendly;
+        if calendly.calendly_oauth_client_id.as_deref().is_none_or(|id| id.trim().is_empty()) {
+            return Err(ConfigError::Missing("CALENDLY_OAUTH_CLIENT_ID"));
+        }
+        if present(&calendly.calendly_oauth_client_secret).is_none() {
+            return Err(ConfigError::Missing("CALENDLY_OAUTH_CLIENT_SECRET"));
         }
         Ok(())
     }

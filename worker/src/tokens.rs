@@ -74,7 +74,7 @@ async fn refresh_locked(deps: &Deps, connection_id: Uuid, rejected: Option<&str>
         Ok(tokens) => {
             let access = deps.cipher.encrypt(&tokens.access_token, binding(row.id, ACCESS_TOKEN));
             let refresh = deps.cipher.encrypt(&tokens.refresh_token, binding(row.id, REFRESH_TOKEN));
-            let expires_at = OffsetDateTime::now_utc() + time::Duration::seconds(tokens.expires_in);
+            let expires_at = tokens.expires_at(OffsetDateTime::now_utc());
             connections::store_tokens(&mut tx, row.id, &access, &refresh, expires_at).await?;
             tx.commit().await?;
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "refreshed").increment(1);

@@ -285,3 +285,34 @@ async fn a_disconnect_racing_a_delivery_leaves_no_meeting_and_parks_the_delivery
     assert_eq!(h.count("SELECT count(*) FROM meetings").await, 0, "nothing written for an account no longer linked");
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn an_absurd_token_lifetime_from_calendly_is_a_clear_error_and_the_worker_keeps_its_slot(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    // One slot: if the broken answer took it (a panic left the message unacked), nothing else would
+    // ever be processed.
+    h.start_worker(&["--worker-concurrency=1", "--worker-max-attempts=1"]).await;
+    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
+    h.store_tokens(ada.app_user, &ada.calendly, OffsetDateTime::now_utc() - time::Duration::minutes(1)).await;
+    h.book(&ada, 1);
+    let ada_bodies = h.captured();
+    h.book(&bob, 1);
+    let bob_bodies = h.captured();
+    // Ada's token must be refreshed, and the token endpoint answers a lifetime of 31 million years.
+    h.sim.sim.set_faults(Faults { token_expires_in: Some(1_000_000_000_000_000), ..Faults::default() });
+
+    let ada_ids = h.publish_all(&ada_bodies).await;
+    h.wait_for_inbox(&ada_ids, &["dead"]).await;
+    let bob_ids = h.publish_all(&bob_bodies).await;
+    h.wait_for_inbox(&bob_ids, &["processed"]).await;
+
+    calsync_testkit::wait_until(DEADLINE, "the dead letter", || async {
+        h.topology.depth(&h.topology.topology.dead_queue()).await == 1
+    })
+    .await;
+    let dead = h.dead_letters().await;
+    let reason = str_header(&dead[0].delivery.properties, DEATH_REASON_HEADER).unwrap();
+    assert!(reason.contains("expires_in = 1000000000000000 s, not a token lifetime"), "{reason}");
+    assert_eq!(h.meetings(ada.app_user).await.len(), 0);
+    h.stop().await;
+}

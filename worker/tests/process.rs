@@ -83,6 +83,23 @@ async fn sigterm_finishes_or_requeues_in_flight_deliveries_and_exits_zero(pool: 
     h.stop().await;
 }
 
+#[tokio::test]
+async fn a_worker_without_oauth_client_credentials_refuses_to_start_naming_the_setting() {
+    let key = calsync_common::crypto::generate_key();
+    let output = Command::new(env!("CARGO_BIN_EXE_calsync-worker"))
+        .args(["--worker-addr=127.0.0.1:0", "--database-url=postgres://127.0.0.1:9/none"])
+        .env("TOKEN_ENCRYPTION_KEY", key)
+        .env_remove("CALENDLY_OAUTH_CLIENT_ID")
+        .env("CALENDLY_OAUTH_CLIENT_SECRET", "secret")
+        .output()
+        .await
+        .unwrap();
+
+    assert_eq!(output.status.code(), Some(2), "refused to start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("CALENDLY_OAUTH_CLIENT_ID is not set"), "{stderr}");
+}
+
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn the_migrate_subcommand_creates_the_database_and_applies_the_schema(pool: PgPool) {
     let name = format!("calsync_migrate_{}", uuid::Uuid::new_v4().simple());

@@ -156,7 +156,15 @@ impl CalendlyClient {
         let request =
             self.http.post(self.auth_path("/oauth/token")).basic_auth(id, Some(secret.expose_secret())).form(form);
         let response = self.send(endpoint, request).await?;
-        response.json().await.map_err(|e| CalendlyError::Unexpected(format!("{endpoint}: {}", without_url(&e))))
+        let tokens: TokenResponse =
+            response.json().await.map_err(|e| CalendlyError::Unexpected(format!("{endpoint}: {}", without_url(&e))))?;
+        if !(1..=MAX_TOKEN_LIFETIME_SECS).contains(&tokens.expires_in) {
+            return Err(CalendlyError::Unexpected(format!(
+                "{endpoint}: Calendly answered expires_in = {} s, not a token lifetime (1 s to {MAX_TOKEN_LIFETIME_SECS} s)",
+                tokens.expires_in
+            )));
+        }
+        Ok(tokens)
     }
 
     /// `grant_type=refresh_token`. Calendly's refresh tokens are single-use: call this only while

@@ -129,6 +129,11 @@ pub struct CalendlyUser {
     pub current_organization: String,
 }
 
+/// The longest token lifetime we believe (Calendly's are two hours). A lifetime outside
+/// `1..=MAX_TOKEN_LIFETIME_SECS` is a broken answer: refused with a clear error rather than turned
+/// into an expiry that overflows or never comes.
+pub const MAX_TOKEN_LIFETIME_SECS: i64 = 366 * 86_400;
+
 /// `POST /oauth/token` answer.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TokenResponse {
@@ -139,6 +144,14 @@ pub struct TokenResponse {
     pub owner: Option<String>,
     #[serde(default)]
     pub organization: Option<String>,
+}
+
+impl TokenResponse {
+    /// When the access token expires, counted from `now`. Only for answers that passed the token
+    /// endpoint's lifetime check.
+    pub fn expires_at(&self, now: OffsetDateTime) -> OffsetDateTime {
+        now + time::Duration::seconds(self.expires_in.clamp(0, MAX_TOKEN_LIFETIME_SECS))
+    }
 }
 
 /// A webhook subscription resource.

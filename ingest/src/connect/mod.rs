@@ -164,7 +164,7 @@ impl ConnectService {
             calendly_organization_uri: &me.current_organization,
             access_token: &tokens.access_token,
             refresh_token: &tokens.refresh_token,
-            expires_at: OffsetDateTime::now_utc() + time::Duration::seconds(tokens.expires_in),
+            expires_at: tokens.expires_at(OffsetDateTime::now_utc()),
         };
         let connection = match connections::store_connected(&self.pool, &self.cipher, &connected).await {
             Ok(connection) => connection,

@@ -25,7 +25,9 @@ use calsync_worker::settings::WorkerSettings;
 /// Generous: it only matters when something is broken, and delayed retries take tens of seconds.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// A test's extra flags override the harness's defaults.
 #[derive(Parser)]
+#[command(args_override_self = true)]
 struct WorkerCli {
     #[command(flatten)]
     settings: WorkerSettings,
