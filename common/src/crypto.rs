@@ -5,6 +5,9 @@
 //! Stored form: `v1.<key id>.<base64(nonce ‖ ciphertext ‖ tag)>`, key id = first 8 hex digits of
 //! SHA-256(key).
 
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use base64::Engine;
@@ -65,6 +68,26 @@ impl Key {
 pub struct TokenCipher {
     current: Key,
     previous: Vec<Key>,
+    failures: KeyFailures,
+}
+
+/// The last time a stored value failed to decrypt, and why. A value that does not decrypt means the
+/// process lacks the key it was written with (a rotation rolled out half-way): an operator's
+/// configuration error, which readiness reports until it has stopped happening for a while.
+#[derive(Clone, Default)]
+pub struct KeyFailures(Arc<Mutex<Option<(Instant, String)>>>);
+
+impl KeyFailures {
+    fn record(&self, error: &CryptoError) {
+        metrics::counter!("calsync_token_decrypt_failures_total").increment(1);
+        *self.0.lock().expect("key failures lock") = Some((Instant::now(), error.to_string()));
+    }
+
+    /// Why a value last failed to decrypt, if that was less than `within` ago.
+    pub fn recent(&self, within: Duration) -> Option<String> {
+        let last = self.0.lock().expect("key failures lock");
+        last.as_ref().filter(|(at, _)| at.elapsed() < within).map(|(_, why)| why.clone())
+    }
 }
 
 impl TokenCipher {
@@ -77,7 +100,12 @@ impl TokenCipher {
             .filter(|k| !k.expose_secret().trim().is_empty())
             .map(|k| Key::parse(k.expose_secret(), "TOKEN_ENCRYPTION_PREVIOUS_KEYS"))
             .collect::<Result<_, _>>()?;
-        Ok(Self { current, previous })
+        Ok(Self { current, previous, failures: KeyFailures::default() })
+    }
+
+    /// A handle on this cipher's decryption failures (for readiness).
+    pub fn failures(&self) -> KeyFailures {
+        self.failures.clone()
     }
 
     /// The id of the key new values are encrypted with.
@@ -100,6 +128,10 @@ impl TokenCipher {
     }
 
     pub fn decrypt(&self, stored: &str, binding: Binding) -> Result<SecretString, CryptoError> {
+        self.open(stored, binding).inspect_err(|error| self.failures.record(error))
+    }
+
+    fn open(&self, stored: &str, binding: Binding) -> Result<SecretString, CryptoError> {
         let mut parts = stored.splitn(3, '.');
         let (Some("v1"), Some(key_id), Some(data)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(CryptoError::Format);
@@ -165,10 +197,11 @@ mod tests {
         let rotated = cipher(&new, &[&old]);
         assert!(rotated.is_stale(&stored));
         assert_eq!(rotated.decrypt(&stored, binding(row, "access_token")).unwrap().expose_secret(), "t");
-        assert!(matches!(
-            cipher(&new, &[]).decrypt(&stored, binding(row, "access_token")),
-            Err(CryptoError::UnknownKey(_))
-        ));
+        let without_old = cipher(&new, &[]);
+        assert!(matches!(without_old.decrypt(&stored, binding(row, "access_token")), Err(CryptoError::UnknownKey(_))));
+        let why = without_old.failures().recent(Duration::from_secs(60)).expect("the failure is reported");
+        assert!(why.contains("neither the current nor a previous key"), "{why}");
+        assert_eq!(rotated.failures().recent(Duration::from_secs(60)), None);
     }
 
     #[test]

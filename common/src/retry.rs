@@ -47,6 +47,18 @@ pub fn calendly_call() -> Delays {
     })
 }
 
+/// Storing a refreshed token pair after its first write failed: the pair exists only in memory
+/// (Calendly consumed the old refresh token), so keep trying for a minute.
+pub fn token_store() -> Delays {
+    Delays(ExponentialBackoff {
+        initial_interval: Duration::from_millis(200),
+        max_interval: Duration::from_secs(5),
+        multiplier: 2.0,
+        max_elapsed_time: Some(Duration::from_secs(60)),
+        ..ExponentialBackoff::default()
+    })
+}
+
 /// Delays of the broker-side retry queues, one queue per delay so a long wait never holds up a
 /// short one (RabbitMQ only expires messages at a queue's head).
 pub const REDELIVERY_DELAYS: &[Duration] = &[

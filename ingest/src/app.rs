@@ -46,8 +46,12 @@ pub struct Shared {
 
 pub fn router(state: AppState) -> Router {
     // Ready = the broker can take webhooks; the database is reported but webhook intake does not need it.
-    let probe =
-        health::Probe { broker: state.broker.clone(), database: state.database.clone(), database_required: false };
+    let probe = health::Probe {
+        broker: state.broker.clone(),
+        database: state.database.clone(),
+        database_required: false,
+        token_keys: None,
+    };
     Router::new()
         .merge(routes::webhooks::router())
         .merge(routes::connect::router())

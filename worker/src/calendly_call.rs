@@ -38,7 +38,7 @@ where
         match error {
             CalendlyError::Unauthorized if !refreshed_after_401 => {
                 refreshed_after_401 = true;
-                token = tokens::after_unauthorized(deps, connection.id, &token).await?;
+                token = tokens::after_unauthorized(deps, connection, &token).await?;
             }
             CalendlyError::RateLimited { reset } if reset <= MAX_IN_PROCESS_RATE_WAIT => match backoff.next_delay() {
                 Some(_) => tokio::time::sleep(reset).await,

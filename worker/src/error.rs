@@ -32,9 +32,14 @@ impl From<sqlx::Error> for ProcessError {
 }
 
 impl From<CryptoError> for ProcessError {
-    /// A token that does not decrypt cannot be fixed by retrying; a reconnect stores a fresh one.
+    /// A token that does not decrypt means this process lacks a key (a rotation half rolled out),
+    /// not that the user must reconnect: retried through the delay queues until the operator fixes
+    /// the configuration, never parked for reauth.
     fn from(error: CryptoError) -> Self {
-        Self::NeedsReauth(format!("stored token cannot be decrypted: {error}"))
+        Self::transient(format!(
+            "stored token cannot be decrypted ({error}): configuration error, check TOKEN_ENCRYPTION_KEY and \
+             TOKEN_ENCRYPTION_PREVIOUS_KEYS on this worker"
+        ))
     }
 }
 

@@ -81,6 +81,7 @@ impl Worker {
             broker: self.broker.clone(),
             database: self.database.clone(),
             database_required: true,
+            token_keys: Some(self.deps.cipher.failures()),
         });
         let stop_health = self.shutdown.clone();
         let server = tokio::spawn(async move {

@@ -157,6 +157,36 @@ pub async fn store_tokens(
     .map(|_| ())
 }
 
+/// Stores a refreshed pair outside the refresh's own transaction (its write failed), only while the
+/// row still holds `consumed`, the refresh token that produced the pair: a disconnect or a newer
+/// refresh meanwhile wins. A `needs_reauth` set since then came from someone presenting the consumed
+/// token, so the row is active again. Returns whether the pair was stored.
+pub async fn store_refreshed(
+    pool: &PgPool,
+    id: Uuid,
+    consumed: Option<&str>,
+    access_ciphertext: &str,
+    refresh_ciphertext: &str,
+    expires_at: OffsetDateTime,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE calendar_connections SET access_token = $2, refresh_token = $3, token_expires_at = $4, \
+             last_error = NULL, status = CASE WHEN status = $6 THEN $7 ELSE status END, updated_at = now() \
+         WHERE id = $1 AND refresh_token = $5 AND status <> $8",
+    )
+    .bind(id)
+    .bind(access_ciphertext)
+    .bind(refresh_ciphertext)
+    .bind(expires_at)
+    .bind(consumed)
+    .bind(ConnectionStatus::NeedsReauth)
+    .bind(ConnectionStatus::Active)
+    .bind(ConnectionStatus::Disconnected)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// The user has to reconnect. The account stays linked to the user (`is_active`), so its webhooks
 /// are parked as `awaiting_reauth` instead of becoming `unmatched`.
 pub async fn mark_needs_reauth(tx: &mut PgConnection, id: Uuid, reason: &str) -> sqlx::Result<()> {
