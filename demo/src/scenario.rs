@@ -44,8 +44,9 @@ impl Stack {
         json_ok(response, path).await
     }
 
-    /// The whole browser journey: ask ingest for the authorize URL, "click Approve" at Calendly,
-    /// follow the redirect back to ingest's callback.
+    /// The whole journey: ask ingest for the authorize URL, "click Approve" at Calendly, follow the
+    /// redirect back to ingest's callback, then play the app: confirm the consent for the app user
+    /// this browser is logged in as (the two-phase connect).
     pub async fn connect(&self, user: &DemoUser) -> anyhow::Result<()> {
         let e = &self.endpoints;
         let begin = self
@@ -65,6 +66,15 @@ impl Stack {
         if !callback.status().is_success() && !callback.status().is_redirection() {
             bail!("OAuth callback answered {}: {}", callback.status(), callback.text().await?);
         }
+        let connect_id = connect_id_of(callback).await?;
+        let confirm = self
+            .http
+            .post(format!("{}/connections/calendly/{}/confirm", e.ingest_url, user.app_user))
+            .bearer_auth(&e.api_token)
+            .json(&json!({ "connect_id": connect_id }))
+            .send()
+            .await?;
+        json_ok(confirm, "POST /connections/calendly/{user_id}/confirm").await?;
         let status = self
             .http
             .get(format!("{}/connections/calendly/{}", e.ingest_url, user.app_user))
@@ -88,6 +98,21 @@ impl Stack {
     }
 }
 
+/// The one-time connect id the callback hands to the app: in the redirect to `CONNECT_RETURN_URL`,
+/// or on the result page when none is configured.
+async fn connect_id_of(callback: reqwest::Response) -> anyhow::Result<String> {
+    if let Some(location) = callback.headers().get("location") {
+        let location = url::Url::parse(location.to_str()?)?;
+        let id = location.query_pairs().find(|(k, _)| k == "connect_id").context("connect_id in the redirect")?;
+        return Ok(id.1.into_owned());
+    }
+    let page = callback.text().await?;
+    let marker = "data-connect-id=\"";
+    let start = page.find(marker).context("connect id on the callback page")? + marker.len();
+    let len = page[start..].find('"').context("end of the connect id")?;
+    Ok(page[start..start + len].to_owned())
+}
+
 fn id_of(uri: &str) -> &str {
     uri.rsplit('/').next().unwrap_or_default()
 }
@@ -107,7 +132,7 @@ pub async fn run(stack: &Stack, progress: &dyn Fn(&str)) -> anyhow::Result<Outco
         };
         stack.connect(&user).await?;
         progress(&format!(
-            "{name} connected Calendly through OAuth (consent screen, PKCE) as app user {}",
+            "{name} connected Calendly through OAuth (consent screen, PKCE; confirmed by the app) as app user {}",
             user.app_user
         ));
         outcome.expected.insert(user.app_user, BTreeMap::new());

@@ -27,9 +27,15 @@ pub enum ApiError {
     /// 401 on the connection API
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    /// 403: authenticated, but not this user's to do.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404
     #[error("{0}")]
     NotFound(String),
+    /// 409
+    #[error("{0}")]
+    Conflict(String),
     /// 502: Calendly answered something we cannot use.
     #[error("{0}")]
     Upstream(String),
@@ -53,7 +59,9 @@ impl ApiError {
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "calendly_error"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

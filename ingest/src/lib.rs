@@ -84,6 +84,7 @@ impl Application {
         let addr = self.local_addr();
         tracing::info!(%addr, "calsync-ingest listening");
         let router = app::router(self.state.clone());
+        tokio::spawn(sweep_pending_connects(self.state.clone(), self.shutdown.clone()));
         let shutdown = self.shutdown.clone();
         // Graceful: stop accepting on shutdown, let in-flight requests (and their publisher
         // confirms) finish, and only then close the broker connection.
@@ -91,5 +92,24 @@ impl Application {
         self.state.broker.close().await;
         tracing::info!("calsync-ingest stopped");
         Ok(())
+    }
+}
+
+/// How often expired pending connects are discarded and their tokens revoked.
+const PENDING_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Consents nobody confirmed within ten minutes hold live tokens: revoke them.
+async fn sweep_pending_connects(state: AppState, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(PENDING_SWEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if state.database.is_migrated()
+            && let Err(error) = state.connect.sweep_expired().await
+        {
+            tracing::warn!(%error, "could not sweep expired pending connections");
+        }
     }
 }

@@ -29,6 +29,7 @@ struct Env {
     addr: SocketAddr,
     http: reqwest::Client,
     shutdowns: Vec<CancellationToken>,
+    state: calsync_ingest::AppState,
 }
 
 use calsync_testkit::test_database_url as database_url;
@@ -78,11 +79,17 @@ impl Env {
         .unwrap();
         let addr = app.local_addr();
         let (broker, database) = (app.state().broker.clone(), app.state().database.clone());
+        let state = app.state().clone();
         tokio::spawn(app.run_until_stopped());
         assert!(broker.wait_ready(Duration::from_secs(10)).await);
         assert!(database.wait_ready(Duration::from_secs(10)).await);
         let http = calsync_common::http::client_builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-        Self { sim, topology, pool, db_url, key, addr, http, shutdowns: vec![shutdown] }
+        Self { sim, topology, pool, db_url, key, addr, http, shutdowns: vec![shutdown], state }
+    }
+
+    /// The running ingest's connect flow (to run its sweep now rather than on its timer).
+    fn app_connect(&self) -> &calsync_ingest::connect::ConnectService {
+        &self.state.connect
     }
 
     fn cipher(&self) -> TokenCipher {
@@ -140,11 +147,44 @@ impl Env {
         self.http.get(url).send().await.unwrap()
     }
 
-    /// The whole flow for `user_id` approving as Calendly user `who`.
-    async fn connect(&self, user_id: Uuid, who: &Value) -> reqwest::Response {
+    /// Consent for `user_id`'s link given as Calendly user `who`: the callback's answer.
+    async fn consent_as(&self, user_id: Uuid, who: &Value) -> reqwest::Response {
         let authorize = self.begin(user_id).await;
         let callback = self.consent(&authorize, Some(who["email"].as_str().unwrap())).await;
         self.get(&callback).await
+    }
+
+    /// The one-time connect id a successful callback hands over (redirect or page).
+    async fn connect_id(response: reqwest::Response) -> String {
+        if let Some(location) = response.headers().get("location") {
+            let location = url::Url::parse(location.to_str().unwrap()).unwrap();
+            return location.query_pairs().find(|(k, _)| k == "connect_id").unwrap().1.into_owned();
+        }
+        let page = response.text().await.unwrap();
+        let start = page.find("data-connect-id=\"").expect("the page carries the connect id") + 17;
+        page[start..start + page[start..].find('"').unwrap()].to_owned()
+    }
+
+    /// The app's confirm call for `user_id`.
+    async fn confirm(&self, user_id: Uuid, connect_id: &str) -> reqwest::Response {
+        self.http
+            .post(self.url(&format!("/connections/calendly/{user_id}/confirm")))
+            .bearer_auth(API_TOKEN)
+            .json(&serde_json::json!({ "connect_id": connect_id }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The whole flow for `user_id` approving as Calendly user `who`, confirmed by the app for the
+    /// same user: the confirm call's answer (or the callback's, when it refused).
+    async fn connect(&self, user_id: Uuid, who: &Value) -> reqwest::Response {
+        let callback = self.consent_as(user_id, who).await;
+        if !(callback.status().is_success() || callback.status().is_redirection()) {
+            return callback;
+        }
+        let connect_id = Self::connect_id(callback).await;
+        self.confirm(user_id, &connect_id).await
     }
 
     /// Books a one-invitee meeting hosted by `host` (its webhook is captured).
@@ -246,7 +286,8 @@ async fn two_users_connect_through_the_real_flow_and_each_status_shows_its_own_c
     let bob_page = env.connect(bob_user, &bob).await;
 
     assert_eq!(ada_page.status(), 200);
-    assert!(ada_page.text().await.unwrap().contains("Calendly connected"));
+    let confirmed: Value = ada_page.json().await.unwrap();
+    assert_eq!((&confirmed["uri"], &confirmed["email"]), (&ada["uri"], &ada["email"]), "the app learns whose account");
     assert_eq!(bob_page.status(), 200);
     for request in env.sim.sim.authorize_requests() {
         assert_eq!(request["prompt"], "consent");
@@ -321,14 +362,21 @@ async fn stored_tokens_are_ciphertext_that_decrypts_only_for_its_own_row(pool: P
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
-async fn a_configured_return_url_receives_the_user_with_calendly_connected(pool: PgPool) {
+async fn a_configured_return_url_receives_the_user_with_a_pending_connect_id_and_nothing_connected(pool: PgPool) {
     let env = Env::new(pool, &["--connect-return-url=https://app.example.com/settings".into()]).await;
     let ada = env.calendly_user("Ada", true);
+    let user = Uuid::new_v4();
 
-    let response = env.connect(Uuid::new_v4(), &ada).await;
+    let response = env.consent_as(user, &ada).await;
 
     assert_eq!(response.status(), 303);
-    assert_eq!(response.headers()["location"], "https://app.example.com/settings?calendly=connected");
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with("https://app.example.com/settings?calendly=pending&connect_id="), "{location}");
+    assert_eq!(env.status(user).await.status(), 404, "not a connection until the app confirms it");
+    let connect_id = Env::connect_id(response).await;
+    assert_eq!(env.confirm(user, &connect_id).await.status(), 200);
+    let status: Value = env.status(user).await.json().await.unwrap();
+    assert_eq!(status["calendly_user_uri"], ada["uri"]);
     env.stop().await;
 }
 
@@ -628,5 +676,92 @@ async fn an_existing_subscription_is_reused_and_a_disabled_one_replaced(pool: Pg
     assert_ne!(replaced["webhook_subscription_uri"], existing["uri"]);
     assert_eq!(replaced["subscription_state"], "active");
     assert_eq!(env.sim.sim.subscriptions().len(), 1);
+    env.stop().await;
+}
+
+async fn revocations(env: &Env) -> u64 {
+    env.sim.sim.counters_json()["revocations"].as_u64().unwrap()
+}
+
+async fn pending_rows(env: &Env) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM pending_connections").fetch_one(&env.pool).await.unwrap()
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_forwarded_link_confirmed_by_another_app_user_is_refused_discarded_and_revoked(pool: PgPool) {
+    let env = Env::new(pool, &[]).await;
+    let bob = env.calendly_user("Bob", true);
+    let (sender, recipient) = (Uuid::new_v4(), Uuid::new_v4());
+    // The sender forwards their own link; Bob approves it in his browser, where the app knows him
+    // as `recipient`, so that is whom the app confirms for.
+    let connect_id = Env::connect_id(env.consent_as(sender, &bob).await).await;
+    let before = revocations(&env).await;
+
+    let refused = env.confirm(recipient, &connect_id).await;
+    let by_sender_after = env.confirm(sender, &connect_id).await;
+
+    assert_eq!(refused.status(), 403);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "forbidden");
+    assert_eq!(by_sender_after.status(), 404, "the pending result was discarded, not kept for the sender");
+    assert_eq!(revocations(&env).await, before + 2, "access and refresh token revoked");
+    assert_eq!(env.status(sender).await.status(), 404, "Bob's account never reached the sender");
+    assert_eq!(env.status(recipient).await.status(), 404);
+    assert_eq!(pending_rows(&env).await, 0);
+    env.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn an_unknown_used_or_expired_connect_id_is_404_and_expired_consents_are_swept_and_revoked(pool: PgPool) {
+    let env = Env::new(pool, &[]).await;
+    let (ada, bob) = (env.calendly_user("Ada", true), env.calendly_user("Bob", true));
+    let (ada_user, bob_user) = (Uuid::new_v4(), Uuid::new_v4());
+    let used = Env::connect_id(env.consent_as(ada_user, &ada).await).await;
+    assert_eq!(env.confirm(ada_user, &used).await.status(), 200);
+    let late = Env::connect_id(env.consent_as(bob_user, &bob).await).await;
+    sqlx::query("UPDATE pending_connections SET expires_at = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let before = revocations(&env).await;
+
+    assert_eq!(env.confirm(ada_user, "never-issued").await.status(), 404);
+    assert_eq!(env.confirm(ada_user, &used).await.status(), 404, "a connect id works once");
+    assert_eq!(env.confirm(bob_user, &late).await.status(), 404, "ten minutes have passed");
+    assert_eq!(revocations(&env).await, before + 2, "the expired consent's tokens are revoked");
+    assert_eq!(env.status(bob_user).await.status(), 404);
+
+    // A consent nobody confirms is swept after its ten minutes, tokens revoked.
+    let abandoned = Env::connect_id(env.consent_as(bob_user, &bob).await).await;
+    sqlx::query("UPDATE pending_connections SET expires_at = now() - interval '1 second'")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(env.app_connect().sweep_expired().await.unwrap(), 1);
+    assert_eq!(revocations(&env).await, before + 4);
+    assert_eq!(pending_rows(&env).await, 0);
+    assert_eq!(env.confirm(bob_user, &abandoned).await.status(), 404);
+    env.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn switching_to_another_calendly_account_deletes_the_old_subscription_and_revokes_the_old_grant(pool: PgPool) {
+    let env = Env::new(pool, &[]).await;
+    let (ada, bob) = (env.calendly_user("Ada", true), env.calendly_user("Bob", true));
+    let user = Uuid::new_v4();
+    assert_eq!(env.connect(user, &ada).await.status(), 200);
+    let ada_subscription: Value = env.status(user).await.json().await.unwrap();
+    let ada_subscription = ada_subscription["webhook_subscription_uri"].as_str().unwrap().to_owned();
+    let before = revocations(&env).await;
+
+    assert_eq!(env.connect(user, &bob).await.status(), 200);
+
+    let status: Value = env.status(user).await.json().await.unwrap();
+    assert_eq!(status["calendly_user_uri"], bob["uri"]);
+    assert_eq!(status["status"], "active");
+    let subscriptions = env.sim.sim.subscriptions();
+    assert!(!subscriptions.iter().any(|s| s["uri"] == ada_subscription.as_str()), "Ada's subscription is deleted");
+    assert!(subscriptions.iter().any(|s| s["user"] == bob["uri"]), "Bob's is created");
+    assert_eq!(revocations(&env).await, before + 2, "Ada's access and refresh token revoked");
     env.stop().await;
 }

@@ -67,9 +67,10 @@ async fn rotate_token_key(settings: &WorkerSettings) -> anyhow::Result<()> {
     calsync_common::db::prepare(url, &pool).await?;
     let report = calsync_worker::admin::rotate_key::reencrypt_all(&pool, &cipher).await?;
     println!(
-        "re-encrypted {} connection(s) and {} pending OAuth state(s) with key {}",
+        "re-encrypted {} connection(s), {} pending OAuth state(s) and {} unconfirmed connect(s) with key {}",
         report.connections_reencrypted,
         report.states_reencrypted,
+        report.pending_reencrypted,
         cipher.current_key_id()
     );
     Ok(())

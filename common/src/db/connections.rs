@@ -239,6 +239,38 @@ pub async fn lock_if_linked(tx: &mut PgConnection, connection: &Connection) -> s
     Ok(row.is_some())
 }
 
+/// True when `calendly_user_uri` is linked (`is_active`) to an app user other than `user_id`.
+pub async fn is_linked_to_another_user(pool: &PgPool, calendly_user_uri: &str, user_id: Uuid) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM calendar_connections \
+         WHERE provider = $1 AND calendly_user_uri = $2 AND is_active AND user_id <> $3)",
+    )
+    .bind(PROVIDER)
+    .bind(calendly_user_uri)
+    .bind(user_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// Records the webhook subscription and what went wrong setting the connection up, if anything.
+pub async fn set_subscription(
+    pool: &PgPool,
+    id: Uuid,
+    subscription_uri: Option<&str>,
+    last_error: Option<&str>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE calendar_connections SET webhook_subscription_uri = $2, last_error = $3, updated_at = now() \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(subscription_uri)
+    .bind(last_error)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
 /// The id of `user_id`'s connection row, if the user ever connected.
 pub async fn id_of_user(tx: &mut PgConnection, user_id: Uuid) -> sqlx::Result<Option<Uuid>> {
     sqlx::query_scalar("SELECT id FROM calendar_connections WHERE provider = $1 AND user_id = $2")

@@ -4,11 +4,13 @@
 //! - [`meetings`]: `meetings` / `meeting_invitees` upserts guarded against out-of-order deliveries.
 //! - [`inbox`]: `webhook_inbox`, what became of every delivery.
 //! - [`oauth_states`]: single-use OAuth state for the connect flow.
+//! - [`pending`]: what a callback was granted, until the app confirms it for the right user.
 
 pub mod connections;
 pub mod inbox;
 pub mod meetings;
 pub mod oauth_states;
+pub mod pending;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -21,7 +21,9 @@ use calsync_common::calendly::types::EventKind;
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::crypto::{CryptoError, TokenCipher};
 use calsync_common::db::connections::{self, Connected, Connection, ConnectionStatus, StoreError};
+use calsync_common::db::connections::{ACCESS_TOKEN, REFRESH_TOKEN};
 use calsync_common::db::oauth_states::{self, StateRejection};
+use calsync_common::db::pending::{self, Pending};
 use calsync_common::queue::Broker;
 use calsync_common::queue::message::{SyncJob, sync_job};
 
@@ -29,6 +31,34 @@ use calsync_common::queue::message::{SyncJob, sync_job};
 pub const STATE_TTL: time::Duration = time::Duration::minutes(10);
 /// Scopes Calendly apps created after March 2026 must ask for.
 pub const SCOPES: &str = "users:read scheduled_events:read webhooks:write";
+
+/// How long the app has to confirm a consent.
+pub const PENDING_TTL: time::Duration = time::Duration::minutes(10);
+
+/// A consent waiting for the app: the one-time id to hand to the app, and whose account it is.
+#[derive(Debug)]
+pub struct PendingConnect {
+    pub connect_id: String,
+    pub account: CalendlyAccount,
+}
+
+/// The Calendly account a connect is about, as the app may show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct CalendlyAccount {
+    pub name: Option<String>,
+    pub email: Option<String>,
+    pub uri: String,
+}
+
+impl CalendlyAccount {
+    fn of(held: &Pending) -> Self {
+        Self {
+            name: held.calendly_name.clone(),
+            email: held.calendly_email.clone(),
+            uri: held.calendly_user_uri.clone(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -48,6 +78,10 @@ pub enum ConnectError {
     MissingCode,
     #[error("this Calendly account is already connected to another user")]
     AccountTaken,
+    #[error("unknown, already used or expired connect_id")]
+    PendingNotFound,
+    #[error("this connection was started by another user; it has been discarded")]
+    WrongUser,
     #[error("Calendly: {0}")]
     Calendly(#[from] CalendlyError),
     #[error("stored secret unreadable: {0}")]
@@ -129,9 +163,11 @@ impl ConnectService {
         Ok(url)
     }
 
-    /// Handles Calendly's redirect back. On success the connection is stored (tokens encrypted),
-    /// subscribed, queued for backfill, and its parked deliveries are replayed.
-    pub async fn complete(&self, callback: Callback) -> Result<Connection, ConnectError> {
+    /// Handles Calendly's redirect back: exchanges the code, asks Calendly who consented, and stores
+    /// the result as *pending* (not a connection) under a one-time `connect_id`. Nothing becomes a
+    /// connection until the app confirms it for the user who started the flow ([`Self::confirm`]):
+    /// the browser that consented is not necessarily that user's.
+    pub async fn complete(&self, callback: Callback) -> Result<PendingConnect, ConnectError> {
         if let Some(error) = callback.error {
             if let Some(state) = &callback.state {
                 oauth_states::burn(&self.pool, &hash_state(state)).await?;
@@ -158,29 +194,120 @@ impl ConnectService {
                 return Err(error.into());
             }
         };
+        if connections::is_linked_to_another_user(&self.pool, &me.uri, user_id).await? {
+            tracing::warn!(%user_id, "Calendly account already connected to another user; revoking the new token");
+            self.revoke_quietly(&tokens.access_token, &tokens.refresh_token).await;
+            return Err(ConnectError::AccountTaken);
+        }
+        let connect_id = random_url_safe();
+        let hash = hash_state(&connect_id);
+        let now = OffsetDateTime::now_utc();
+        let seal = |token: &str, column| self.cipher.encrypt(token, pending::binding(&hash, column));
+        let held = Pending {
+            connect_id_hash: hash.clone(),
+            user_id,
+            calendly_user_uri: me.uri.clone(),
+            calendly_organization_uri: me.current_organization.clone(),
+            calendly_name: me.name.clone(),
+            calendly_email: me.email.clone(),
+            access_token: seal(&tokens.access_token, ACCESS_TOKEN),
+            refresh_token: seal(&tokens.refresh_token, REFRESH_TOKEN),
+            token_expires_at: tokens.expires_at(now),
+            expires_at: now + PENDING_TTL,
+        };
+        if let Err(error) = pending::insert(&self.pool, &held).await {
+            self.revoke_quietly(&tokens.access_token, &tokens.refresh_token).await;
+            return Err(error.into());
+        }
+        tracing::info!(%user_id, "Calendly consent received; waiting for the app to confirm it");
+        Ok(PendingConnect { connect_id, account: CalendlyAccount::of(&held) })
+    }
+
+    /// The app's half of the connect: `user_id` is the app user its browser session belongs to.
+    /// Only the user who started the flow can turn the pending result into a connection; anyone else
+    /// discards it (and its tokens are revoked). Then: the account is stored (replacing, and
+    /// releasing, a different account the user had), subscribed, backfilled, and its parked
+    /// deliveries replayed.
+    pub async fn confirm(&self, user_id: Uuid, connect_id: &str) -> Result<CalendlyAccount, ConnectError> {
+        let Some(held) = pending::take(&self.pool, &hash_state(connect_id)).await? else {
+            return Err(ConnectError::PendingNotFound);
+        };
+        let (access, refresh) = self.open_pending(&held)?;
+        if held.is_expired() {
+            self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
+            return Err(ConnectError::PendingNotFound);
+        }
+        if held.user_id != user_id {
+            tracing::warn!(%user_id, started_by = %held.user_id, "connect confirmed by another user; discarding it");
+            self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
+            return Err(ConnectError::WrongUser);
+        }
+        if let Some(previous) = connections::find_by_user(&self.pool, user_id).await?
+            && previous.calendly_user_uri.as_deref() != Some(held.calendly_user_uri.as_str())
+            && previous.status != ConnectionStatus::Disconnected
+        {
+            // Switching to another Calendly account: exactly a disconnect of the old one first (its
+            // subscription deleted, our grant revoked, under the row lock), then the row is reused.
+            tracing::info!(%user_id, "switching Calendly accounts; disconnecting the previous one");
+            self.disconnect(user_id).await?;
+        }
         let connected = Connected {
             user_id,
-            calendly_user_uri: &me.uri,
-            calendly_organization_uri: &me.current_organization,
-            access_token: &tokens.access_token,
-            refresh_token: &tokens.refresh_token,
-            expires_at: tokens.expires_at(OffsetDateTime::now_utc()),
+            calendly_user_uri: &held.calendly_user_uri,
+            calendly_organization_uri: &held.calendly_organization_uri,
+            access_token: access.expose_secret(),
+            refresh_token: refresh.expose_secret(),
+            expires_at: held.token_expires_at,
         };
         let connection = match connections::store_connected(&self.pool, &self.cipher, &connected).await {
             Ok(connection) => connection,
             Err(StoreError::AccountTaken) => {
                 tracing::warn!(%user_id, "Calendly account already connected to another user; revoking the new token");
-                self.revoke_quietly(&tokens.access_token, &tokens.refresh_token).await;
+                self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
                 return Err(ConnectError::AccountTaken);
             }
             Err(StoreError::Database(e)) => return Err(e.into()),
         };
         tracing::info!(%user_id, connection_id = %connection.id, "Calendly account connected");
+        self.start_syncing(&connection, &held, &access).await?;
+        Ok(CalendlyAccount::of(&held))
+    }
 
+    /// Deletes expired pending results and revokes their tokens; returns how many.
+    pub async fn sweep_expired(&self) -> Result<usize, ConnectError> {
+        let expired = pending::take_expired(&self.pool).await?;
+        for held in &expired {
+            match self.open_pending(held) {
+                Ok((access, refresh)) => self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await,
+                Err(error) => tracing::warn!(%error, "expired pending connection unreadable; its tokens expire alone"),
+            }
+        }
+        if !expired.is_empty() {
+            tracing::info!(count = expired.len(), "expired pending connections discarded and revoked");
+        }
+        Ok(expired.len())
+    }
+
+    fn open_pending(&self, held: &Pending) -> Result<(SecretString, SecretString), CryptoError> {
+        let hash = &held.connect_id_hash;
+        Ok((
+            self.cipher.decrypt(&held.access_token, pending::binding(hash, ACCESS_TOKEN))?,
+            self.cipher.decrypt(&held.refresh_token, pending::binding(hash, REFRESH_TOKEN))?,
+        ))
+    }
+
+    /// Subscription, backfill and replay for a connection just confirmed.
+    async fn start_syncing(
+        &self,
+        connection: &Connection,
+        held: &Pending,
+        access: &SecretString,
+    ) -> Result<(), ConnectError> {
         let mut problems = Vec::new();
         let mut subscription = connection.webhook_subscription_uri.clone();
         if let Some(callback_url) = &self.options.callback_url {
-            match self.ensure_subscription(callback_url, &me.current_organization, &me.uri, &access).await {
+            let (organization, user) = (&held.calendly_organization_uri, &held.calendly_user_uri);
+            match self.ensure_subscription(callback_url, organization, user, access).await {
                 Ok(uri) => subscription = Some(uri),
                 Err(problem) => problems.push(problem),
             }
@@ -189,18 +316,14 @@ impl ConnectService {
             problems.push(format!("backfill not queued: {error}"));
         }
         let last_error = (!problems.is_empty()).then(|| problems.join("; "));
-        sqlx::query("UPDATE calendar_connections SET webhook_subscription_uri = $2, last_error = $3, updated_at = now() WHERE id = $1")
-            .bind(connection.id)
-            .bind(&subscription)
-            .bind(&last_error)
-            .execute(&self.pool)
+        connections::set_subscription(&self.pool, connection.id, subscription.as_deref(), last_error.as_deref())
             .await?;
-        match replay::replay_parked(&self.pool, &self.broker, &me.uri, self.options.replay_days).await {
+        match replay::replay_parked(&self.pool, &self.broker, &held.calendly_user_uri, self.options.replay_days).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(connection_id = %connection.id, replayed = n, "replayed parked deliveries"),
             Err(error) => tracing::warn!(connection_id = %connection.id, %error, "could not replay parked deliveries"),
         }
-        Ok(connections::find(&self.pool, connection.id).await?.unwrap_or(connection))
+        Ok(())
     }
 
     /// Creates our user-scoped subscription, reusing an active one (409) and replacing a disabled

@@ -10,7 +10,7 @@ use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
-use crate::connect::{Callback, ConnectError};
+use crate::connect::{CalendlyAccount, Callback, ConnectError, PendingConnect};
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -19,6 +19,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/connections/calendly", post(begin))
         .route("/connections/calendly/{user_id}", get(status).delete(disconnect))
+        .route("/connections/calendly/{user_id}/confirm", post(confirm))
         .route("/oauth/calendly/callback", get(callback))
 }
 
@@ -67,6 +68,9 @@ fn api_error(error: ConnectError) -> ApiError {
             ApiError::Unavailable { code: "not_configured", message: format!("{var} is not set") }
         }
         ConnectError::Calendly(e) => ApiError::Upstream(format!("Calendly: {e}")),
+        ConnectError::PendingNotFound => ApiError::NotFound(ConnectError::PendingNotFound.to_string()),
+        ConnectError::WrongUser => ApiError::Forbidden(ConnectError::WrongUser.to_string()),
+        ConnectError::AccountTaken => ApiError::Conflict(ConnectError::AccountTaken.to_string()),
         other => {
             tracing::error!(error = %other, "connection API failed");
             ApiError::Internal
@@ -99,6 +103,23 @@ async fn status(_: Admitted, State(state): State<AppState>, Path(user_id): Path<
     }
 }
 
+#[derive(serde::Deserialize)]
+struct ConfirmRequest {
+    connect_id: String,
+}
+
+/// The app finishes a connect for the user its browser session belongs to.
+async fn confirm(
+    _: Admitted,
+    State(state): State<AppState>,
+    Path(user_id): Path<Uuid>,
+    body: Result<Json<ConfirmRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<CalendlyAccount>, ApiError> {
+    let Json(request) =
+        body.map_err(|e| ApiError::BadRequest(format!("expected {{\"connect_id\": \"...\"}}: {}", e.body_text())))?;
+    Ok(Json(state.connect.confirm(user_id, &request.connect_id).await.map_err(api_error)?))
+}
+
 async fn disconnect(
     _: Admitted,
     State(state): State<AppState>,
@@ -111,15 +132,40 @@ async fn disconnect(
     }
 }
 
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
 fn page(status: StatusCode, title: &str, detail: &str) -> Response {
-    let escape = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    page_with(status, title, &escape(detail))
+}
+
+/// `detail_html` must already be escaped.
+fn page_with(status: StatusCode, title: &str, detail_html: &str) -> Response {
     let html = format!(
         "<!doctype html><meta charset=\"utf-8\"><title>{t}</title>\
-         <body style=\"font-family:sans-serif;max-width:36em;margin:4em auto\"><h1>{t}</h1><p>{d}</p></body>",
+         <body style=\"font-family:sans-serif;max-width:36em;margin:4em auto\"><h1>{t}</h1>{detail_html}</body>",
         t = escape(title),
-        d = escape(detail)
     );
     (status, Html(html)).into_response()
+}
+
+/// Without a `CONNECT_RETURN_URL`: names the account that consented and hands over the one-time
+/// connect id, which the app confirms for the user logged in on its side.
+fn pending_page(account: &CalendlyAccount, connect_id: &str) -> Response {
+    let who = match (&account.name, &account.email) {
+        (Some(name), Some(email)) => format!("{name} ({email})"),
+        (Some(one), None) | (None, Some(one)) => one.clone(),
+        (None, None) => account.uri.clone(),
+    };
+    let detail = format!(
+        "<p>Calendly confirmed the account <strong>{}</strong>. Return to the app to finish connecting it; \
+         nothing is connected until the app confirms it for you.</p>\
+         <p>Connect id (valid 10 minutes, once): <code id=\"connect_id\" data-connect-id=\"{id}\">{id}</code></p>",
+        escape(&who),
+        id = escape(connect_id),
+    );
+    page_with(StatusCode::OK, "Almost done", &detail)
 }
 
 async fn callback(State(state): State<AppState>, Query(query): Query<Callback>) -> Response {
@@ -131,23 +177,22 @@ async fn callback(State(state): State<AppState>, Query(query): Query<Callback>) 
         );
     }
     match state.connect.complete(query).await {
-        Ok(_) => match state.settings.return_url() {
+        Ok(PendingConnect { connect_id, account }) => match state.settings.return_url() {
             Some(url) => {
                 let mut url = url.clone();
-                url.query_pairs_mut().append_pair("calendly", "connected");
+                url.query_pairs_mut().append_pair("calendly", "pending").append_pair("connect_id", &connect_id);
                 Redirect::to(url.as_str()).into_response()
             }
-            None => page(
-                StatusCode::OK,
-                "Calendly connected",
-                "Your Calendly meetings will now appear in calsync. You can close this page.",
-            ),
+            None => pending_page(&account, &connect_id),
         },
         Err(error) => {
             let status = match &error {
                 ConnectError::State(_) | ConnectError::MissingCode => StatusCode::BAD_REQUEST,
                 ConnectError::Denied(_) => StatusCode::FORBIDDEN,
                 ConnectError::AccountTaken => StatusCode::CONFLICT,
+                // Not produced by the callback (only by the confirm call).
+                ConnectError::PendingNotFound => StatusCode::NOT_FOUND,
+                ConnectError::WrongUser => StatusCode::FORBIDDEN,
                 ConnectError::Calendly(_) => StatusCode::BAD_GATEWAY,
                 ConnectError::Database(_) | ConnectError::NotConfigured(_) => StatusCode::SERVICE_UNAVAILABLE,
                 ConnectError::Crypto(_) => StatusCode::INTERNAL_SERVER_ERROR,

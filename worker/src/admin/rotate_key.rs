@@ -6,12 +6,13 @@ use uuid::Uuid;
 
 use calsync_common::crypto::{CryptoError, TokenCipher};
 use calsync_common::db::connections::{ACCESS_TOKEN, REFRESH_TOKEN, binding};
-use calsync_common::db::oauth_states;
+use calsync_common::db::{oauth_states, pending};
 
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RotationReport {
     pub connections_reencrypted: u64,
     pub states_reencrypted: u64,
+    pub pending_reencrypted: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,35 @@ pub async fn reencrypt_all(pool: &PgPool, cipher: &TokenCipher) -> Result<Rotati
             .execute(pool)
             .await?;
         report.states_reencrypted += 1;
+    }
+    // Consents waiting for the app's confirm hold tokens too (for ten minutes at most).
+    let held: Vec<(String, String, String)> =
+        sqlx::query_as("SELECT connect_id_hash, access_token, refresh_token FROM pending_connections")
+            .fetch_all(pool)
+            .await?;
+    for (hash, access, refresh) in held {
+        if !cipher.is_stale(&access) && !cipher.is_stale(&refresh) {
+            continue;
+        }
+        let reseal = |value: &str, column: &'static str| -> Result<String, RotationError> {
+            let plain = cipher
+                .decrypt(value, pending::binding(&hash, column))
+                .map_err(|source| RotationError::Undecryptable { id: hash.clone(), source })?;
+            Ok(cipher.encrypt(secrecy::ExposeSecret::expose_secret(&plain), pending::binding(&hash, column)))
+        };
+        let (new_access, new_refresh) = (reseal(&access, ACCESS_TOKEN)?, reseal(&refresh, REFRESH_TOKEN)?);
+        // Only rewrite what we read: a pending result confirmed meanwhile is gone, which is fine.
+        sqlx::query(
+            "UPDATE pending_connections SET access_token = $2, refresh_token = $3 \
+             WHERE connect_id_hash = $1 AND access_token = $4",
+        )
+        .bind(&hash)
+        .bind(new_access)
+        .bind(new_refresh)
+        .bind(&access)
+        .execute(pool)
+        .await?;
+        report.pending_reencrypted += 1;
     }
     Ok(report)
 }
