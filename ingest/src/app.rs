@@ -53,7 +53,7 @@ pub fn router(state: AppState) -> Router {
         token_keys: None,
     };
     Router::new()
-        .merge(routes::webhooks::router())
+        .merge(routes::webhooks::router(state.settings.ingest_max_in_flight, state.settings.request_timeout()))
         .merge(routes::connect::router())
         .merge(health::router(probe))
         .with_state(state)

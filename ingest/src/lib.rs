@@ -16,6 +16,7 @@ pub mod app;
 pub mod connect;
 pub mod error;
 pub mod routes;
+pub mod serve;
 pub mod settings;
 
 use std::net::SocketAddr;
@@ -88,7 +89,8 @@ impl Application {
         let shutdown = self.shutdown.clone();
         // Graceful: stop accepting on shutdown, let in-flight requests (and their publisher
         // confirms) finish, and only then close the broker connection.
-        axum::serve(self.listener, router).with_graceful_shutdown(async move { shutdown.cancelled().await }).await?;
+        let header_timeout = self.state.settings.request_timeout();
+        serve::serve(self.listener, router, header_timeout, shutdown).await;
         self.state.broker.close().await;
         tracing::info!("calsync-ingest stopped");
         Ok(())

@@ -43,6 +43,16 @@ pub struct IngestSettings {
     #[arg(long, env = "INGEST_PUBLISH_TIMEOUT_MS", default_value_t = 5000, hide = true)]
     pub ingest_publish_timeout_ms: u64,
 
+    /// Webhook requests handled at once; past that ingest answers 503 + Retry-After at once instead
+    /// of queueing in memory.
+    #[arg(long, env = "INGEST_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub ingest_max_in_flight: usize,
+
+    /// Headers and body must arrive within this many seconds (Calendly itself gives up after 10 s to
+    /// connect and 15 s to read), so slow clients cannot hold connections open.
+    #[arg(long, env = "INGEST_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
+    pub ingest_request_timeout_secs: u64,
+
     /// Confirm-mode channels shared by all requests.
     #[arg(long, env = "INGEST_PUBLISH_CHANNELS", default_value_t = 4, hide = true)]
     pub ingest_publish_channels: usize,
@@ -81,6 +91,10 @@ impl IngestSettings {
         Duration::from_millis(self.ingest_publish_timeout_ms)
     }
 
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.ingest_request_timeout_secs)
+    }
+
     /// Fail closed: the settings without which ingest must not run, named by their variable.
     pub fn validate(&self) -> Result<(), ConfigError> {
         use secrecy::ExposeSecret;
@@ -93,6 +107,12 @@ impl IngestSettings {
             return Err(ConfigError::Invalid("CALENDLY_WEBHOOK_SIGNING_KEYS", "contains an empty key".into()));
         }
         self.shared.validate()?;
+        if self.ingest_max_in_flight == 0 {
+            return Err(ConfigError::Invalid("INGEST_MAX_IN_FLIGHT", "must be at least 1".into()));
+        }
+        if self.ingest_request_timeout_secs == 0 {
+            return Err(ConfigError::Invalid("INGEST_REQUEST_TIMEOUT_SECS", "must be at least 1".into()));
+        }
         if self.ingest_publish_channels == 0 {
             return Err(ConfigError::Invalid("INGEST_PUBLISH_CHANNELS", "must be at least 1".into()));
         }

@@ -1,16 +1,20 @@
 //! `POST /webhooks/calendly`: verify the signature on the raw bytes, publish them unchanged with a
 //! publisher confirm, and answer 202 only once the broker holds the message.
 
-use std::time::Instant;
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use axum::error_handling::HandleErrorLayer;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{BoxError, Json, Router};
 use time::OffsetDateTime;
+use tower::ServiceBuilder;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use calsync_common::calendly::signature;
 use calsync_common::queue::{PublishError, message};
@@ -21,8 +25,24 @@ use crate::error::ApiError;
 /// Calendly's payloads are a few KiB; anything this large is not a webhook.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/webhooks/calendly", post(receive).layer(DefaultBodyLimit::max(MAX_BODY_BYTES)))
+/// Intake, bounded: at most `max_in_flight` requests at once (more are shed with 503 at once, never
+/// queued in memory), and a body must arrive within `body_timeout`.
+pub fn router(max_in_flight: usize, body_timeout: Duration) -> Router<AppState> {
+    let bounded = ServiceBuilder::new()
+        .layer(HandleErrorLayer::new(overloaded))
+        .load_shed()
+        .concurrency_limit(max_in_flight)
+        .layer(RequestBodyTimeoutLayer::new(body_timeout));
+    let intake =
+        post(receive).layer::<_, Infallible>(DefaultBodyLimit::max(MAX_BODY_BYTES)).layer::<_, Infallible>(bounded);
+    Router::new().route("/webhooks/calendly", intake)
+}
+
+/// A request past `INGEST_MAX_IN_FLIGHT` (the only error the layers above the handler produce).
+async fn overloaded(error: BoxError) -> ApiError {
+    tracing::debug!(%error, "webhook request shed");
+    metrics::counter!("calsync_ingest_requests_total", "outcome" => "overloaded").increment(1);
+    ApiError::Unavailable { code: "overloaded", message: "too many webhook requests in flight; retry later".into() }
 }
 
 /// Decrements the in-flight gauge however the request ends (including client disconnects).

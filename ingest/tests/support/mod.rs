@@ -30,27 +30,35 @@ pub struct Options {
     pub amqp_url: String,
     pub database_url: String,
     pub publish_timeout_ms: u64,
+    /// More `--flags` for ingest.
+    pub extra: Vec<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { amqp_url: calsync_testkit::amqp_url(), database_url: NO_DATABASE.into(), publish_timeout_ms: 3000 }
+        Self {
+            amqp_url: calsync_testkit::amqp_url(),
+            database_url: NO_DATABASE.into(),
+            publish_timeout_ms: 3000,
+            extra: Vec::new(),
+        }
     }
 }
 
 pub fn settings(prefix: &str, options: &Options) -> IngestSettings {
     let key = crypto::generate_key();
-    IngestSettings::try_parse_from([
-        "calsync-ingest",
-        "--ingest-addr=127.0.0.1:0",
-        &format!("--calendly-webhook-signing-keys={KEY},{SECOND_KEY}"),
-        &format!("--amqp-url={}", options.amqp_url),
-        &format!("--amqp-topology-prefix={prefix}"),
-        &format!("--database-url={}", options.database_url),
-        &format!("--token-encryption-key={key}"),
-        &format!("--ingest-publish-timeout-ms={}", options.publish_timeout_ms),
-    ])
-    .expect("test settings parse")
+    let mut args = vec![
+        "calsync-ingest".to_owned(),
+        "--ingest-addr=127.0.0.1:0".into(),
+        format!("--calendly-webhook-signing-keys={KEY},{SECOND_KEY}"),
+        format!("--amqp-url={}", options.amqp_url),
+        format!("--amqp-topology-prefix={prefix}"),
+        format!("--database-url={}", options.database_url),
+        format!("--token-encryption-key={key}"),
+        format!("--ingest-publish-timeout-ms={}", options.publish_timeout_ms),
+    ];
+    args.extend(options.extra.iter().cloned());
+    IngestSettings::try_parse_from(args).expect("test settings parse")
 }
 
 pub async fn spawn_app() -> TestApp {

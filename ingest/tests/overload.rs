@@ -1,0 +1,104 @@
+//! Overload and slow clients: past `INGEST_MAX_IN_FLIGHT` requests are shed with 503 at once, and a
+//! client that does not finish its headers or body within `INGEST_REQUEST_TIMEOUT_SECS` is cut off,
+//! so neither a flood nor a slow client can hold ingest (or its shutdown) hostage.
+
+mod support;
+
+use std::time::Duration;
+
+use calsync_common::calendly::signature;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Opens a connection and sends a webhook request's headers (announcing a 100-byte body) and
+/// `body_bytes` of it, then stalls.
+async fn half_sent(app: &TestApp, headers_complete: bool, body_bytes: usize) -> TcpStream {
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    let mut request = format!(
+        "POST /webhooks/calendly HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n{}: {}\r\nContent-Length: 100\r\n",
+        app.addr,
+        signature::HEADER,
+        signed(KEY, &[b'x'; 100]),
+    );
+    if headers_complete {
+        request.push_str("\r\n");
+        request.push_str(&"x".repeat(body_bytes));
+    }
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Everything the server sends until it closes the connection.
+async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> String {
+    let mut answer = Vec::new();
+    tokio::time::timeout(deadline, stream.read_to_end(&mut answer))
+        .await
+        .expect("ingest closes the connection in time")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn requests_past_the_in_flight_limit_are_shed_with_503_at_once_and_the_slots_come_back() {
+    let app = spawn_app_with(Options { extra: vec!["--ingest-max-in-flight=2".into()], ..Options::default() }).await;
+    let stalled = [half_sent(&app, true, 10).await, half_sent(&app, true, 10).await];
+
+    let mut shed = None;
+    for n in 0..200 {
+        let body = sample_body(n);
+        let response = app.post_webhook(&body, Some(signed(KEY, &body))).await;
+        if response.status() == 503 {
+            shed = Some(response);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shed = shed.expect("with both slots held, a third request is shed");
+    assert!(shed.headers().contains_key("retry-after"));
+    let answer: serde_json::Value = shed.json().await.unwrap();
+    assert_eq!(answer["error"], "overloaded");
+    assert!(metric(&app, r#"calsync_ingest_requests_total{outcome="overloaded"}"#).await >= 1.0);
+
+    drop(stalled);
+    let body = sample_body(1_000);
+    calsync_testkit::wait_until(Duration::from_secs(10), "a slot to free up", || async {
+        app.post_webhook(&body, Some(signed(KEY, &body))).await.status() == 202
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_sends_its_headers_or_its_body_too_slowly_is_cut_off_and_nothing_is_queued() {
+    let app =
+        spawn_app_with(Options { extra: vec!["--ingest-request-timeout-secs=1".into()], ..Options::default() }).await;
+
+    let mut slow_headers = half_sent(&app, false, 0).await;
+    let mut slow_body = half_sent(&app, true, 10).await;
+
+    let headers_answer = read_until_closed(&mut slow_headers, Duration::from_secs(5)).await;
+    let body_answer = read_until_closed(&mut slow_body, Duration::from_secs(5)).await;
+    assert!(!headers_answer.contains(" 202 "), "{headers_answer}");
+    assert!(body_answer.starts_with("HTTP/1.1 4"), "a 4xx answer, never 202 or 410: {body_answer}");
+    assert!(!body_answer.starts_with("HTTP/1.1 410"));
+    assert_eq!(app.webhooks_depth().await, 0);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_client_that_never_finishes_its_request() {
+    let app =
+        spawn_app_with(Options { extra: vec!["--ingest-request-timeout-secs=1".into()], ..Options::default() }).await;
+    let _stalled = [half_sent(&app, false, 0).await, half_sent(&app, true, 10).await];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    app.shutdown.cancel();
+
+    tokio::time::timeout(Duration::from_secs(5), app.server)
+        .await
+        .expect("ingest stops within its request timeout, not when the client pleases")
+        .unwrap()
+        .unwrap();
+    app.topology.cleanup().await;
+}
