@@ -21,6 +21,7 @@ use calsync_common::queue::message::Incoming;
 use calsync_common::queue::{Broker, RetryTarget};
 use calsync_common::retry;
 
+use crate::db_gate::DbGate;
 use crate::deps::Deps;
 use crate::error::ProcessError;
 use crate::outcome::{self, Outcome};
@@ -40,11 +41,27 @@ pub struct ConsumerConfig {
     pub grace: Duration,
 }
 
-/// Consumes `config.target`'s queue until `shutdown`, reconnecting whenever the broker link drops.
+/// Why a consumer stopped without an error.
+enum Stopped {
+    Shutdown,
+    /// PostgreSQL became unreachable: consume again once it is back.
+    DatabaseDown,
+}
+
+/// Consumes `config.target`'s queue until `shutdown`, reconnecting whenever the broker link drops
+/// and pausing while the database is unreachable.
 pub async fn run(deps: Arc<Deps>, broker: Broker, config: ConsumerConfig, shutdown: CancellationToken) {
     let queue = broker.topology().queue_of(config.target);
     let mut generation = broker.subscribe();
+    let mut database = deps.db_gate.subscribe();
     while !shutdown.is_cancelled() {
+        let database_up = *database.borrow_and_update();
+        if !database_up {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = until(&mut database, true) => continue,
+            }
+        }
         if !broker.is_ready() {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
@@ -53,7 +70,8 @@ pub async fn run(deps: Arc<Deps>, broker: Broker, config: ConsumerConfig, shutdo
             }
         }
         match consume(&deps, &broker, &queue, &config, &shutdown).await {
-            Ok(()) => break,
+            Ok(Stopped::Shutdown) => break,
+            Ok(Stopped::DatabaseDown) => tracing::warn!(%queue, "consumer paused while PostgreSQL is unreachable"),
             Err(error) => {
                 tracing::warn!(%queue, %error, "consumer stopped; resubscribing when the broker is back");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -62,14 +80,23 @@ pub async fn run(deps: Arc<Deps>, broker: Broker, config: ConsumerConfig, shutdo
     }
 }
 
-/// Returns `Ok` after a clean shutdown, `Err` when the channel or connection failed.
+/// Resolves once the database gate is `up` (never, if the gate is gone).
+async fn until(gate: &mut tokio::sync::watch::Receiver<bool>, up: bool) {
+    if gate.wait_for(|now| *now == up).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Returns `Ok` after a clean shutdown or a pause for the database, `Err` when the channel or
+/// connection failed.
 async fn consume(
     deps: &Arc<Deps>,
     broker: &Broker,
     queue: &str,
     config: &ConsumerConfig,
     shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Stopped> {
+    let mut database = deps.db_gate.subscribe();
     let channel = broker.open_channel().await?;
     // Prefetch = concurrency: the broker never hands us more than we will work on at once, so a
     // crashed worker strands at most that many (they are redelivered to others).
@@ -90,7 +117,13 @@ async fn consume(
         tokio::select! {
             _ = shutdown.cancelled() => {
                 let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
-                break Ok(());
+                break Ok(Stopped::Shutdown);
+            }
+            // Cancel the consumer (the connection stays): nothing more is delivered to us until the
+            // database is back, so requeued deliveries do not loop through this worker meanwhile.
+            _ = until(&mut database, false) => {
+                let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+                break Ok(Stopped::DatabaseDown);
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
@@ -139,7 +172,7 @@ async fn handle(deps: &Deps, broker: &Broker, target: RetryTarget, delivery: Del
     tracing::debug!(outcome = outcome.label(), "delivery handled");
     metrics::counter!("calsync_worker_deliveries_total", "event" => event, "outcome" => outcome.label()).increment(1);
     metrics::histogram!("calsync_worker_processing_seconds").record(started.elapsed().as_secs_f64());
-    settle(broker, target, delivery, &incoming, outcome).await;
+    settle(broker, &deps.db_gate, target, delivery, &incoming, outcome).await;
     metrics::gauge!("calsync_worker_in_flight").decrement(1.0);
 }
 
@@ -163,7 +196,14 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 }
 
 /// Turns an outcome into AMQP: ack, or publish a retry / dead-letter copy (confirmed) and then ack.
-async fn settle(broker: &Broker, target: RetryTarget, delivery: Delivery, incoming: &Incoming, outcome: Outcome) {
+async fn settle(
+    broker: &Broker,
+    deps_gate: &DbGate,
+    target: RetryTarget,
+    delivery: Delivery,
+    incoming: &Incoming,
+    outcome: Outcome,
+) {
     let forward = match outcome {
         Outcome::Ack { .. } => None,
         Outcome::Retry { reason, at_least } => {
@@ -174,6 +214,13 @@ async fn settle(broker: &Broker, target: RetryTarget, delivery: Delivery, incomi
         Outcome::Dead { reason } => {
             tracing::warn!(%reason, "dead-lettering");
             Some(incoming.dead_letter(target, &reason))
+        }
+        Outcome::Requeue { reason } => {
+            // Back to the queue as it is (no attempt counted); our consumer pauses meanwhile.
+            tracing::info!(%reason, "database unreachable; requeueing");
+            deps_gate.report_down();
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            return;
         }
     };
     if let Some(copy) = forward

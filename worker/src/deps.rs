@@ -25,4 +25,6 @@ pub struct Deps {
     pub sync_lookback: Duration,
     /// Shares one Calendly fetch among concurrent deliveries about the same event.
     pub event_fetches: EventFetches,
+    /// Closed while PostgreSQL is unreachable: the consumers pause.
+    pub db_gate: crate::db_gate::DbGate,
 }

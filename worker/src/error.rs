@@ -17,6 +17,10 @@ pub enum ProcessError {
     /// The user must reconnect; park the delivery as `awaiting_reauth`.
     #[error("{0}")]
     NeedsReauth(String),
+    /// PostgreSQL cannot be reached: nothing is wrong with the delivery, so it goes back to the
+    /// queue without counting as an attempt, and consumption pauses until the database is back.
+    #[error("{0}")]
+    DatabaseDown(String),
 }
 
 impl ProcessError {
@@ -27,7 +31,21 @@ impl ProcessError {
 
 impl From<sqlx::Error> for ProcessError {
     fn from(error: sqlx::Error) -> Self {
-        Self::transient(format!("database: {error}"))
+        match error {
+            // Errors of reaching the server, not of the statement: the database is down (or the
+            // network to it), not this delivery broken.
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+            | sqlx::Error::Protocol(_) => Self::DatabaseDown(format!("database unreachable: {error}")),
+            // A server that is shutting down or restarting answers with these SQLSTATE classes.
+            sqlx::Error::Database(ref e) if e.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")) => {
+                Self::DatabaseDown(format!("database unavailable: {error}"))
+            }
+            other => Self::transient(format!("database: {other}")),
+        }
     }
 }
 

@@ -11,11 +11,13 @@
 //! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
 //! - [`single_flight`]: one execution per key at a time, generic.
 //! - [`deps`]: what processing needs, built once per process.
+//! - [`db_gate`]: pauses consumption while PostgreSQL is unreachable.
 //! - [`admin`]: the operator subcommands' work (`rotate-token-key`, `replay-dead`).
 
 pub mod admin;
 pub mod calendly_call;
 pub mod consumer;
+pub mod db_gate;
 pub mod deps;
 pub mod error;
 pub mod fetch;
@@ -67,6 +69,7 @@ impl Worker {
             max_attempts: settings.worker_max_attempts,
             sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),
             event_fetches: deps::EventFetches::default(),
+            db_gate: db_gate::DbGate::default(),
         });
         Ok(Self { settings, deps, broker, database, listener, shutdown })
     }
@@ -93,6 +96,7 @@ impl Worker {
 
         // Consuming before the schema exists would only produce retries.
         while !self.shutdown.is_cancelled() && !self.database.wait_ready(Duration::from_secs(1)).await {}
+        tokio::spawn(self.deps.db_gate.clone().watch(self.database.clone(), self.shutdown.clone()));
         let grace = Duration::from_secs(self.settings.worker_shutdown_grace_secs);
         let webhooks = consumer::ConsumerConfig {
             target: RetryTarget::Webhooks,

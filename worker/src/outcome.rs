@@ -16,6 +16,9 @@ pub enum Outcome {
     Retry { reason: String, at_least: Option<Duration> },
     /// Never: dead-letter with the reason.
     Dead { reason: String },
+    /// Not now, and not this delivery's fault (the database is unreachable): back to the queue
+    /// without counting an attempt, while consumption pauses.
+    Requeue { reason: String },
 }
 
 impl Outcome {
@@ -29,6 +32,7 @@ impl Outcome {
             Self::Ack { status, .. } => status.as_str(),
             Self::Retry { .. } => "retry",
             Self::Dead { .. } => "dead",
+            Self::Requeue { .. } => "requeued",
         }
     }
 }
@@ -43,6 +47,7 @@ pub fn decide(error: ProcessError, attempt: u32, max_attempts: u32) -> Outcome {
             Outcome::Dead { reason: format!("gave up after {attempt} attempts: {reason}") }
         }
         ProcessError::Permanent(reason) => Outcome::Dead { reason },
+        ProcessError::DatabaseDown(reason) => Outcome::Requeue { reason },
     }
 }
 
@@ -59,6 +64,12 @@ mod tests {
         );
         assert!(matches!(decide(transient(), 2, 3), Outcome::Retry { .. }));
         assert_eq!(decide(transient(), 3, 3), Outcome::Dead { reason: "gave up after 3 attempts: 503".into() });
+    }
+
+    #[test]
+    fn an_unreachable_database_requeues_without_counting_even_on_the_last_attempt() {
+        let outcome = decide(ProcessError::DatabaseDown("connection refused".into()), 8, 8);
+        assert_eq!(outcome, Outcome::Requeue { reason: "connection refused".into() });
     }
 
     #[test]
