@@ -119,3 +119,43 @@ async fn cutting_the_broker_under_load_never_yields_a_202_for_a_message_it_does_
     assert!(lost.is_empty(), "{} accepted webhooks are not in the queue", lost.len());
     app.stop().await;
 }
+
+#[tokio::test]
+async fn with_several_nodes_listed_ingest_moves_to_another_when_its_node_goes_away_without_a_restart() {
+    // Two "nodes" (proxies to the one local broker): whichever ingest picked first is cut for good.
+    let (a, b) =
+        (TcpProxy::start(calsync_testkit::amqp_addr()).await, TcpProxy::start(calsync_testkit::amqp_addr()).await);
+    let url = calsync_testkit::amqp_url();
+    let amqp_url = format!("{},{}", a.url_through(&url), b.url_through(&url));
+    let app = spawn_app_with(Options { amqp_url, ..Options::default() }).await;
+    wait_until(Duration::from_secs(10), "ingest ready on one of the nodes", || async {
+        app.http.get(app.url("/readyz")).send().await.unwrap().status() == 200
+    })
+    .await;
+    let accepted = std::sync::Mutex::new(Vec::new());
+
+    for (round, node) in [&a, &b].into_iter().enumerate() {
+        node.cut(); // if ingest was on it, it must move to the other node; if not, nothing changes
+        wait_until(Duration::from_secs(20), "webhooks accepted again, on the remaining node", || async {
+            let body = sample_body(100 + round);
+            let status = app.post_webhook(&body, Some(signed(KEY, &body))).await.status();
+            assert!(status == 202 || status == 503, "only 202 or 503, got {status}");
+            if status == 202 {
+                accepted.lock().unwrap().push(body);
+            }
+            status == 202
+        })
+        .await;
+        node.restore();
+    }
+
+    let held: Vec<Vec<u8>> = app
+        .topology
+        .drain(&app.topology.topology.webhooks_queue())
+        .await
+        .into_iter()
+        .map(|m| m.delivery.data)
+        .collect();
+    assert_eq!(held, accepted.into_inner().unwrap(), "every 202 is in the queue, and nothing else");
+    app.stop().await;
+}

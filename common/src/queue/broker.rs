@@ -1,6 +1,12 @@
 //! One RabbitMQ connection per process, kept alive by a supervisor task, with a small pool of
 //! confirm-mode channels that every publisher shares.
 //!
+//! On a cluster, `AMQP_URL` lists every node (comma-separated). lapin takes one URI and its own
+//! recovery only ever reconnects to that URI, so the rotation is ours: the supervisor starts at a
+//! random node (so a fleet spreads over the cluster) and moves to the next one whenever a connect
+//! fails or the link is lost. Connecting (TCP, handshake, topology) and every publisher confirm are
+//! bounded by timeouts, so a wedged node becomes a reconnect or a 503, never a stuck request.
+//!
 //! Why this shape: a channel per request would cost a round trip per webhook and exhaust the
 //! broker's channel limit under load; one channel would serialise everything behind one confirm
 //! stream. A few channels with many publishes pipelined on each is what RabbitMQ recommends.
@@ -211,9 +217,29 @@ impl Broker {
     }
 }
 
-async fn connect(config: &BrokerConfig) -> lapin::Result<Link> {
+/// The nodes of `AMQP_URL`: one URI, or a comma-separated list of a cluster's nodes.
+fn nodes(url: &SecretString) -> Vec<SecretString> {
+    let nodes: Vec<SecretString> = url
+        .expose_secret()
+        .split(',')
+        .map(str::trim)
+        .filter(|node| !node.is_empty())
+        .map(|node| SecretString::from(node.to_owned()))
+        .collect();
+    if nodes.is_empty() { vec![url.clone()] } else { nodes }
+}
+
+/// `host:port` of a node, for logs (never the credentials in its URI).
+fn node_name(node: &SecretString) -> String {
+    url::Url::parse(node.expose_secret())
+        .ok()
+        .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port().unwrap_or(5672))))
+        .unwrap_or_else(|| "(unparseable AMQP URL)".into())
+}
+
+async fn connect(config: &BrokerConfig, node: &SecretString) -> lapin::Result<Link> {
     let props = ConnectionProperties::default().with_connection_name(config.connection_name.as_str().into());
-    let conn = Connection::connect(config.url.expose_secret(), props).await?;
+    let conn = Connection::connect(node.expose_secret(), props).await?;
     let setup = conn.create_channel().await?;
     config.topology.declare(&setup).await?;
     let _ = setup.close(200, "topology declared".into()).await;
@@ -227,33 +253,48 @@ async fn connect(config: &BrokerConfig) -> lapin::Result<Link> {
 }
 
 async fn supervise(inner: Arc<Inner>) {
+    let nodes = nodes(&inner.config.url);
     let mut backoff = retry::reconnect();
     let mut was_up = false;
+    // A random first node spreads a fleet over the cluster; then round the list.
+    let mut node = rand::random_range(0..nodes.len());
+    let mut failed_in_a_row = 0;
     while !inner.stop.is_cancelled() {
-        match tokio::time::timeout(CONNECT_TIMEOUT, connect(&inner.config)).await {
+        let name = node_name(&nodes[node]);
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect(&inner.config, &nodes[node])).await {
             Ok(Ok(link)) => {
                 backoff.reset();
+                failed_in_a_row = 0;
                 let link = Arc::new(link);
                 *inner.link.write().expect("broker link lock poisoned") = Some(link.clone());
                 inner.generation.send_modify(|g| *g += 1);
-                tracing::info!(connection = %inner.config.connection_name, "connected to RabbitMQ");
+                tracing::info!(connection = %inner.config.connection_name, node = %name, "connected to RabbitMQ");
                 was_up = true;
                 watch_link(&inner, &link).await;
                 inner.link.write().expect("broker link lock poisoned").take();
                 if inner.stop.is_cancelled() {
                     break;
                 }
-                tracing::warn!("lost the RabbitMQ connection; reconnecting");
+                tracing::warn!(node = %name, "lost the RabbitMQ connection; reconnecting");
                 let _ = tokio::time::timeout(Duration::from_secs(1), link.conn.close(320, "reconnecting".into())).await;
+                // Straight to the next node: the one we lost is the least likely to be back.
+                node = (node + 1) % nodes.len();
+                continue;
             }
             Ok(Err(error)) => {
                 if was_up {
-                    tracing::warn!(%error, "cannot reach RabbitMQ yet");
+                    tracing::warn!(node = %name, %error, "cannot reach RabbitMQ yet");
                 } else {
-                    tracing::warn!(%error, "cannot connect to RabbitMQ; retrying in the background");
+                    tracing::warn!(node = %name, %error, "cannot connect to RabbitMQ; retrying in the background");
                 }
             }
-            Err(_) => tracing::warn!("connecting to RabbitMQ timed out; retrying"),
+            Err(_) => tracing::warn!(node = %name, "connecting to RabbitMQ timed out; trying the next node"),
+        }
+        node = (node + 1) % nodes.len();
+        failed_in_a_row += 1;
+        // Try every node once before waiting; then back off between rounds.
+        if failed_in_a_row % nodes.len() != 0 {
+            continue;
         }
         let delay = backoff.next_delay().unwrap_or(Duration::from_secs(5));
         tokio::select! {
@@ -276,5 +317,20 @@ async fn watch_link(inner: &Inner, link: &Link) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amqp_url_may_list_a_clusters_nodes_and_logs_name_them_without_credentials() {
+        let list = SecretString::from("amqp://u:secret@a:5672/%2f, amqp://u:secret@b:5673/%2f,".to_owned());
+        let listed = nodes(&list);
+        assert_eq!(listed.len(), 2);
+        assert_eq!(node_name(&listed[1]), "b:5673");
+        assert!(!node_name(&listed[0]).contains("secret"));
+        assert_eq!(nodes(&SecretString::from("amqp://localhost".to_owned())).len(), 1);
     }
 }
