@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::types::FieldTable;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -216,7 +218,9 @@ async fn settle(
             Some(incoming.dead_letter(target, &reason))
         }
         Outcome::Requeue { reason } => {
-            // Back to the queue as it is (no attempt counted); our consumer pauses meanwhile.
+            // Back to the queue as it is (no attempt counted); our consumer pauses meanwhile. nack,
+            // not reject: on RabbitMQ 4.x it does not count toward x-delivery-limit, so even a long
+            // outage cannot push a healthy webhook into calsync.dead (see topology.rs).
             tracing::info!(%reason, "database unreachable; requeueing");
             deps_gate.report_down();
             let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
@@ -228,7 +232,9 @@ async fn settle(
     {
         tracing::warn!(%error, "could not publish the retry/dead-letter copy; requeueing the original");
         tokio::time::sleep(REQUEUE_PAUSE).await;
-        let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        // reject, not nack: it counts toward x-delivery-limit on RabbitMQ 3.x and 4.x alike, so a
+        // broker that keeps refusing the copy cannot make this loop forever (see topology.rs).
+        let _ = delivery.reject(BasicRejectOptions { requeue: true }).await;
         return;
     }
     if let Err(error) = delivery.ack(BasicAckOptions::default()).await {

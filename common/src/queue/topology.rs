@@ -10,6 +10,16 @@ use crate::retry::REDELIVERY_DELAYS;
 /// A message redelivered more often than this (worker crashes mid-processing, for example) is
 /// dead-lettered by the broker itself instead of looping forever. Far above `WORKER_MAX_ATTEMPTS`,
 /// which handles every failure the worker sees; this catches the ones it never gets to see.
+///
+/// RabbitMQ 3.10–3.13 and 4.x differ here, and calsync is safe on both:
+/// - 4.x counts `basic.reject` (and returns from closed channels) toward the limit but not
+///   `basic.nack`, and **drops** an over-limit message when the queue has no dead-letter target.
+///   Our work queues always carry `x-dead-letter-exchange` (to `calsync.dead`), so an over-limit
+///   message is dead-lettered, never dropped, on every version.
+/// - A delivery the worker gives back because *it* failed (its retry copy could not be published)
+///   is `reject`ed, which counts on 3.x and 4.x alike, so such a loop ends in `calsync.dead`.
+/// - The one give-back that must not count, a database outage, is `nack`ed: it happens at most once
+///   per in-flight delivery per outage, because the consumer is cancelled until the database is back.
 pub const BROKER_DELIVERY_LIMIT: i64 = 50;
 
 /// Queues that have delayed-retry companions.
