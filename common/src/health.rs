@@ -45,6 +45,9 @@ async fn readyz(State(probe): State<Probe>) -> impl IntoResponse {
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = |up: bool| if up { "up" } else { "down" };
     let mut body = serde_json::json!({ "ready": ready, "broker": word(broker), "database": word(database) });
+    if let Some(node) = probe.broker.current_node() {
+        body["broker_node"] = node.into();
+    }
     if probe.token_keys.is_some() {
         body["token_keys"] = match key_failure {
             None => "ok".into(),

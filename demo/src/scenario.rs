@@ -39,7 +39,7 @@ async fn json_ok(response: reqwest::Response, what: &str) -> anyhow::Result<Valu
 }
 
 impl Stack {
-    async fn sim_post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
+    pub async fn sim_post(&self, path: &str, body: Value) -> anyhow::Result<Value> {
         let response = self.http.post(format!("{}{path}", self.endpoints.sim_url)).json(&body).send().await?;
         json_ok(response, path).await
     }
@@ -88,7 +88,13 @@ impl Stack {
         Ok(())
     }
 
-    async fn book(&self, user: &DemoUser, name: &str, start: OffsetDateTime, guests: &[&str]) -> anyhow::Result<Value> {
+    pub async fn book(
+        &self,
+        user: &DemoUser,
+        name: &str,
+        start: OffsetDateTime,
+        guests: &[&str],
+    ) -> anyhow::Result<Value> {
         let invitees: Vec<Value> = guests
             .iter()
             .map(|g| json!({ "name": g, "email": format!("{}@example.com", g.to_lowercase().replace(' ', ".")) }))

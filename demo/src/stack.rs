@@ -247,7 +247,7 @@ impl Stack {
 
     /// Messages waiting in `calsync.dead` (of this stack's topology).
     pub async fn dead_letters(&self) -> anyhow::Result<u32> {
-        let conn = lapin::Connection::connect(&self.endpoints.amqp_url, lapin::ConnectionProperties::default()).await?;
+        let conn = connect_any(&self.endpoints.amqp_url).await?;
         let channel = conn.create_channel().await?;
         let topology = calsync_common::queue::Topology::new(self.endpoints.topology_prefix.clone());
         let options = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
@@ -275,11 +275,23 @@ async fn recreate_database(url: &str) -> anyhow::Result<()> {
 /// be delivered into the fresh database. Never touches the unprefixed production names.
 pub async fn reset_topology(amqp_url: &str, prefix: &str) -> anyhow::Result<()> {
     anyhow::ensure!(!prefix.is_empty(), "refusing to delete the unprefixed production topology");
-    let conn = lapin::Connection::connect(amqp_url, lapin::ConnectionProperties::default())
+    let conn = connect_any(amqp_url)
         .await
         .with_context(|| "connecting to RabbitMQ (is it running? scripts/services starts it)")?;
     let channel = conn.create_channel().await?;
     calsync_common::queue::Topology::new(prefix).delete(&channel).await?;
     let _ = conn.close(200, "reset".into()).await;
     Ok(())
+}
+
+/// A connection to the first reachable node of `amqp_url` (one URI, or a cluster's list).
+async fn connect_any(amqp_url: &str) -> anyhow::Result<lapin::Connection> {
+    let mut last = None;
+    for node in amqp_url.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        match lapin::Connection::connect(node, lapin::ConnectionProperties::default()).await {
+            Ok(conn) => return Ok(conn),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.map_or_else(|| anyhow::anyhow!("AMQP_URL names no node"), anyhow::Error::from))
 }

@@ -5,6 +5,9 @@
 //!   the link without touching the shared servers.
 //! - [`IsolatedTopology`]: a uniquely prefixed exchange and queue set per test, deleted afterwards.
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
+//! - [`cluster::RabbitCluster`]: a private three-node RabbitMQ cluster whose nodes can be killed.
+
+pub mod cluster;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -77,6 +77,8 @@ pub enum PublishError {
 struct Link {
     /// Held for its lifetime: dropping a lapin `Connection` closes it.
     conn: Connection,
+    /// `host:port` of the node this link is to (for readiness and logs).
+    node: String,
     publish: Vec<Channel>,
     /// Wakes the supervisor when a publish saw this link fail before its health poll did. Per
     /// link, so a wake-up meant for a dead link can never tear down its replacement.
@@ -125,6 +127,11 @@ impl Broker {
     /// Connected and not blocked by a resource alarm.
     pub fn is_ready(&self) -> bool {
         self.current().is_some_and(|l| l.conn.status().connected() && !l.conn.status().blocked())
+    }
+
+    /// `host:port` of the node currently connected to, if any.
+    pub fn current_node(&self) -> Option<String> {
+        self.current().filter(|l| l.conn.status().connected()).map(|l| l.node.clone())
     }
 
     /// Waits until connected, up to `deadline`.
@@ -249,7 +256,7 @@ async fn connect(config: &BrokerConfig, node: &SecretString) -> lapin::Result<Li
         channel.confirm_select(ConfirmSelectOptions::default()).await?;
         publish.push(channel);
     }
-    Ok(Link { conn, publish, broken: Notify::new() })
+    Ok(Link { conn, node: node_name(node), publish, broken: Notify::new() })
 }
 
 async fn supervise(inner: Arc<Inner>) {

@@ -1,0 +1,164 @@
+//! A private RabbitMQ cluster for failover tests: three nodes of the machine's installed
+//! `rabbitmq-server`, each with its own node name, ports, data and log folders and an Erlang cookie
+//! of our own, so the machine's own node (on 5672) is never touched. Nodes can be killed with
+//! SIGKILL and restarted; everything is killed and removed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
+const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+
+pub struct RabbitCluster {
+    dir: PathBuf,
+    nodes: Vec<Node>,
+}
+
+struct Node {
+    name: String,
+    amqp_port: u16,
+    dist_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn short_hostname() -> String {
+    let out = Command::new("hostname").arg("-s").output().expect("hostname");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl RabbitCluster {
+    /// Starts `size` clustered nodes, or returns `None` (saying why) where `rabbitmq-server` is not
+    /// installed.
+    pub fn start(size: usize) -> Option<Self> {
+        if !Path::new(SERVER).exists() {
+            eprintln!("skipping: no rabbitmq-server installed at {SERVER}; cluster tests need one");
+            return None;
+        }
+        let run = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let dir = std::env::temp_dir().join(format!("calsync-cluster-{run}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cookie = dir.join(".erlang.cookie");
+        std::fs::write(&cookie, format!("calsync-test-cookie-{run}")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400)).unwrap();
+        // No plugins: the management plugin's fixed ports would clash with the machine's node.
+        std::fs::write(dir.join("enabled_plugins"), "[].").unwrap();
+        let host = short_hostname();
+        let nodes = (1..=size)
+            .map(|n| Node { name: format!("calsync-{run}-{n}@{host}"), amqp_port: free_port(), dist_port: free_port() })
+            .collect();
+        let cluster = Self { dir, nodes };
+        for n in 0..size {
+            cluster.boot(n);
+        }
+        for n in 0..size {
+            cluster.await_startup(n);
+        }
+        for n in 1..size {
+            let first = cluster.nodes[0].name.clone();
+            cluster.ctl(n, &["stop_app"]);
+            cluster.ctl(n, &["join_cluster", &first]);
+            cluster.ctl(n, &["start_app"]);
+        }
+        Some(cluster)
+    }
+
+    fn node_dir(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("node{}", n + 1))
+    }
+
+    fn boot(&self, n: usize) {
+        let node = &self.nodes[n];
+        let base = self.node_dir(n);
+        std::fs::create_dir_all(&base).unwrap();
+        let status = Command::new(SERVER)
+            .arg("-detached")
+            .current_dir(&base)
+            .env("HOME", &self.dir)
+            .env("RABBITMQ_NODENAME", &node.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", node.amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", node.dist_port.to_string())
+            .env("RABBITMQ_MNESIA_BASE", base.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", base.join("log"))
+            .env("RABBITMQ_PID_FILE", base.join("pid"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", self.dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", base.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", base.join("advanced.config"))
+            .status()
+            .expect("start rabbitmq-server");
+        assert!(status.success(), "rabbitmq-server -detached failed for {}", node.name);
+    }
+
+    fn await_startup(&self, n: usize) {
+        let started = Instant::now();
+        loop {
+            let out = self.ctl_output(n, &["await_startup", "--timeout", "10"]);
+            if out.status.success() {
+                return;
+            }
+            assert!(started.elapsed() < Duration::from_secs(90), "{} did not start", self.nodes[n].name);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn ctl_output(&self, n: usize, args: &[&str]) -> std::process::Output {
+        Command::new(CTL)
+            .arg("-n")
+            .arg(&self.nodes[n].name)
+            .args(args)
+            .env("HOME", &self.dir)
+            .output()
+            .expect("rabbitmqctl")
+    }
+
+    fn ctl(&self, n: usize, args: &[&str]) {
+        let out = self.ctl_output(n, args);
+        assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `AMQP_URL` for the whole cluster (every node, comma-separated).
+    pub fn amqp_url(&self) -> String {
+        (0..self.nodes.len()).map(|n| self.node_url(n)).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn node_url(&self, n: usize) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.nodes[n].amqp_port)
+    }
+
+    /// The node listening on `127.0.0.1:<port>`.
+    pub fn node_of_port(&self, port: u16) -> Option<usize> {
+        self.nodes.iter().position(|node| node.amqp_port == port)
+    }
+
+    /// SIGKILL: the node dies without a word to its peers or clients.
+    pub fn kill(&self, n: usize) {
+        let pid = std::fs::read_to_string(self.node_dir(n).join("pid")).unwrap_or_default();
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            let started = Instant::now();
+            while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Starts a killed node again (same name, ports and data: it rejoins the cluster).
+    pub fn restart(&self, n: usize) {
+        self.boot(n);
+        self.await_startup(n);
+    }
+}
+
+impl Drop for RabbitCluster {
+    fn drop(&mut self) {
+        for n in 0..self.nodes.len() {
+            self.kill(n);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
