@@ -51,7 +51,8 @@ impl Sim {
     /// Counts the call, adds latency, and applies a pending "fail the next N calls" for `endpoint`.
     pub(crate) async fn enter(&self, endpoint: &str) -> Result<(), Response> {
         *self.counters().calls.entry(endpoint.to_owned()).or_default() += 1;
-        let latency = self.faults().latency_ms;
+        let faults = self.faults();
+        let latency = faults.latency_ms + if endpoint == "token" { faults.token_latency_ms } else { 0 };
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }

@@ -60,6 +60,8 @@ pub struct Faults {
     pub rate_429: f64,
     /// Overrides the per-user limit per minute when set.
     pub rate_limit_per_minute: Option<u32>,
+    /// Added to token endpoint answers only (a slow refresh for one user while the API is quick).
+    pub token_latency_ms: u64,
     /// Reported as the token endpoint's `expires_in` when set (the real lifetime is unchanged): a
     /// broken answer such as an absurdly long lifetime.
     pub token_expires_in: Option<i64>,

@@ -1,7 +1,11 @@
-//! The right user's access token, refreshed exactly once per expiry however many workers want it.
+//! The right user's access token, refreshed exactly once per expiry however many workers want it,
+//! under a lease in the row rather than a lock held across the call to Calendly.
+
+use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
 use time::OffsetDateTime;
+use uuid::Uuid;
 
 use calsync_common::calendly::CalendlyError;
 use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, ConnectionStatus, REFRESH_TOKEN, binding};
@@ -24,6 +28,12 @@ fn fresh(expires_at: Option<OffsetDateTime>) -> bool {
     expires_at.is_some_and(|t| t > OffsetDateTime::now_utc() + REFRESH_MARGIN)
 }
 
+/// How long a refresh lease lasts: well past the refresh call's own timeout, so it only ever
+/// expires when its holder died mid-refresh.
+const REFRESH_LEASE: Duration = Duration::from_secs(30);
+/// How often a worker waiting for someone else's refresh looks for the new pair.
+const LEASE_POLL: Duration = Duration::from_millis(100);
+
 /// `connection`'s access token, refreshed first when it expires within [`REFRESH_MARGIN`].
 pub async fn access_token(deps: &Deps, connection: &Connection) -> Result<AccessToken, ProcessError> {
     if fresh(connection.token_expires_at)
@@ -31,7 +41,7 @@ pub async fn access_token(deps: &Deps, connection: &Connection) -> Result<Access
     {
         return Ok(AccessToken { secret: connection.decrypt_access(&deps.cipher)?, ciphertext: ciphertext.clone() });
     }
-    refresh_locked(deps, connection, None).await
+    refresh(deps, connection, None).await
 }
 
 /// After Calendly answered 401 to `rejected`: refresh, unless another worker already did.
@@ -40,73 +50,105 @@ pub async fn after_unauthorized(
     connection: &Connection,
     rejected: &AccessToken,
 ) -> Result<AccessToken, ProcessError> {
-    refresh_locked(deps, connection, Some(&rejected.ciphertext)).await
+    refresh(deps, connection, Some(&rejected.ciphertext)).await
 }
 
-async fn refresh_locked(
-    deps: &Deps,
-    connection: &Connection,
-    rejected: Option<&str>,
-) -> Result<AccessToken, ProcessError> {
-    let mut tx = deps.pool.begin().await?;
-    let row = connections::lock(&mut tx, connection.id)
-        .await?
-        .ok_or_else(|| ProcessError::transient("connection vanished"))?;
-    // The row may have been reconnected to another Calendly account (or user) since this delivery
-    // resolved it: that account's token is not this delivery's to use, or to refresh.
-    if row.user_id != connection.user_id || row.calendly_user_uri != connection.calendly_user_uri {
-        return Err(ProcessError::transient("the connection changed hands while processing; resolving again"));
-    }
-    match row.status {
-        ConnectionStatus::Active => {}
-        ConnectionStatus::NeedsReauth => {
-            return Err(ProcessError::NeedsReauth("the connection needs to be reconnected".into()));
+/// Exactly one refresh per expiry, across every worker: whoever claims the lease refreshes; the
+/// others wait for its new pair, polling the row without holding a pooled connection while Calendly
+/// takes its time (so a slow refresh for one user never starves other users' deliveries).
+async fn refresh(deps: &Deps, connection: &Connection, rejected: Option<&str>) -> Result<AccessToken, ProcessError> {
+    let owner = Uuid::new_v4();
+    let started = Instant::now();
+    loop {
+        let claimed =
+            connections::claim_refresh(&deps.pool, connection, owner, rejected, REFRESH_LEASE, REFRESH_MARGIN).await?;
+        if let Some(row) = claimed {
+            return refresh_leased(deps, row, owner).await;
         }
-        // Disconnected while we worked: a retry resolves the delivery again (and parks it).
-        ConnectionStatus::Disconnected => {
-            return Err(ProcessError::transient("the connection was disconnected while processing"));
+        // Not ours to refresh: find out why.
+        let row = connections::find(&deps.pool, connection.id)
+            .await?
+            .ok_or_else(|| ProcessError::transient("connection vanished"))?;
+        // The row may have been reconnected to another Calendly account (or user) since this delivery
+        // resolved it: that account's token is not this delivery's to use, or to refresh.
+        if row.user_id != connection.user_id || row.calendly_user_uri != connection.calendly_user_uri {
+            return Err(ProcessError::transient("the connection changed hands while processing; resolving again"));
         }
+        match row.status {
+            ConnectionStatus::Active => {}
+            ConnectionStatus::NeedsReauth => {
+                return Err(ProcessError::NeedsReauth("the connection needs to be reconnected".into()));
+            }
+            // Disconnected while we worked: a retry resolves the delivery again (and parks it).
+            ConnectionStatus::Disconnected => {
+                return Err(ProcessError::transient("the connection was disconnected while processing"));
+            }
+        }
+        let someone_refreshed = match rejected {
+            None => fresh(row.token_expires_at),
+            Some(rejected) => row.access_token.as_deref() != Some(rejected),
+        };
+        if someone_refreshed && let Some(ciphertext) = row.access_token.clone() {
+            return Ok(AccessToken { secret: row.decrypt_access(&deps.cipher)?, ciphertext });
+        }
+        // Another worker holds the lease and is talking to Calendly.
+        if started.elapsed() > REFRESH_LEASE + Duration::from_secs(5) {
+            return Err(ProcessError::transient("waited too long for another worker's token refresh"));
+        }
+        tokio::time::sleep(LEASE_POLL).await;
     }
-    // Re-read under the lock: whoever held it before us may have refreshed already.
-    let someone_refreshed = match rejected {
-        None => fresh(row.token_expires_at),
-        Some(rejected) => row.access_token.as_deref() != Some(rejected),
+}
+
+/// Refreshes with the lease held: the single-use refresh token is ours alone to present.
+async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<AccessToken, ProcessError> {
+    let refresh_token = match row.decrypt_refresh(&deps.cipher) {
+        Ok(token) => token,
+        Err(error) => {
+            connections::release_refresh(&deps.pool, row.id, owner).await?;
+            return Err(error.into());
+        }
     };
-    if someone_refreshed && let Some(ciphertext) = row.access_token.clone() {
-        tx.commit().await?;
-        return Ok(AccessToken { secret: row.decrypt_access(&deps.cipher)?, ciphertext });
-    }
-    let refresh_token = row.decrypt_refresh(&deps.cipher)?;
-    // The lock is held across this call on purpose: the refresh token is single-use, so nobody else
-    // may present it until the new pair is committed.
     match deps.calendly.refresh(&refresh_token).await {
         Ok(tokens) => {
             let access = deps.cipher.encrypt(&tokens.access_token, binding(row.id, ACCESS_TOKEN));
             let refresh = deps.cipher.encrypt(&tokens.refresh_token, binding(row.id, REFRESH_TOKEN));
-            let expires_at = tokens.expires_at(OffsetDateTime::now_utc());
-            let stored = async {
-                connections::store_tokens(&mut tx, row.id, &access, &refresh, expires_at).await?;
-                tx.commit().await
+            let pair = Refreshed {
+                access: &access,
+                refresh: &refresh,
+                expires_at: tokens.expires_at(OffsetDateTime::now_utc()),
             };
-            if let Err(error) = stored.await {
-                let pair = Refreshed { access: &access, refresh: &refresh, expires_at };
-                keep_refreshed_pair(deps, &row, pair, error).await;
+            let stored =
+                connections::store_leased_refresh(&deps.pool, row.id, owner, &access, &refresh, pair.expires_at).await;
+            let kept = match stored {
+                Ok(true) => true,
+                // The lease is no longer ours, or the write failed: Calendly consumed the old
+                // refresh token, so this pair is the only one left; keep trying to store it.
+                Ok(false) => keep_refreshed_pair(deps, &row, &pair, None).await,
+                Err(error) => keep_refreshed_pair(deps, &row, &pair, Some(error)).await,
+            };
+            if !kept {
+                // Disconnected meanwhile: a pair nobody will use must not stay valid at Calendly.
+                for token in [&tokens.refresh_token, &tokens.access_token] {
+                    let _ = deps.calendly.revoke(&SecretString::from(token.clone())).await;
+                }
+                return Err(ProcessError::transient("the connection changed while refreshing its token"));
             }
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "refreshed").increment(1);
             tracing::info!(connection_id = %row.id, "access token refreshed");
-            // The work at hand uses the new token whether or not it could be stored.
+            // The work at hand uses the new token.
             Ok(AccessToken { secret: SecretString::from(tokens.access_token), ciphertext: access })
         }
         Err(CalendlyError::InvalidGrant(detail)) => {
             let reason = format!("refresh token rejected by Calendly (invalid_grant): {detail}");
-            connections::mark_needs_reauth(&mut tx, row.id, &reason).await?;
-            tx.commit().await?;
+            let mut db = deps.pool.acquire().await?;
+            connections::mark_needs_reauth(&mut db, row.id, &reason).await?;
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "invalid_grant").increment(1);
             tracing::warn!(connection_id = %row.id, "refresh token rejected; connection needs reauth");
             Err(ProcessError::NeedsReauth(reason))
         }
         Err(error) => {
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "error").increment(1);
+            connections::release_refresh(&deps.pool, row.id, owner).await?;
             Err(error.into())
         }
     }
@@ -121,9 +163,12 @@ struct Refreshed<'a> {
 
 /// Calendly has consumed the old refresh token, so after a failed write the new pair exists nowhere
 /// but here: keep trying to store it on fresh connections, and count and log loudly if it finally
-/// cannot be (the user will then have to reconnect).
-async fn keep_refreshed_pair(deps: &Deps, row: &Connection, pair: Refreshed<'_>, first: sqlx::Error) {
-    tracing::warn!(connection_id = %row.id, error = %first, "refreshed tokens not stored; retrying the write");
+/// cannot be (the user will then have to reconnect). Returns false when the row changed meanwhile
+/// (disconnected, or refreshed by someone else): the pair is then nobody's.
+async fn keep_refreshed_pair(deps: &Deps, row: &Connection, pair: &Refreshed<'_>, first: Option<sqlx::Error>) -> bool {
+    if let Some(error) = first {
+        tracing::warn!(connection_id = %row.id, %error, "refreshed tokens not stored; retrying the write");
+    }
     let mut delays = retry::token_store();
     let consumed = row.refresh_token.as_deref();
     loop {
@@ -133,12 +178,11 @@ async fn keep_refreshed_pair(deps: &Deps, row: &Connection, pair: Refreshed<'_>,
             Ok(true) => {
                 metrics::counter!("calsync_token_refreshes_total", "outcome" => "stored_late").increment(1);
                 tracing::info!(connection_id = %row.id, "refreshed tokens stored after retrying");
-                return;
+                return true;
             }
             Ok(false) => {
-                // Disconnected (or refreshed by someone else) meanwhile: nothing of ours to keep.
                 tracing::warn!(connection_id = %row.id, "connection changed before the refreshed tokens were stored");
-                return;
+                return false;
             }
             Err(error) => match delays.next_delay() {
                 Some(delay) => tokio::time::sleep(delay).await,
@@ -148,7 +192,8 @@ async fn keep_refreshed_pair(deps: &Deps, row: &Connection, pair: Refreshed<'_>,
                         connection_id = %row.id, %error,
                         "REFRESHED TOKENS LOST: the database refused them; this user must reconnect Calendly"
                     );
-                    return;
+                    // Still used for the work at hand; the user will have to reconnect.
+                    return true;
                 }
             },
         }

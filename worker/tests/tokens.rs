@@ -7,9 +7,16 @@ mod support;
 use std::time::Duration;
 
 use calendly_sim::Faults;
+use calsync_testkit::TcpProxy;
 use sqlx::PgPool;
 use support::*;
 use time::OffsetDateTime;
+
+fn postgres_addr(db_url: &str) -> std::net::SocketAddr {
+    let url = url::Url::parse(db_url).unwrap();
+    let host = url.host_str().unwrap().replace("localhost", "127.0.0.1");
+    format!("{host}:{}", url.port().unwrap_or(5432)).parse().unwrap()
+}
 
 async fn connection_status(h: &Harness, user: &User) -> String {
     sqlx::query_scalar("SELECT status FROM calendar_connections WHERE id = $1")
@@ -22,27 +29,28 @@ async fn connection_status(h: &Harness, user: &User) -> String {
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_refresh_whose_database_write_fails_keeps_the_new_tokens_and_the_user_connected(pool: PgPool) {
     let mut h = Harness::new(pool).await;
+    let proxy = TcpProxy::start(postgres_addr(&h.db_url)).await;
+    let through = format!("--database-url={}", proxy.url_through(&h.db_url));
     let ada = h.connect("Ada").await;
     h.store_tokens(ada.app_user, &ada.calendly, OffsetDateTime::now_utc() - time::Duration::minutes(1)).await;
     h.book(&ada, 1);
     let first = h.captured();
-    // A slow token endpoint: the refresh's transaction sits idle, holding the row lock, long enough
-    // for the test to kill its database session.
-    h.sim.sim.set_faults(Faults { latency_ms: 1500, ..Faults::default() });
-    h.start_worker(&[]).await;
+    // A slow token endpoint: the database goes away while Calendly is issuing the new pair, so the
+    // write of that pair fails (Calendly has already consumed the old refresh token).
+    h.sim.sim.set_faults(Faults { token_latency_ms: 1500, ..Faults::default() });
+    h.start_worker(&[&through]).await;
     let ids = h.publish_all(&first).await;
-    let database: String = sqlx::query_scalar("SELECT current_database()").fetch_one(&h.pool).await.unwrap();
-    calsync_testkit::wait_until(DEADLINE, "the refreshing session, killed", || async {
-        sqlx::query_scalar::<_, bool>(
-            "SELECT coalesce(bool_or(pg_terminate_backend(pid)), false) FROM pg_stat_activity \
-             WHERE datname = $1 AND state = 'idle in transaction' AND query ILIKE '%FOR UPDATE%'",
-        )
-        .bind(&database)
-        .fetch_one(&h.pool)
-        .await
-        .unwrap()
+    calsync_testkit::wait_until(DEADLINE, "the refresh to reach Calendly", || async {
+        h.sim.sim.counters_json()["calls"]["token"].as_u64().unwrap_or(0) >= 1
     })
     .await;
+    proxy.cut();
+    calsync_testkit::wait_until(DEADLINE, "Calendly to issue the new pair", || async {
+        h.sim.sim.token_grants("refresh_token") == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the database stays away a little longer
+    proxy.restore();
     h.sim.sim.set_faults(Faults::default());
 
     h.wait_for_inbox(&ids, &["processed"]).await;
@@ -61,6 +69,49 @@ async fn a_refresh_whose_database_write_fails_keeps_the_new_tokens_and_the_user_
     assert_eq!(h.sim.sim.refresh_token_reuse_attempts(), 0, "the consumed refresh token was never presented again");
     assert_eq!(connection_status(&h, &ada).await, "active");
     assert_eq!(h.meetings(ada.app_user).await.len(), 2);
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_slow_refresh_for_one_user_never_costs_another_user_a_pool_connection(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    // 16 deliveries at once on a pool of 4 connections.
+    h.start_worker(&["--worker-concurrency=16"]).await;
+    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
+    h.store_tokens(ada.app_user, &ada.calendly, OffsetDateTime::now_utc() - time::Duration::minutes(1)).await;
+    for _ in 0..8 {
+        h.book(&ada, 1);
+    }
+    let ada_bodies = h.captured();
+    for _ in 0..8 {
+        h.book(&bob, 1);
+    }
+    let bob_bodies = h.captured();
+    // Ada's refresh takes 5 s at Calendly; every one of her deliveries waits for it.
+    h.sim.sim.set_faults(Faults { token_latency_ms: 5000, ..Faults::default() });
+
+    let ada_ids = h.publish_all(&ada_bodies).await;
+    calsync_testkit::wait_until(DEADLINE, "Ada's refresh to be under way", || async {
+        h.sim.sim.counters_json()["calls"]["token"].as_u64().unwrap_or(0) >= 1
+    })
+    .await;
+    let bob_ids = h.publish_all(&bob_bodies).await;
+    h.wait_for_inbox(&bob_ids, &["processed"]).await;
+
+    let ada_done: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE message_id = ANY($1)")
+        .bind(&ada_ids)
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(ada_done, 0, "Bob's deliveries finished while Ada's refresh was still at Calendly");
+    let bob_attempts: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM webhook_inbox WHERE message_id = ANY($1)")
+        .bind(&bob_ids)
+        .fetch_all(&h.pool)
+        .await
+        .unwrap();
+    assert!(bob_attempts.iter().all(|a| *a == 1), "no pool timeout, no retry: {bob_attempts:?}");
+    h.wait_for_inbox(&ada_ids, &["processed"]).await;
+    assert_eq!(h.sim.sim.token_grants("refresh_token"), 1, "still one refresh for one expiry");
     h.stop().await;
 }
 
