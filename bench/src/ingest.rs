@@ -47,7 +47,7 @@ pub async fn serve_ceiling(addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn publish_ceiling(broker: &Broker, concurrency: usize, duration: Duration) -> f64 {
+pub async fn publish_ceiling(broker: &Broker, concurrency: usize, duration: Duration) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
@@ -102,6 +102,7 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
     let (ingest_hook, ceiling_hook) =
         (format!("{ingest_url}/webhooks/calendly"), format!("{ceiling_url}/webhooks/calendly"));
 
+    let mut capacity = 0.0f64;
     for connections in [1usize, 16, 64] {
         // Ceilings at the same concurrency: the same number of publishes (or requests) in flight.
         let publishes = publish_ceiling(&broker, connections, ctx.duration).await;
@@ -111,6 +112,7 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
         let held = crate::depth(ctx, &queue).await?;
         anyhow::ensure!(held == accepted, "queue holds {held} but ingest answered 202 {accepted} times");
         crate::purge(ctx, &queue).await?;
+        capacity = capacity.max(rps);
         rows.push(row(
             "ingest",
             format!("closed loop, {connections} connection(s): 202/s (queue = 202s: {held} ✓)"),
@@ -141,10 +143,60 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
             "-",
         ));
     }
+    overload(ctx, &ingest, &ingest_hook, &queue, capacity, &seq, rows).await?;
     let peak_mib = ingest.peak_rss_mib();
     broker.close().await;
     ingest.stop().await;
     ceiling.stop().await;
     crate::reset_topology(ctx, prefix).await?;
     Ok(Memory { idle_mib, peak_mib })
+}
+
+/// An open loop at twice the best closed-loop rate: what is shed (503 at once, past
+/// INGEST_MAX_IN_FLIGHT), how fast the accepted requests still are, and ingest's memory meanwhile.
+async fn overload(
+    ctx: &Ctx,
+    ingest: &Proc,
+    hook: &str,
+    queue: &str,
+    capacity: f64,
+    seq: &Arc<AtomicU64>,
+    rows: &mut Vec<stats::Row>,
+) -> anyhow::Result<()> {
+    let rate = (capacity * 2.0).max(100.0) as u64;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let sample = async {
+        let mut peak = 0.0f64;
+        while !stop.load(Ordering::Relaxed) {
+            peak = peak.max(ingest.rss_mib());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        peak
+    };
+    let offered = async {
+        let result = load::open_loop(&ctx.http, hook, rate, ctx.duration, seq).await;
+        stop.store(true, Ordering::Relaxed);
+        result
+    };
+    let ((latencies, failed), peak) = tokio::join!(offered, sample);
+    let held = crate::depth(ctx, queue).await?;
+    anyhow::ensure!(
+        held as usize == latencies.len(),
+        "queue holds {held} but ingest answered 202 {} times",
+        latencies.len()
+    );
+    crate::purge(ctx, queue).await?;
+    let total = latencies.len() as f64 + failed as f64;
+    rows.push(row(
+        "ingest",
+        format!("overload: open loop at 2× capacity ({rate}/s): shed share / p99 of 202s / RSS peak (queue = 202s ✓)"),
+        format!(
+            "{:.1}% / {} / {peak:.1} MiB",
+            100.0 * failed as f64 / total.max(1.0),
+            ms(stats::percentile(&latencies, 0.99))
+        ),
+        "target RSS ≤ 64 MiB",
+        if peak <= 64.0 { "✓" } else { "✗" },
+    ));
+    Ok(())
 }

@@ -3,6 +3,7 @@
 //!
 //! Run with `cargo run --release -p calsync-bench` (needs the local PostgreSQL and RabbitMQ).
 
+mod cluster;
 mod e2e;
 mod ingest;
 mod load;
@@ -36,8 +37,8 @@ struct Cli {
     /// A few seconds per figure and 2,000 webhooks: for checking the harness, not for numbers.
     #[arg(long)]
     quick: bool,
-    /// Sections to run (all by default): ingest, worker, e2e.
-    #[arg(long, value_delimiter = ',', default_value = "ingest,worker,e2e")]
+    /// Sections to run (all by default): ingest, cluster, worker, e2e.
+    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,e2e")]
     only: Vec<String>,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
@@ -139,14 +140,29 @@ async fn main() -> anyhow::Result<()> {
     };
     eprintln!("machine: {}", machine());
     let mut rows = Vec::new();
-    eprintln!("▸ ingest");
-    let ingest_memory = ingest::run(&ctx, &mut rows).await?;
-    eprintln!("▸ worker");
-    let world = world::World::setup(&ctx).await?;
-    let worker_memory = worker::run(&ctx, &world, &mut rows).await?;
-    eprintln!("▸ end to end");
-    e2e::run(&ctx, &world, &mut rows, 200).await?;
-    for (binary, memory) in [("calsync-ingest", ingest_memory), ("calsync-worker", worker_memory)] {
+    let section = |name: &str| cli.only.iter().any(|s| s == name);
+    let mut memories = Vec::new();
+    if section("ingest") {
+        eprintln!("▸ ingest");
+        memories.push(("calsync-ingest", ingest::run(&ctx, &mut rows).await?));
+    }
+    if section("cluster") {
+        eprintln!("▸ cluster");
+        cluster::run(&ctx, &mut rows).await?;
+    }
+    if section("worker") || section("e2e") {
+        let world = world::World::setup(&ctx).await?;
+        if section("worker") {
+            eprintln!("▸ worker");
+            memories.push(("calsync-worker", worker::run(&ctx, &world, &mut rows).await?));
+        }
+        if section("e2e") {
+            eprintln!("▸ end to end");
+            e2e::run(&ctx, &world, &mut rows, 200).await?;
+        }
+        world.sim.stop().await;
+    }
+    for (binary, memory) in memories {
         rows.push(stats::row(
             "memory",
             format!("{binary} RSS idle / peak"),
@@ -155,7 +171,6 @@ async fn main() -> anyhow::Result<()> {
             "-",
         ));
     }
-    world.sim.stop().await;
     println!("machine: {}\n", machine());
     stats::print(&rows);
     Ok(())

@@ -1,0 +1,123 @@
+//! Ingest on a three-node RabbitMQ cluster started for the run (its own node names, ports and data;
+//! never the machine's node): throughput against raw confirmed publishes to the same cluster, and
+//! what a node kill under steady load costs (sent, 202, 503, lost, duplicated, longest 503 window).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use calsync_testkit::cluster::RabbitCluster;
+
+use crate::Ctx;
+use crate::load::{self, SIGNING_KEY};
+use crate::procs::{Proc, free_port, wait_ok};
+use crate::stats::{ratio, row};
+
+pub async fn run(ctx: &Ctx, rows: &mut Vec<crate::stats::Row>) -> anyhow::Result<()> {
+    let Some(cluster) = tokio::task::spawn_blocking(|| RabbitCluster::start(3)).await? else {
+        rows.push(row("cluster", "skipped: rabbitmq-server is not installed", "-", "-", "-"));
+        return Ok(());
+    };
+    let prefix = "bench-cluster";
+    let port = free_port()?;
+    let ingest = Proc::spawn(
+        "calsync-ingest",
+        &[
+            ("INGEST_ADDR", format!("127.0.0.1:{port}")),
+            ("CALENDLY_WEBHOOK_SIGNING_KEYS", SIGNING_KEY.into()),
+            ("TOKEN_ENCRYPTION_KEY", calsync_common::crypto::generate_key()),
+            ("AMQP_URL", cluster.amqp_url()),
+            ("AMQP_TOPOLOGY_PREFIX", prefix.into()),
+            ("DATABASE_URL", ctx.db_url.clone()),
+        ],
+        &[],
+    )?;
+    let base = format!("http://127.0.0.1:{port}");
+    wait_ok(&ctx.http, &format!("{base}/readyz")).await?;
+    let hook = format!("{base}/webhooks/calendly");
+    let seq = Arc::new(AtomicU64::new(0));
+    let on_cluster = Ctx {
+        http: ctx.http.clone(),
+        amqp_url: cluster.amqp_url(),
+        db_url: ctx.db_url.clone(),
+        duration: ctx.duration,
+        webhooks: ctx.webhooks,
+        concurrencies: ctx.concurrencies.clone(),
+    };
+    let broker = crate::broker(&on_cluster, prefix, 4).await?;
+    let queue = broker.topology().webhooks_queue();
+
+    // Throughput: 64 connections, against confirmed publishes to the same quorum queue.
+    let publishes = crate::ingest::publish_ceiling(&broker, 64, ctx.duration).await;
+    let (rps, accepted) = load::closed_loop(&ctx.http, &hook, 64, ctx.duration, &seq).await;
+    let inspect = |n: usize| Ctx { amqp_url: cluster.node_url(n), ..clone_ctx(&on_cluster) };
+    let held = crate::depth(&inspect(0), &queue).await?;
+    anyhow::ensure!(held >= accepted, "the cluster holds {held} but ingest answered 202 {accepted} times");
+    crate::purge(&inspect(0), &queue).await?;
+    rows.push(row(
+        "cluster",
+        "ingest on 3 nodes, closed loop 64 connections: 202/s",
+        format!("{rps:.0}/s"),
+        format!("confirmed publishes to the cluster {publishes:.0}/s"),
+        ratio(rps, publishes),
+    ));
+
+    // A node kill under an open loop of 500/s: the node ingest is on dies a third of the way in.
+    let node: serde_json::Value = ctx.http.get(format!("{base}/readyz")).send().await?.json().await?;
+    let node = node["broker_node"].as_str().unwrap_or_default().to_owned();
+    let victim = node.rsplit(':').next().and_then(|p| p.parse().ok()).and_then(|p| cluster.node_of_port(p));
+    let victim = victim.ok_or_else(|| anyhow::anyhow!("ingest reports no broker node"))?;
+    let rate = 500;
+    let offered = load::open_loop(&ctx.http, &hook, rate, ctx.duration * 3, &seq);
+    let killer = async {
+        tokio::time::sleep(ctx.duration).await;
+        tokio::task::block_in_place(|| cluster.kill(victim));
+        // The longest stretch without a node, as ingest's readiness sees it.
+        let (mut longest, mut down_since) = (Duration::ZERO, None::<Instant>);
+        let until = Instant::now() + ctx.duration;
+        while Instant::now() < until {
+            let ready = ctx.http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200);
+            match (ready, down_since) {
+                (false, None) => down_since = Some(Instant::now()),
+                (true, Some(since)) => {
+                    longest = longest.max(since.elapsed());
+                    down_since = None;
+                }
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        longest
+    };
+    let ((latencies, refused), longest) = tokio::join!(offered, killer);
+    let live = (0..3).find(|n| *n != victim).unwrap_or(0);
+    let held = crate::depth(&inspect(live), &queue).await? as usize;
+    let accepted = latencies.len();
+    rows.push(row(
+        "cluster",
+        format!("node kill under {rate}/s: sent / 202 / 503 / lost / duplicated; longest 503 window"),
+        format!(
+            "{} / {accepted} / {refused} / {} / {}; {longest:.0?}",
+            accepted as u64 + refused,
+            accepted.saturating_sub(held),
+            held.saturating_sub(accepted)
+        ),
+        "target lost 0",
+        if held >= accepted { "✓" } else { "✗" },
+    ));
+    broker.close().await;
+    ingest.stop().await;
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    Ok(())
+}
+
+fn clone_ctx(ctx: &Ctx) -> Ctx {
+    Ctx {
+        http: ctx.http.clone(),
+        amqp_url: ctx.amqp_url.clone(),
+        db_url: ctx.db_url.clone(),
+        duration: ctx.duration,
+        webhooks: ctx.webhooks,
+        concurrencies: ctx.concurrencies.clone(),
+    }
+}
