@@ -89,8 +89,13 @@ impl Application {
         let shutdown = self.shutdown.clone();
         // Graceful: stop accepting on shutdown, let in-flight requests (and their publisher
         // confirms) finish, and only then close the broker connection.
-        let header_timeout = self.state.settings.request_timeout();
-        serve::serve(self.listener, router, header_timeout, shutdown).await;
+        // An HTTP/1.1 connection carries one request at a time; beyond the in-flight limit plus room
+        // for idle keep-alive connections, new connections are refused at once (memory stays bounded).
+        let limits = serve::Limits {
+            header_timeout: self.state.settings.request_timeout(),
+            max_connections: self.state.settings.ingest_max_in_flight + 64,
+        };
+        serve::serve(self.listener, router, limits, shutdown).await;
         self.state.broker.close().await;
         tracing::info!("calsync-ingest stopped");
         Ok(())

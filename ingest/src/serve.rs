@@ -2,18 +2,78 @@
 //! a header read timeout, and without one a client that sends its headers slowly holds a connection
 //! (and delays a graceful shutdown) for as long as it likes. Calendly speaks HTTP/1.1.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+
+/// What one ingest process allows its clients.
+pub struct Limits {
+    /// Headers must be complete within this.
+    pub header_timeout: Duration,
+    /// Open connections at once (an HTTP/1.1 connection carries one request at a time).
+    pub max_connections: usize,
+}
+
+/// The answer to a connection over the cap, written without reading the request: the same JSON
+/// error and Retry-After as a shed request.
+const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+retry-after: 5\r\nconnection: close\r\ncontent-length: 83\r\n\r\n\
+{\"error\":\"overloaded\",\"message\":\"too many webhook requests in flight; retry later\"}";
+
+async fn refuse(mut stream: TcpStream) {
+    metrics::counter!("calsync_ingest_requests_total", "outcome" => "overloaded").increment(1);
+    // Read (and drop) the request first, briefly and within the body limit: a client still
+    // sending when the answer arrives, or a close with unread input (a TCP reset), would lose it.
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain_request(&mut stream)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVERLOADED)).await;
+    let _ = stream.shutdown().await;
+}
+
+async fn drain_request(stream: &mut TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let body_start = loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 || head.len() > 16 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let text = String::from_utf8_lossy(&head[..body_start]).to_ascii_lowercase();
+    let length = text
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(crate::routes::webhooks::MAX_BODY_BYTES);
+    let mut left = length.saturating_sub(head.len() - body_start);
+    while left > 0 {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        left = left.saturating_sub(n);
+    }
+    Ok(())
+}
 
 /// Serves `router` until `shutdown`, then stops accepting and waits for in-flight requests (whose
 /// bodies are themselves bounded in time by the router's layers).
-pub async fn serve(listener: TcpListener, router: Router, header_timeout: Duration, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: CancellationToken) {
+    let Limits { header_timeout, max_connections } = limits;
+    let connections = Arc::new(Semaphore::new(max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     // Headers must be complete within the timeout, or hyper closes the connection.
     http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
@@ -31,12 +91,19 @@ pub async fn serve(listener: TcpListener, router: Router, header_timeout: Durati
                 }
             },
         };
+        // Each open connection costs buffers and a task: past the cap, a connection gets a fixed
+        // 503 at once and is closed, so a flood of clients cannot grow memory without bound.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream));
+            continue;
+        };
         let service = TowerToHyperService::new(router.clone());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);

@@ -102,3 +102,28 @@ async fn shutdown_does_not_wait_for_a_client_that_never_finishes_its_request() {
         .unwrap();
     app.topology.cleanup().await;
 }
+
+#[tokio::test]
+async fn connections_past_the_cap_get_a_503_at_once_so_a_flood_cannot_grow_memory() {
+    let app = spawn_app_with(Options { extra: vec!["--ingest-max-in-flight=1".into()], ..Options::default() }).await;
+    // The cap is the in-flight limit plus 64 idle keep-alive connections: hold all 65.
+    let mut held = Vec::new();
+    for _ in 0..65 {
+        held.push(half_sent(&app, false, 0).await);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let body = sample_body(7);
+    let refused = app.post_webhook(&body, Some(signed(KEY, &body))).await;
+
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let answer: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(answer["error"], "overloaded");
+    drop(held);
+    calsync_testkit::wait_until(Duration::from_secs(10), "connections to be accepted again", || async {
+        app.post_webhook(&body, Some(signed(KEY, &body))).await.status() == 202
+    })
+    .await;
+    app.stop().await;
+}
