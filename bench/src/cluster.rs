@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant};
 
 use calsync_testkit::cluster::RabbitCluster;
 
@@ -73,21 +72,11 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<crate::stats::Row>) -> anyhow::Result
         tokio::time::sleep(ctx.duration).await;
         tokio::task::block_in_place(|| cluster.kill(victim));
         // The longest stretch without a node, as ingest's readiness sees it.
-        let (mut longest, mut down_since) = (Duration::ZERO, None::<Instant>);
-        let until = Instant::now() + ctx.duration;
-        while Instant::now() < until {
-            let ready = ctx.http.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200);
-            match (ready, down_since) {
-                (false, None) => down_since = Some(Instant::now()),
-                (true, Some(since)) => {
-                    longest = longest.max(since.elapsed());
-                    down_since = None;
-                }
-                _ => {}
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        longest
+        let readyz = format!("{base}/readyz");
+        calsync_testkit::longest_unready(ctx.duration, || async {
+            ctx.http.get(&readyz).send().await.is_ok_and(|r| r.status() == 200)
+        })
+        .await
     };
     let ((latencies, refused), longest) = tokio::join!(offered, killer);
     let live = (0..3).find(|n| *n != victim).unwrap_or(0);

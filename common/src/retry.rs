@@ -23,40 +23,34 @@ impl Delays {
     }
 }
 
+/// Jittered waits doubling from `first` up to `longest`, given up after `give_up` in all (never when
+/// `None`).
+fn doubling(first: Duration, longest: Duration, give_up: Option<Duration>) -> Delays {
+    Delays(ExponentialBackoff {
+        initial_interval: first,
+        max_interval: longest,
+        multiplier: 2.0,
+        max_elapsed_time: give_up,
+        ..ExponentialBackoff::default()
+    })
+}
+
 /// Reconnecting to RabbitMQ or PostgreSQL: quick first retries so a blip heals in well under a
 /// second, capped so a long outage is polled every few seconds, never given up on.
 pub fn reconnect() -> Delays {
-    Delays(ExponentialBackoff {
-        initial_interval: Duration::from_millis(200),
-        max_interval: Duration::from_secs(5),
-        multiplier: 2.0,
-        max_elapsed_time: None,
-        ..ExponentialBackoff::default()
-    })
+    doubling(Duration::from_millis(200), Duration::from_secs(5), None)
 }
 
 /// In-process retries of a Calendly call: a few seconds in all, after which the message goes back
 /// to the broker's delayed-retry path instead of holding a worker slot.
 pub fn calendly_call() -> Delays {
-    Delays(ExponentialBackoff {
-        initial_interval: Duration::from_millis(100),
-        max_interval: Duration::from_secs(2),
-        multiplier: 2.0,
-        max_elapsed_time: Some(Duration::from_secs(5)),
-        ..ExponentialBackoff::default()
-    })
+    doubling(Duration::from_millis(100), Duration::from_secs(2), Some(Duration::from_secs(5)))
 }
 
 /// Storing a refreshed token pair after its first write failed: the pair exists only in memory
 /// (Calendly consumed the old refresh token), so keep trying for a minute.
 pub fn token_store() -> Delays {
-    Delays(ExponentialBackoff {
-        initial_interval: Duration::from_millis(200),
-        max_interval: Duration::from_secs(5),
-        multiplier: 2.0,
-        max_elapsed_time: Some(Duration::from_secs(60)),
-        ..ExponentialBackoff::default()
-    })
+    doubling(Duration::from_millis(200), Duration::from_secs(5), Some(Duration::from_secs(60)))
 }
 
 /// Delays of the broker-side retry queues, one queue per delay so a long wait never holds up a

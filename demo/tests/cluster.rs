@@ -4,7 +4,7 @@
 //! as exactly one set of rows, nothing is dead, ingest never answers 202 without a majority, and
 //! everything recovers without restarting calsync.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use calsync_demo::report::{samples, sum};
 use calsync_demo::scenario::DemoUser;
@@ -77,51 +77,31 @@ async fn losing_nodes_of_a_three_node_cluster_loses_no_accepted_webhook_and_dupl
 
     // 1. Steady bookings while the node ingest is on is killed (SIGKILL) and later restarted.
     for _ in 0..20 {
-        {
-            booked += 1;
-            book(&stack, &users, booked).await;
-        }
+        booked += 1;
+        book(&stack, &users, booked).await;
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let node = readyz(&stack).await["broker_node"].as_str().unwrap().to_owned();
     let victim = cluster.node_of_port(node.rsplit(':').next().unwrap().parse().unwrap()).unwrap();
     let refused_before = stack.sim_counters().await.unwrap()["delivery_attempts_failed"].as_u64().unwrap();
-    // Watch ingest's readiness closely for the longest stretch without a node.
-    let watching = tokio::sync::watch::channel(true);
-    let watcher = {
-        let (http, url, mut stop) =
-            (stack.http.clone(), format!("{}/readyz", stack.endpoints.ingest_url), watching.1.clone());
-        tokio::spawn(async move {
-            let (mut longest, mut down_since) = (Duration::ZERO, None::<Instant>);
-            while *stop.borrow_and_update() {
-                let ready = http.get(&url).send().await.is_ok_and(|r| r.status() == 200);
-                match (ready, down_since) {
-                    (false, None) => down_since = Some(Instant::now()),
-                    (true, Some(since)) => {
-                        longest = longest.max(since.elapsed());
-                        down_since = None;
-                    }
-                    _ => {}
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            longest
-        })
-    };
     tokio::task::block_in_place(|| cluster.kill(victim));
-    for _ in 0..40 {
-        {
+    let readyz_url = format!("{}/readyz", stack.endpoints.ingest_url);
+    let bookings = async {
+        for _ in 0..40 {
             booked += 1;
             book(&stack, &users, booked).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    };
+    // Watch ingest's readiness closely for the longest stretch without a node.
+    let watch = calsync_testkit::longest_unready(Duration::from_secs(3), || async {
+        stack.http.get(&readyz_url).send().await.is_ok_and(|r| r.status() == 200)
+    });
+    let ((), longest_503) = tokio::join!(bookings, watch);
     wait_until(Duration::from_secs(30), "ingest ready on another node", || async {
         readyz(&stack).await["ready"] == true
     })
     .await;
-    watching.0.send(false).unwrap();
-    let longest_503 = watcher.await.unwrap();
     let refused = stack.sim_counters().await.unwrap()["delivery_attempts_failed"].as_u64().unwrap() - refused_before;
     let moved_to = readyz(&stack).await["broker_node"].as_str().unwrap().to_owned();
     assert_ne!(moved_to, node, "ingest moved to another node");
@@ -143,10 +123,8 @@ async fn losing_nodes_of_a_three_node_cluster_loses_no_accepted_webhook_and_dupl
     });
     let during = booked;
     for _ in 0..5 {
-        {
-            booked += 1;
-            book(&stack, &users, booked).await;
-        }
+        booked += 1;
+        book(&stack, &users, booked).await;
     }
     tokio::time::sleep(Duration::from_secs(3)).await; // the simulator retries its deliveries meanwhile
     assert_eq!(ingest_accepted(&stack).await, accepted_before, "no 202 while the cluster has no majority");

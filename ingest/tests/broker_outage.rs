@@ -108,13 +108,7 @@ async fn cutting_the_broker_under_load_never_yields_a_202_for_a_message_it_does_
         app.http.get(app.url("/readyz")).send().await.unwrap().status() == 200
     })
     .await;
-    let held: std::collections::HashSet<Vec<u8>> = app
-        .topology
-        .drain(&app.topology.topology.webhooks_queue())
-        .await
-        .into_iter()
-        .map(|m| m.delivery.data)
-        .collect();
+    let held: std::collections::HashSet<Vec<u8>> = app.queued_bodies().await.into_iter().collect();
     let lost: Vec<_> = accepted.difference(&held).collect();
     assert!(lost.is_empty(), "{} accepted webhooks are not in the queue", lost.len());
     app.stop().await;
@@ -149,13 +143,10 @@ async fn with_several_nodes_listed_ingest_moves_to_another_when_its_node_goes_aw
         node.restore();
     }
 
-    let held: Vec<Vec<u8>> = app
-        .topology
-        .drain(&app.topology.topology.webhooks_queue())
-        .await
-        .into_iter()
-        .map(|m| m.delivery.data)
-        .collect();
-    assert_eq!(held, accepted.into_inner().unwrap(), "every 202 is in the queue, and nothing else");
+    assert_eq!(
+        app.queued_bodies().await,
+        accepted.into_inner().unwrap(),
+        "every 202 is in the queue, and nothing else"
+    );
     app.stop().await;
 }

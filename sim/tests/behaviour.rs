@@ -86,6 +86,11 @@ async fn api(server: &SimServer, token: &str, path: &str) -> reqwest::Response {
 }
 
 fn book(server: &SimServer, host: &Value, invitees: usize) -> Value {
+    book_hosted(server, host, &[], invitees)
+}
+
+/// A booking hosted by `host` and, for a collective event, `co_hosts`.
+fn book_hosted(server: &SimServer, host: &Value, co_hosts: &[&Value], invitees: usize) -> Value {
     server
         .sim
         .book(Booking {
@@ -97,7 +102,7 @@ fn book(server: &SimServer, host: &Value, invitees: usize) -> Value {
                 .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("g{n}@example.com") })
                 .collect(),
             location: None,
-            co_hosts: Vec::new(),
+            co_hosts: co_hosts.iter().map(|h| h["uri"].as_str().unwrap().to_owned()).collect(),
         })
         .unwrap()
 }
@@ -254,18 +259,7 @@ async fn a_collective_event_reaches_every_hosts_subscription_and_every_host_can_
     subscribe_capture(&server, &ada).await;
     subscribe_capture(&server, &bob).await;
     subscribe_capture(&server, &cy).await;
-    let booked = server
-        .sim
-        .book(Booking {
-            user: ada["uri"].as_str().unwrap().into(),
-            name: Some("Panel".into()),
-            start_time: None,
-            duration_minutes: Some(30),
-            invitees: vec![NewInvitee { name: "Grace".into(), email: "grace@example.com".into() }],
-            location: None,
-            co_hosts: vec![bob["uri"].as_str().unwrap().into()],
-        })
-        .unwrap();
+    let booked = book_hosted(&server, &ada, &[&bob], 1);
 
     let created_by: Vec<Value> = server
         .sim

@@ -71,6 +71,29 @@ where
     }
 }
 
+/// Polls `ready` every 5 ms for `span`; returns the longest stretch in which it said false (how
+/// long a failover left a service without its broker, say).
+pub async fn longest_unready<F, Fut>(span: Duration, mut ready: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + span;
+    let (mut longest, mut down_since) = (Duration::ZERO, None::<tokio::time::Instant>);
+    while tokio::time::Instant::now() < until {
+        match (ready().await, down_since) {
+            (false, None) => down_since = Some(tokio::time::Instant::now()),
+            (true, Some(since)) => {
+                longest = longest.max(since.elapsed());
+                down_since = None;
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    longest.max(down_since.map_or(Duration::ZERO, |since| since.elapsed()))
+}
+
 /// A TCP forwarder on 127.0.0.1:0. `cut()` drops every open connection and refuses new ones until
 /// `restore()`: to the service behind it, the server has gone away.
 pub struct TcpProxy {
@@ -134,6 +157,13 @@ impl TcpProxy {
         let auth = auth_host.rsplit_once('@').map(|(a, _)| format!("{a}@")).unwrap_or_default();
         format!("{scheme}://{auth}{}/{path}", self.addr)
     }
+}
+
+/// Host and port of the PostgreSQL server behind `db_url` (to put a [`TcpProxy`] in front of it).
+pub fn postgres_addr(db_url: &str) -> SocketAddr {
+    let url = url::Url::parse(db_url).expect("a database URL");
+    let host = url.host_str().expect("a host").replace("localhost", "127.0.0.1");
+    format!("{host}:{}", url.port().unwrap_or(5432)).parse().expect("an IP address and port")
 }
 
 /// Address of the machine's RabbitMQ (from `AMQP_URL`).

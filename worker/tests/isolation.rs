@@ -3,31 +3,13 @@
 
 mod support;
 
-use calendly_sim::{Booking, Cancellation, NewInvitee};
+use calendly_sim::Cancellation;
 use calsync_common::db::connections;
 use calsync_common::queue::message::{SyncJob, sync_job};
 use serde_json::Value;
 use sqlx::PgPool;
 use support::*;
 use uuid::Uuid;
-
-/// A collective event hosted by `host` and `co_host`, with `invitees` invitees.
-fn book_collective(h: &Harness, host: &User, co_host: &User, invitees: usize) -> Value {
-    h.sim
-        .sim
-        .book(Booking {
-            user: host.uri.clone(),
-            name: Some("Panel".into()),
-            start_time: None,
-            duration_minutes: Some(30),
-            invitees: (0..invitees)
-                .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") })
-                .collect(),
-            location: None,
-            co_hosts: vec![co_host.uri.clone()],
-        })
-        .unwrap()
-}
 
 /// The captured bodies, split by the Calendly user whose subscription delivered them.
 fn captured_for(h: &Harness, ada: &User) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
@@ -37,26 +19,19 @@ fn captured_for(h: &Harness, ada: &User) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     })
 }
 
-/// `(invitee uri, status)` of the invitees on `app_user`'s meetings.
-async fn invitees_of(h: &Harness, app_user: Uuid) -> Vec<(String, String)> {
-    sqlx::query_as(
-        "SELECT i.calendly_invitee_uri, i.status FROM meeting_invitees i JOIN meetings m ON m.id = i.meeting_id \
-         WHERE m.user_id = $1 ORDER BY 1",
-    )
-    .bind(app_user)
-    .fetch_all(&h.pool)
-    .await
-    .unwrap()
+/// A worker and two connected users, Ada and Bob.
+async fn two_users(pool: PgPool) -> (Harness, User, User) {
+    let (h, ada) = Harness::with_worker_and_user(pool, "Ada").await;
+    let bob = h.connect("Bob").await;
+    (h, ada, bob)
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn two_users_hosting_one_event_each_keep_their_own_meeting_and_invitees_in_either_order(pool: PgPool) {
-    let mut h = Harness::new(pool).await;
-    h.start_worker(&[]).await;
-    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
+    let (h, ada, bob) = two_users(pool).await;
 
     // First event: Ada's copies are processed first, then Bob's, then all of them again.
-    book_collective(&h, &ada, &bob, 2);
+    h.book_with(&ada, &[&bob], 2);
     let (ada_bodies, bob_bodies) = captured_for(&h, &ada);
     assert_eq!((ada_bodies.len(), bob_bodies.len()), (2, 2), "each host's subscription gets every invitee");
     let mut ids = h.publish_all(&ada_bodies).await;
@@ -64,7 +39,7 @@ async fn two_users_hosting_one_event_each_keep_their_own_meeting_and_invitees_in
     ids.extend(h.publish_all(&bob_bodies).await);
     h.wait_for_inbox(&ids, &["processed"]).await;
     // Second event: Bob's first this time.
-    book_collective(&h, &ada, &bob, 1);
+    h.book_with(&ada, &[&bob], 1);
     let (ada_second, bob_second) = captured_for(&h, &ada);
     let mut second = h.publish_all(&bob_second).await;
     h.wait_for_inbox(&second, &["processed"]).await;
@@ -81,7 +56,7 @@ async fn two_users_hosting_one_event_each_keep_their_own_meeting_and_invitees_in
 
     assert_eq!(h.meetings(ada.app_user).await.len(), 2);
     assert_eq!(h.meetings(bob.app_user).await.len(), 2);
-    let (ada_invitees, bob_invitees) = (invitees_of(&h, ada.app_user).await, invitees_of(&h, bob.app_user).await);
+    let (ada_invitees, bob_invitees) = (h.invitees_of(ada.app_user).await, h.invitees_of(bob.app_user).await);
     assert_eq!(ada_invitees.len(), 3, "Ada keeps all three invitees: {ada_invitees:?}");
     assert_eq!(ada_invitees, bob_invitees, "Bob has his own copy of the same three");
     assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 6);
@@ -90,10 +65,8 @@ async fn two_users_hosting_one_event_each_keep_their_own_meeting_and_invitees_in
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_cancel_that_reaches_one_hosts_copy_changes_only_that_copy(pool: PgPool) {
-    let mut h = Harness::new(pool).await;
-    h.start_worker(&[]).await;
-    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
-    let booked = book_collective(&h, &ada, &bob, 2);
+    let (h, ada, bob) = two_users(pool).await;
+    let booked = h.book_with(&ada, &[&bob], 2);
     let ids = h.publish_all(&h.captured()).await;
     h.wait_for_inbox(&ids, &["processed"]).await;
 
@@ -104,16 +77,14 @@ async fn a_cancel_that_reaches_one_hosts_copy_changes_only_that_copy(pool: PgPoo
     h.wait_for_inbox(&ids, &["processed"]).await;
 
     let status_of = |rows: &[(String, String)]| rows.iter().find(|(uri, _)| *uri == first).unwrap().1.clone();
-    assert_eq!(status_of(&invitees_of(&h, ada.app_user).await), "canceled");
-    assert_eq!(status_of(&invitees_of(&h, bob.app_user).await), "active", "Bob's copy was not touched");
+    assert_eq!(status_of(&h.invitees_of(ada.app_user).await), "canceled");
+    assert_eq!(status_of(&h.invitees_of(bob.app_user).await), "active", "Bob's copy was not touched");
     h.stop().await;
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn an_account_that_moves_to_another_app_user_leaves_the_first_users_meetings_whole(pool: PgPool) {
-    let mut h = Harness::new(pool).await;
-    h.start_worker(&[]).await;
-    let first = h.connect("Ada").await;
+    let (h, first) = Harness::with_worker_and_user(pool, "Ada").await;
     h.book(&first, 1);
     let ids = h.publish_all(&h.captured()).await;
     h.wait_for_inbox(&ids, &["processed"]).await;
@@ -128,20 +99,18 @@ async fn an_account_that_moves_to_another_app_user_leaves_the_first_users_meetin
     h.publisher.publish(&sync_job(&SyncJob { connection_id: second })).await.unwrap();
 
     calsync_testkit::wait_until(DEADLINE, "the second user's backfill wrote the meeting", || async {
-        invitees_of(&h, second_user).await.len() == 1
+        h.invitees_of(second_user).await.len() == 1
     })
     .await;
 
-    assert_eq!(invitees_of(&h, first.app_user).await.len(), 1, "the first user's history keeps its invitee");
+    assert_eq!(h.invitees_of(first.app_user).await.len(), 1, "the first user's history keeps its invitee");
     assert_eq!(h.meetings(first.app_user).await.len(), 1);
     h.stop().await;
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_body_that_pairs_an_event_with_another_events_invitee_is_dead_and_writes_nothing(pool: PgPool) {
-    let mut h = Harness::new(pool).await;
-    h.start_worker(&[]).await;
-    let ada = h.connect("Ada").await;
+    let (h, ada) = Harness::with_worker_and_user(pool, "Ada").await;
     h.book(&ada, 1);
     let other = h.book(&ada, 1);
     let mut body: Value = serde_json::from_slice(&h.captured()[0]).unwrap();

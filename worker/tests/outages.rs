@@ -3,23 +3,16 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use calsync_testkit::TcpProxy;
 use sqlx::PgPool;
 use support::*;
 
-fn postgres_addr(db_url: &str) -> SocketAddr {
-    let url = url::Url::parse(db_url).unwrap();
-    let host = url.host_str().unwrap().replace("localhost", "127.0.0.1");
-    format!("{host}:{}", url.port().unwrap_or(5432)).parse().unwrap()
-}
-
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_database_outage_longer_than_the_whole_retry_ladder_dead_letters_nothing(pool: PgPool) {
     let mut h = Harness::new(pool).await;
-    let proxy = TcpProxy::start(postgres_addr(&h.db_url)).await;
+    let proxy = TcpProxy::start(calsync_testkit::postgres_addr(&h.db_url)).await;
     let through = format!("--database-url={}", proxy.url_through(&h.db_url));
     // Two attempts: without the pause, the second failure would dead-letter every delivery.
     let addr = h.start_worker(&[&through, "--worker-max-attempts=2"]).await;

@@ -12,24 +12,10 @@ use sqlx::PgPool;
 use support::*;
 use time::OffsetDateTime;
 
-fn postgres_addr(db_url: &str) -> std::net::SocketAddr {
-    let url = url::Url::parse(db_url).unwrap();
-    let host = url.host_str().unwrap().replace("localhost", "127.0.0.1");
-    format!("{host}:{}", url.port().unwrap_or(5432)).parse().unwrap()
-}
-
-async fn connection_status(h: &Harness, user: &User) -> String {
-    sqlx::query_scalar("SELECT status FROM calendar_connections WHERE id = $1")
-        .bind(user.connection_id)
-        .fetch_one(&h.pool)
-        .await
-        .unwrap()
-}
-
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_refresh_whose_database_write_fails_keeps_the_new_tokens_and_the_user_connected(pool: PgPool) {
     let mut h = Harness::new(pool).await;
-    let proxy = TcpProxy::start(postgres_addr(&h.db_url)).await;
+    let proxy = TcpProxy::start(calsync_testkit::postgres_addr(&h.db_url)).await;
     let through = format!("--database-url={}", proxy.url_through(&h.db_url));
     let ada = h.connect("Ada").await;
     h.store_tokens(ada.app_user, &ada.calendly, OffsetDateTime::now_utc() - time::Duration::minutes(1)).await;
@@ -54,7 +40,7 @@ async fn a_refresh_whose_database_write_fails_keeps_the_new_tokens_and_the_user_
     h.sim.sim.set_faults(Faults::default());
 
     h.wait_for_inbox(&ids, &["processed"]).await;
-    assert_eq!(connection_status(&h, &ada).await, "active");
+    assert_eq!(h.connection_status(&ada).await, "active");
     // The stored refresh token is the new one: the next expiry refreshes without invalid_grant.
     sqlx::query("UPDATE calendar_connections SET token_expires_at = now() - interval '1 minute' WHERE id = $1")
         .bind(ada.connection_id)
@@ -67,7 +53,7 @@ async fn a_refresh_whose_database_write_fails_keeps_the_new_tokens_and_the_user_
 
     assert_eq!(h.sim.sim.token_grants("refresh_token"), 2);
     assert_eq!(h.sim.sim.refresh_token_reuse_attempts(), 0, "the consumed refresh token was never presented again");
-    assert_eq!(connection_status(&h, &ada).await, "active");
+    assert_eq!(h.connection_status(&ada).await, "active");
     assert_eq!(h.meetings(ada.app_user).await.len(), 2);
     h.stop().await;
 }
@@ -143,7 +129,7 @@ async fn a_token_the_worker_cannot_decrypt_retries_says_so_in_readyz_and_is_proc
     assert!(metrics.contains("calsync_token_decrypt_failures_total"), "the failures are counted");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(h.inbox_status(&ids[0]).await, None, "not parked, not dead: waiting in a delay queue");
-    assert_eq!(connection_status(&h, &ada).await, "active", "the user is not asked to reconnect");
+    assert_eq!(h.connection_status(&ada).await, "active", "the user is not asked to reconnect");
 
     // The operator adds the old key back; the retried delivery goes through.
     let previous = format!("--token-encryption-previous-keys={}", h.key);

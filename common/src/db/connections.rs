@@ -136,27 +136,6 @@ pub async fn lock(tx: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Connec
     sqlx::query_as(select_connection!("WHERE id = $1 FOR UPDATE")).bind(id).fetch_optional(tx).await
 }
 
-/// Stores a new token pair (already encrypted for this row).
-pub async fn store_tokens(
-    tx: &mut PgConnection,
-    id: Uuid,
-    access_ciphertext: &str,
-    refresh_ciphertext: &str,
-    expires_at: OffsetDateTime,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE calendar_connections SET access_token = $2, refresh_token = $3, token_expires_at = $4, \
-         last_error = NULL, updated_at = now() WHERE id = $1",
-    )
-    .bind(id)
-    .bind(access_ciphertext)
-    .bind(refresh_ciphertext)
-    .bind(expires_at)
-    .execute(tx)
-    .await
-    .map(|_| ())
-}
-
 /// Claims the right to refresh `connection`'s token for `lease`, if it still needs one (its token
 /// expires within `margin`, or is still the `rejected` one after a 401), it still belongs to the same
 /// user and Calendly account and is active, and nobody else holds an unexpired lease. One statement:

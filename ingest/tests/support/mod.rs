@@ -98,6 +98,12 @@ impl TestApp {
         request.send().await.expect("request reaches ingest")
     }
 
+    /// Takes every queued webhook out; their bodies, oldest first.
+    pub async fn queued_bodies(&self) -> Vec<Vec<u8>> {
+        let messages = self.topology.drain(&self.topology.topology.webhooks_queue()).await;
+        messages.into_iter().map(|m| m.delivery.data).collect()
+    }
+
     pub async fn webhooks_depth(&self) -> u32 {
         self.topology.depth(&self.topology.topology.webhooks_queue()).await
     }

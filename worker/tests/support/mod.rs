@@ -81,6 +81,14 @@ impl Harness {
         Self { sim, topology, pool, db_url, publisher, cipher, key, workers: Vec::new() }
     }
 
+    /// A harness with one worker running and one connected user, `name`.
+    pub async fn with_worker_and_user(pool: PgPool, name: &str) -> (Self, User) {
+        let mut h = Self::new(pool).await;
+        h.start_worker(&[]).await;
+        let user = h.connect(name).await;
+        (h, user)
+    }
+
     pub fn worker_args(&self) -> Vec<String> {
         let config = self.sim.sim.config();
         let client = (config.client_id.as_str(), config.client_secret.as_str());
@@ -140,6 +148,11 @@ impl Harness {
     }
 
     pub fn book(&self, user: &User, invitees: usize) -> Value {
+        self.book_with(user, &[], invitees)
+    }
+
+    /// A meeting hosted by `user` and, for a collective event, `co_hosts`.
+    pub fn book_with(&self, user: &User, co_hosts: &[&User], invitees: usize) -> Value {
         self.sim
             .sim
             .book(Booking {
@@ -151,9 +164,30 @@ impl Harness {
                     .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") })
                     .collect(),
                 location: None,
-                co_hosts: Vec::new(),
+                co_hosts: co_hosts.iter().map(|u| u.uri.clone()).collect(),
             })
             .unwrap()
+    }
+
+    /// `calendar_connections.status` of `user`'s connection.
+    pub async fn connection_status(&self, user: &User) -> String {
+        sqlx::query_scalar("SELECT status FROM calendar_connections WHERE id = $1")
+            .bind(user.connection_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// `(invitee uri, status)` of the invitees on `app_user`'s meetings.
+    pub async fn invitees_of(&self, app_user: Uuid) -> Vec<(String, String)> {
+        sqlx::query_as(
+            "SELECT i.calendly_invitee_uri, i.status FROM meeting_invitees i JOIN meetings m ON m.id = i.meeting_id \
+             WHERE m.user_id = $1 ORDER BY 1",
+        )
+        .bind(app_user)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
     }
 
     /// The signed bodies the simulator produced since the last call, oldest first.
