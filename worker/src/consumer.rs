@@ -200,7 +200,7 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
 /// Turns an outcome into AMQP: ack, or publish a retry / dead-letter copy (confirmed) and then ack.
 async fn settle(
     broker: &Broker,
-    deps_gate: &DbGate,
+    db_gate: &DbGate,
     target: RetryTarget,
     delivery: Delivery,
     incoming: &Incoming,
@@ -222,7 +222,7 @@ async fn settle(
             // not reject: on RabbitMQ 4.x it does not count toward x-delivery-limit, so even a long
             // outage cannot push a healthy webhook into calsync.dead (see topology.rs).
             tracing::info!(%reason, "database unreachable; requeueing");
-            deps_gate.report_down();
+            db_gate.report_down();
             let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
             return;
         }
