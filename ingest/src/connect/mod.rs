@@ -249,7 +249,11 @@ impl ConnectService {
             // Switching to another Calendly account: exactly a disconnect of the old one first (its
             // subscription deleted, our grant revoked, under the row lock), then the row is reused.
             tracing::info!(%user_id, "switching Calendly accounts; disconnecting the previous one");
-            self.disconnect(user_id).await?;
+            if let Err(error) = self.disconnect(user_id).await {
+                // The pending result is gone (taken above): its tokens must not outlive it.
+                self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
+                return Err(error);
+            }
         }
         let connected = Connected {
             user_id,
@@ -266,7 +270,10 @@ impl ConnectService {
                 self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
                 return Err(ConnectError::AccountTaken);
             }
-            Err(StoreError::Database(e)) => return Err(e.into()),
+            Err(StoreError::Database(e)) => {
+                self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
+                return Err(e.into());
+            }
         };
         tracing::info!(%user_id, connection_id = %connection.id, "Calendly account connected");
         self.start_syncing(&connection, &held, &access).await?;
