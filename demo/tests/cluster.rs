@@ -50,12 +50,13 @@ async fn losing_nodes_of_a_three_node_cluster_loses_no_accepted_webhook_and_dupl
     let run = uuid::Uuid::new_v4().simple().to_string();
     let mut database_url = url::Url::parse(&base).unwrap();
     database_url.set_path(&format!("calsync_cluster_{}", &run[..12]));
+    let log_dir = std::env::temp_dir().join(format!("calsync-cluster-{}", &run[..12]));
     let stack = Stack::launch(LaunchOptions {
         workers: 2,
         database_url: database_url.to_string(),
         amqp_url: cluster.amqp_url(),
         topology_prefix: format!("cluster-{}", &run[..12]),
-        log_dir: std::env::temp_dir().join(format!("calsync-cluster-{}", &run[..12])),
+        log_dir: log_dir.clone(),
     })
     .await
     .expect("the stack starts on the cluster");
@@ -154,4 +155,7 @@ async fn losing_nodes_of_a_three_node_cluster_loses_no_accepted_webhook_and_dupl
     pool.close().await;
     use sqlx::migrate::MigrateDatabase;
     sqlx::Postgres::force_drop_database(database_url.as_str()).await.unwrap();
+    calsync_demo::stack::reset_topology(&cluster.amqp_url(), &format!("cluster-{}", &run[..12])).await.unwrap();
+    // The processes' logs are only worth keeping when the test fails.
+    let _ = std::fs::remove_dir_all(&log_dir);
 }
