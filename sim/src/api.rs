@@ -131,6 +131,24 @@ impl Sim {
         None
     }
 
+    /// Calendly's answer to a token without the scope `endpoint` needs (the `missing_scopes` fault).
+    fn scope_check(&self, endpoint: &str) -> Option<Response> {
+        let required = match endpoint {
+            "users_me" => "users:read",
+            "get_event" | "list_events" | "list_invitees" => "scheduled_events:read",
+            "list_subscriptions" | "get_subscription" => "webhooks:read",
+            _ => "webhooks:write",
+        };
+        self.faults().missing_scopes.iter().any(|s| s == required).then(|| {
+            let body = json!({
+                "title": "Insufficient scope",
+                "message": "The access token does not grant the required scope",
+                "required_scopes": [required],
+            });
+            (StatusCode::FORBIDDEN, Json(body)).into_response()
+        })
+    }
+
     /// Runs one API call: counters, latency, auth, rate limit, faults, then `f` under the world
     /// lock with the caller's user id.
     async fn api(
@@ -152,6 +170,9 @@ impl Sim {
         };
         if let Some(response) = self.random_fault(&rate) {
             return response;
+        }
+        if let Some(response) = self.scope_check(endpoint) {
+            return with_rate(response, &rate);
         }
         let answer = {
             let mut world = self.world();

@@ -60,6 +60,9 @@ pub struct Faults {
     pub rate_429: f64,
     /// Overrides the per-user limit per minute when set.
     pub rate_limit_per_minute: Option<u32>,
+    /// Scopes the users' tokens lack (e.g. `scheduled_events:read`): an endpoint that needs one
+    /// answers `403 {"title": "Insufficient scope", "required_scopes": [...]}`.
+    pub missing_scopes: Vec<String>,
     /// Added to token endpoint answers only (a slow refresh for one user while the API is quick).
     pub token_latency_ms: u64,
     /// Reported as the token endpoint's `expires_in` when set (the real lifetime is unchanged): a

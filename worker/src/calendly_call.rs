@@ -8,7 +8,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use calsync_common::calendly::CalendlyError;
-use calsync_common::db::connections::Connection;
+use calsync_common::db::connections::{self, Connection};
 use calsync_common::retry;
 
 use crate::deps::Deps;
@@ -48,6 +48,15 @@ where
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => return Err(error.into()),
             },
+            CalendlyError::InsufficientScope { .. } => {
+                // Not someone else's resource: this grant can never read ours. The user must
+                // reconnect (with the scopes); the connection says which ones are missing.
+                let reason = format!("{error}; the user must reconnect Calendly to grant it");
+                let mut db = deps.pool.acquire().await?;
+                connections::mark_needs_reauth(&mut db, connection.id, &reason).await?;
+                tracing::warn!(connection_id = %connection.id, %reason, "connection needs reauth");
+                return Err(ProcessError::NeedsReauth(reason));
+            }
             other => return Err(other.into()),
         }
     }

@@ -68,7 +68,9 @@ impl From<CalendlyError> for ProcessError {
                 Self::Transient { reason: error.to_string(), at_least: Some(reset) }
             }
             CalendlyError::Transient(_) | CalendlyError::Unauthorized => Self::transient(error.to_string()),
-            CalendlyError::InvalidGrant(_) => Self::NeedsReauth(error.to_string()),
+            CalendlyError::InvalidGrant(_) | CalendlyError::InsufficientScope { .. } => {
+                Self::NeedsReauth(error.to_string())
+            }
             CalendlyError::Forbidden(_)
             | CalendlyError::NotFound
             | CalendlyError::Conflict

@@ -316,3 +316,25 @@ async fn an_absurd_token_lifetime_from_calendly_is_a_clear_error_and_the_worker_
     assert_eq!(h.meetings(ada.app_user).await.len(), 0);
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_grant_missing_a_scope_makes_the_connection_need_reauth_naming_it_and_parks_the_delivery(pool: PgPool) {
+    let (h, ada) = Harness::with_worker_and_user(pool, "Ada").await;
+    h.book(&ada, 1);
+    let bodies = h.captured();
+    h.sim.sim.set_faults(Faults { missing_scopes: vec!["scheduled_events:read".into()], ..Faults::default() });
+
+    let ids = h.publish_all(&bodies).await;
+    h.wait_for_inbox(&ids, &["awaiting_reauth"]).await;
+
+    assert_eq!(h.connection_status(&ada).await, "needs_reauth");
+    let last_error: Option<String> = sqlx::query_scalar("SELECT last_error FROM calendar_connections WHERE id = $1")
+        .bind(ada.connection_id)
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert!(last_error.unwrap().contains("scheduled_events:read"), "the missing scope is named");
+    assert!(h.dead_letters().await.is_empty(), "not dead: a reconnect with the scope replays it");
+    assert_eq!(h.meetings(ada.app_user).await.len(), 0);
+    h.stop().await;
+}

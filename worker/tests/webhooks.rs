@@ -261,3 +261,38 @@ async fn an_unknown_event_is_acknowledged_as_ignored(pool: PgPool) {
     assert_eq!(h.count("SELECT count(*) FROM meetings").await, 0);
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn event_families_calsync_does_not_turn_into_meetings_and_tombstones_are_ignored_never_dead(pool: PgPool) {
+    let (h, ada) = Harness::with_worker_and_user(pool, "Ada").await;
+    let envelope = |event: &str, payload: serde_json::Value| {
+        serde_json::to_vec(&serde_json::json!({
+            "event": event,
+            "created_at": "2026-11-25T10:00:00.000000Z",
+            "created_by": ada.uri,
+            "payload": payload,
+        }))
+        .unwrap()
+    };
+    let tombstone = |kind: &str| serde_json::json!({ "uri": format!("https://api.calendly.com/{kind}/X"), "deleted_at": "2026-11-25T10:00:00.000000Z" });
+    let bodies = vec![
+        envelope(
+            "routing_form_submission.created",
+            serde_json::json!({ "uri": "https://api.calendly.com/routing_form_submissions/R", "questions_and_answers": [] }),
+        ),
+        envelope(
+            "event_type.updated",
+            serde_json::json!({ "uri": "https://api.calendly.com/event_types/T", "name": "30 min" }),
+        ),
+        envelope("contact.deleted", tombstone("contacts")),
+        envelope("meeting_recap.deleted", tombstone("meeting_recaps")),
+        envelope("meeting_recap.created", serde_json::json!({ "uri": "https://api.calendly.com/meeting_recaps/M" })),
+    ];
+
+    let ids = h.publish_all(&bodies).await;
+    h.wait_for_inbox(&ids, &["ignored"]).await;
+
+    assert!(h.dead_letters().await.is_empty());
+    assert_eq!(h.count("SELECT count(*) FROM meetings").await, 0);
+    h.stop().await;
+}

@@ -291,6 +291,24 @@ fn without_url(error: &reqwest::Error) -> String {
     e
 }
 
+/// `required_scopes` of a `403 {"title": "Insufficient scope", ...}`: a missing scope, not someone
+/// else's resource.
+fn insufficient_scope(body: &str) -> Option<Vec<String>> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        title: Option<String>,
+        #[serde(default)]
+        required_scopes: Option<Vec<String>>,
+    }
+    let answer: Answer = serde_json::from_str(body).ok()?;
+    match (answer.title.as_deref(), answer.required_scopes) {
+        (_, Some(required)) if !required.is_empty() => Some(required),
+        (Some(title), _) if title.eq_ignore_ascii_case("insufficient scope") => Some(Vec::new()),
+        _ => None,
+    }
+}
+
 async fn classify(response: Response) -> Result<Response, CalendlyError> {
     let status = response.status();
     if status.is_success() {
@@ -306,7 +324,10 @@ async fn classify(response: Response) -> Result<Response, CalendlyError> {
     let snippet: String = body.chars().take(300).collect();
     Err(match status {
         StatusCode::UNAUTHORIZED => CalendlyError::Unauthorized,
-        StatusCode::FORBIDDEN => CalendlyError::Forbidden(snippet),
+        StatusCode::FORBIDDEN => match insufficient_scope(&body) {
+            Some(required) => CalendlyError::InsufficientScope { required },
+            None => CalendlyError::Forbidden(snippet),
+        },
         StatusCode::NOT_FOUND => CalendlyError::NotFound,
         StatusCode::CONFLICT => CalendlyError::Conflict,
         StatusCode::TOO_MANY_REQUESTS => CalendlyError::RateLimited { reset: reset.unwrap_or(Duration::from_secs(60)) },

@@ -10,6 +10,10 @@ pub enum CalendlyError {
     /// 403: the token's user may not see this resource (never retried; never "fixed" by another token).
     #[error("Calendly refused access (403): {0}")]
     Forbidden(String),
+    /// 403 "Insufficient scope": the grant lacks a scope calsync needs; only a reconnect (a new
+    /// consent with the scopes) fixes it.
+    #[error("the Calendly grant lacks the scope(s) {}", .required.join(", "))]
+    InsufficientScope { required: Vec<String> },
     #[error("Calendly has no such resource (404)")]
     NotFound,
     /// 409: it exists already (a subscription to the same URL).
