@@ -1,6 +1,7 @@
 use clap::{Parser, Subcommand};
 
 use calsync_common::{shutdown, telemetry};
+use calsync_worker::admin::report;
 use calsync_worker::settings::WorkerSettings;
 
 #[derive(Parser)]
@@ -21,6 +22,14 @@ enum Command {
     RotateTokenKey,
     /// Move every message in calsync.dead back to its work queue (after fixing the cause).
     ReplayDead,
+    /// One line per connection: user, Calendly user, status, subscription, last sync, last error.
+    Connections,
+    /// Queue a full resync of one user's connection now.
+    Resync { user_id: uuid::Uuid },
+    /// List dead letters (age, event, attempts, reason) without their bodies or consuming them.
+    Dead,
+    /// Erase an invitee's personal data (a deletion request) from invitees, meetings and inbox bodies.
+    Forget { email: String },
 }
 
 #[tokio::main]
@@ -31,6 +40,10 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Migrate) => migrate(&cli.settings).await,
         Some(Command::RotateTokenKey) => rotate_token_key(&cli.settings).await,
         Some(Command::ReplayDead) => replay_dead(&cli.settings).await,
+        Some(Command::Connections) => list_connections(&cli.settings).await,
+        Some(Command::Resync { user_id }) => resync(&cli.settings, user_id).await,
+        Some(Command::Dead) => list_dead(&cli.settings).await,
+        Some(Command::Forget { email }) => forget(&cli.settings, &email).await,
         None => run(cli.settings).await,
     };
     match result {
@@ -62,10 +75,7 @@ async fn migrate(settings: &WorkerSettings) -> anyhow::Result<()> {
 async fn rotate_token_key(settings: &WorkerSettings) -> anyhow::Result<()> {
     settings.validate()?;
     let cipher = calsync_common::crypto::TokenCipher::from_settings(&settings.shared.token_keys)?;
-    let url = &settings.shared.database.database_url;
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
-    calsync_common::db::prepare(url, &pool).await?;
-    let report = calsync_worker::admin::rotate_key::reencrypt_all(&pool, &cipher).await?;
+    let report = calsync_worker::admin::rotate_key::reencrypt_all(&pool(settings).await?, &cipher).await?;
     println!(
         "re-encrypted {} connection(s), {} pending OAuth state(s) and {} unconfirmed connect(s) with key {}",
         report.connections_reencrypted,
@@ -77,17 +87,62 @@ async fn rotate_token_key(settings: &WorkerSettings) -> anyhow::Result<()> {
 }
 
 async fn replay_dead(settings: &WorkerSettings) -> anyhow::Result<()> {
-    use calsync_common::queue::{Broker, BrokerConfig};
-    let url = &settings.shared.database.database_url;
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
-    calsync_common::db::prepare(url, &pool).await?;
-    let broker = Broker::start(BrokerConfig {
-        publish_channels: 1,
-        ..BrokerConfig::from_args(&settings.shared.amqp, "calsync-worker replay-dead")
-    });
-    anyhow::ensure!(broker.wait_ready(std::time::Duration::from_secs(15)).await, "RabbitMQ is not reachable");
+    let (pool, broker) = (pool(settings).await?, broker(settings, "calsync-worker replay-dead").await?);
     let moved = calsync_worker::admin::replay_dead::replay_dead(&pool, &broker).await;
     broker.close().await;
     println!("moved {} dead letter(s) back to their work queues", moved?);
+    Ok(())
+}
+
+async fn pool(settings: &WorkerSettings) -> anyhow::Result<sqlx::PgPool> {
+    let url = &settings.shared.database.database_url;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
+    calsync_common::db::prepare(url, &pool).await?;
+    Ok(pool)
+}
+
+async fn broker(settings: &WorkerSettings, name: &str) -> anyhow::Result<calsync_common::queue::Broker> {
+    use calsync_common::queue::{Broker, BrokerConfig};
+    let broker =
+        Broker::start(BrokerConfig { publish_channels: 1, ..BrokerConfig::from_args(&settings.shared.amqp, name) });
+    anyhow::ensure!(broker.wait_ready(std::time::Duration::from_secs(15)).await, "RabbitMQ is not reachable");
+    Ok(broker)
+}
+
+async fn list_connections(settings: &WorkerSettings) -> anyhow::Result<()> {
+    let lines = report::connections(&pool(settings).await?).await?;
+    for line in &lines {
+        println!("{line}");
+    }
+    println!("{} connection(s)", lines.len());
+    Ok(())
+}
+
+async fn resync(settings: &WorkerSettings, user_id: uuid::Uuid) -> anyhow::Result<()> {
+    let (pool, broker) = (pool(settings).await?, broker(settings, "calsync-worker resync").await?);
+    let queued = report::resync(&pool, &broker, user_id).await;
+    broker.close().await;
+    println!("queued a full resync of connection {} (user {user_id})", queued?);
+    Ok(())
+}
+
+async fn list_dead(settings: &WorkerSettings) -> anyhow::Result<()> {
+    let broker = broker(settings, "calsync-worker dead").await?;
+    let lines = report::dead(&broker).await;
+    broker.close().await;
+    let lines = lines?;
+    for line in &lines {
+        println!("{line}");
+    }
+    println!("{} dead letter(s)", lines.len());
+    Ok(())
+}
+
+async fn forget(settings: &WorkerSettings, email: &str) -> anyhow::Result<()> {
+    let forgotten = report::forget(&pool(settings).await?, email).await?;
+    println!(
+        "erased {email} from {} invitee row(s), {} meeting location(s) and {} kept webhook body(ies)",
+        forgotten.invitees, forgotten.meetings, forgotten.inbox_bodies
+    );
     Ok(())
 }
