@@ -41,7 +41,8 @@ impl Drop for Alarm {
 
 #[tokio::test]
 async fn while_rabbitmq_blocks_publishers_webhooks_get_fast_503s_and_are_accepted_again_after() {
-    let app = spawn_app_with(Options { publish_timeout_ms: 1000, ..Options::default() }).await;
+    let app =
+        spawn_app_with(Options { extra: vec!["--ingest-publish-timeout-ms=1000".into()], ..Options::default() }).await;
     let Some(alarm) = Alarm::raise() else {
         eprintln!("rabbitmqctl is not available here; the resource-alarm test cannot raise an alarm");
         app.stop().await;

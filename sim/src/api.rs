@@ -52,7 +52,7 @@ impl Sim {
     pub(crate) async fn enter(&self, endpoint: &str) -> Result<(), Response> {
         *self.counters().calls.entry(endpoint.to_owned()).or_default() += 1;
         let faults = self.faults();
-        let latency = faults.latency_ms + if endpoint == "token" { faults.token_latency_ms } else { 0 };
+        let latency = faults.latency_ms + if endpoint == "token" { faults.token.latency_ms } else { 0 };
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }
@@ -139,7 +139,7 @@ impl Sim {
             "list_subscriptions" | "get_subscription" => "webhooks:read",
             _ => "webhooks:write",
         };
-        self.faults().missing_scopes.iter().any(|s| s == required).then(|| {
+        self.faults().token.missing_scopes.iter().any(|s| s == required).then(|| {
             let body = json!({
                 "title": "Insufficient scope",
                 "message": "The access token does not grant the required scope",

@@ -60,14 +60,22 @@ pub struct Faults {
     pub rate_429: f64,
     /// Overrides the per-user limit per minute when set.
     pub rate_limit_per_minute: Option<u32>,
+    /// Faults of the tokens and the token endpoint.
+    pub token: TokenFaults,
+}
+
+/// Injected failures of the tokens and of `POST /oauth/token`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TokenFaults {
     /// Scopes the users' tokens lack (e.g. `scheduled_events:read`): an endpoint that needs one
     /// answers `403 {"title": "Insufficient scope", "required_scopes": [...]}`.
     pub missing_scopes: Vec<String>,
-    /// Added to token endpoint answers only (a slow refresh for one user while the API is quick).
-    pub token_latency_ms: u64,
-    /// Reported as the token endpoint's `expires_in` when set (the real lifetime is unchanged): a
-    /// broken answer such as an absurdly long lifetime.
-    pub token_expires_in: Option<i64>,
+    /// Added to token answers only (a slow refresh for one user while the API is quick).
+    pub latency_ms: u64,
+    /// Reported as `expires_in` when set (the real lifetime is unchanged): a broken answer such as
+    /// an absurdly long lifetime.
+    pub expires_in: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -199,7 +207,7 @@ impl Sim {
     pub(crate) fn issue_tokens(&self, user: Uuid) -> serde_json::Value {
         let now = OffsetDateTime::now_utc();
         let ttl = self.config().access_token_ttl;
-        let expires_in = self.faults().token_expires_in.unwrap_or(ttl.as_secs() as i64);
+        let expires_in = self.faults().token.expires_in.unwrap_or(ttl.as_secs() as i64);
         let (access, refresh) = (random_token(), random_token());
         let mut world = self.world();
         world.access_tokens.insert(access.clone(), AccessToken { user, expires_at: now + ttl, revoked: false });

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use calendly_sim::{FailNext, Faults};
+use calendly_sim::{FailNext, Faults, TokenFaults};
 use calsync_common::queue::message::{DEATH_REASON_HEADER, str_header};
 use sqlx::PgPool;
 use support::*;
@@ -299,7 +299,10 @@ async fn an_absurd_token_lifetime_from_calendly_is_a_clear_error_and_the_worker_
     h.book(&bob, 1);
     let bob_bodies = h.captured();
     // Ada's token must be refreshed, and the token endpoint answers a lifetime of 31 million years.
-    h.sim.sim.set_faults(Faults { token_expires_in: Some(1_000_000_000_000_000), ..Faults::default() });
+    h.sim.sim.set_faults(Faults {
+        token: TokenFaults { expires_in: Some(1_000_000_000_000_000), ..TokenFaults::default() },
+        ..Faults::default()
+    });
 
     let ada_ids = h.publish_all(&ada_bodies).await;
     h.wait_for_inbox(&ada_ids, &["dead"]).await;
@@ -322,7 +325,10 @@ async fn a_grant_missing_a_scope_makes_the_connection_need_reauth_naming_it_and_
     let (h, ada) = Harness::with_worker_and_user(pool, "Ada").await;
     h.book(&ada, 1);
     let bodies = h.captured();
-    h.sim.sim.set_faults(Faults { missing_scopes: vec!["scheduled_events:read".into()], ..Faults::default() });
+    h.sim.sim.set_faults(Faults {
+        token: TokenFaults { missing_scopes: vec!["scheduled_events:read".into()], ..TokenFaults::default() },
+        ..Faults::default()
+    });
 
     let ids = h.publish_all(&bodies).await;
     h.wait_for_inbox(&ids, &["awaiting_reauth"]).await;

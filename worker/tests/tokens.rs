@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use calendly_sim::Faults;
+use calendly_sim::{Faults, TokenFaults};
 use calsync_testkit::TcpProxy;
 use sqlx::PgPool;
 use support::*;
@@ -23,7 +23,9 @@ async fn a_refresh_whose_database_write_fails_keeps_the_new_tokens_and_the_user_
     let first = h.captured();
     // A slow token endpoint: the database goes away while Calendly is issuing the new pair, so the
     // write of that pair fails (Calendly has already consumed the old refresh token).
-    h.sim.sim.set_faults(Faults { token_latency_ms: 1500, ..Faults::default() });
+    h.sim
+        .sim
+        .set_faults(Faults { token: TokenFaults { latency_ms: 1500, ..TokenFaults::default() }, ..Faults::default() });
     h.start_worker(&[&through]).await;
     let ids = h.publish_all(&first).await;
     calsync_testkit::wait_until(DEADLINE, "the refresh to reach Calendly", || async {
@@ -74,7 +76,9 @@ async fn a_slow_refresh_for_one_user_never_costs_another_user_a_pool_connection(
     }
     let bob_bodies = h.captured();
     // Ada's refresh takes 5 s at Calendly; every one of her deliveries waits for it.
-    h.sim.sim.set_faults(Faults { token_latency_ms: 5000, ..Faults::default() });
+    h.sim
+        .sim
+        .set_faults(Faults { token: TokenFaults { latency_ms: 5000, ..TokenFaults::default() }, ..Faults::default() });
 
     let ada_ids = h.publish_all(&ada_bodies).await;
     calsync_testkit::wait_until(DEADLINE, "Ada's refresh to be under way", || async {

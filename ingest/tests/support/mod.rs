@@ -29,19 +29,14 @@ pub struct TestApp {
 pub struct Options {
     pub amqp_url: String,
     pub database_url: String,
-    pub publish_timeout_ms: u64,
-    /// More `--flags` for ingest.
+    /// More `--flags` for ingest (later ones win over the defaults).
     pub extra: Vec<String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self {
-            amqp_url: calsync_testkit::amqp_url(),
-            database_url: NO_DATABASE.into(),
-            publish_timeout_ms: 3000,
-            extra: Vec::new(),
-        }
+        let amqp_url = calsync_testkit::amqp_url();
+        Self { amqp_url, database_url: NO_DATABASE.into(), extra: Vec::new() }
     }
 }
 
@@ -55,8 +50,11 @@ pub fn settings(prefix: &str, options: &Options) -> IngestSettings {
         format!("--amqp-topology-prefix={prefix}"),
         format!("--database-url={}", options.database_url),
         format!("--token-encryption-key={key}"),
-        format!("--ingest-publish-timeout-ms={}", options.publish_timeout_ms),
+        "--ingest-publish-timeout-ms=3000".into(),
     ];
+    // A flag in `extra` replaces the default of the same name.
+    let name = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
+    args.retain(|arg| !options.extra.iter().any(|extra| name(extra) == name(arg)));
     args.extend(options.extra.iter().cloned());
     IngestSettings::try_parse_from(args).expect("test settings parse")
 }
