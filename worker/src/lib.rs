@@ -4,6 +4,7 @@
 //! - [`consumer`]: AMQP only — consume, hand over, settle (ack / delayed retry / dead letter).
 //! - [`process`]: one webhook to rows, with no AMQP types; returns an [`outcome::Outcome`].
 //! - [`sync`]: backfill jobs from `calsync.sync`.
+//! - [`scheduler`]: the periodic checks (reconciliation), scheduled by one worker at a time.
 //! - [`outcome`]: what becomes of a delivery, decided once for webhooks and sync jobs.
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
 //! - [`calendly_call`]: the one way to call Calendly as a user (401 → refresh once, 429, retries).
@@ -23,6 +24,7 @@ pub mod error;
 pub mod fetch;
 pub mod outcome;
 pub mod process;
+pub mod scheduler;
 pub mod settings;
 pub mod single_flight;
 pub mod sync;
@@ -97,6 +99,13 @@ impl Worker {
         // Consuming before the schema exists would only produce retries.
         while !self.shutdown.is_cancelled() && !self.database.wait_ready(Duration::from_secs(1)).await {}
         tokio::spawn(self.deps.db_gate.clone().watch(self.database.clone(), self.shutdown.clone()));
+        let schedule = scheduler::Schedule {
+            database_url: self.settings.shared.database.database_url.clone(),
+            pool: self.database.pool().clone(),
+            broker: self.broker.clone(),
+            reconcile_every: Duration::from_secs(self.settings.reconcile_interval_secs),
+        };
+        tokio::spawn(scheduler::run(schedule, self.shutdown.clone()));
         let grace = Duration::from_secs(self.settings.worker_shutdown_grace_secs);
         let webhooks = consumer::ConsumerConfig {
             target: RetryTarget::Webhooks,

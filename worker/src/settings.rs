@@ -24,6 +24,11 @@ pub struct WorkerSettings {
     #[arg(long, env = "SYNC_LOOKBACK_DAYS", default_value_t = 30)]
     pub sync_lookback_days: u32,
 
+    /// Every this many seconds each active connection is reconciled with Calendly (a sync job);
+    /// 0 turns it off. One worker schedules, however many run.
+    #[arg(long, env = "RECONCILE_INTERVAL_SECS", default_value_t = 3600)]
+    pub reconcile_interval_secs: u64,
+
     /// How long in-flight deliveries may take to finish after SIGTERM before they are requeued.
     #[arg(long, env = "WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 20, hide = true)]
     pub worker_shutdown_grace_secs: u64,

@@ -82,3 +82,35 @@ async fn readiness_and_metrics_report_the_work_done(pool: PgPool) {
     }
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn reconciliation_recovers_a_booking_whose_webhook_never_arrived_and_two_workers_schedule_it_once(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let addr = h.start_worker(&["--reconcile-interval-secs=1"]).await;
+    h.start_worker(&["--reconcile-interval-secs=1"]).await;
+    let ada = h.connect("Ada").await;
+    h.book(&ada, 2);
+    h.captured(); // the webhooks are lost on the way: never delivered
+
+    calsync_testkit::wait_until(DEADLINE, "the missed booking reconciled", || async {
+        h.meetings(ada.app_user).await.len() == 1 && h.count("SELECT count(*) FROM meeting_invitees").await == 2
+    })
+    .await;
+
+    // One scheduler however many workers: over a 3 s window, about one job per second (two
+    // schedulers would queue about six).
+    let http = calsync_common::http::client_builder().build().unwrap();
+    let scheduled = || async {
+        let text = http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find(|l| l.starts_with("calsync_scheduler_jobs_total{job=\"reconcile\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let before = scheduled().await;
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await; // the measurement window itself
+    let during = scheduled().await - before;
+    assert!((2.0..=4.0).contains(&during), "{during} jobs scheduled in 3 s at one per second");
+    h.stop().await;
+}
