@@ -15,6 +15,11 @@ use crate::single_flight::SingleFlight;
 /// one user's token never answers for another's delivery.
 pub type EventFetches = SingleFlight<(Uuid, String), ScheduledEvent>;
 
+/// In-flight token refreshes in this process by (connection, Calendly account, rejected token), for
+/// [`crate::tokens`]: deliveries of one user waiting for one refresh wait on it here, not each by
+/// polling the database.
+pub type Refreshes = SingleFlight<(Uuid, Option<String>, Option<String>), crate::access_token::AccessToken>;
+
 pub struct Deps {
     pub pool: PgPool,
     pub calendly: CalendlyClient,
@@ -25,6 +30,8 @@ pub struct Deps {
     pub sync_lookback: Duration,
     /// Shares one Calendly fetch among concurrent deliveries about the same event.
     pub event_fetches: EventFetches,
+    /// Shares one token refresh among concurrent deliveries of the same connection.
+    pub refreshes: Refreshes,
     /// Closed while PostgreSQL is unreachable: the consumers pause.
     pub db_gate: crate::db_gate::DbGate,
 }

@@ -8,13 +8,15 @@
 //! - [`outcome`]: what becomes of a delivery, decided once for webhooks and sync jobs.
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
 //! - [`calendly_call`]: the one way to call Calendly as a user (401 → refresh once, 429, retries).
-//! - [`tokens`]: the connection's token, refreshed once per expiry under a row lock.
+//! - [`tokens`]: the connection's token, refreshed once per expiry under a refresh lease.
+//! - [`access_token`]: the token as held in memory.
 //! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
 //! - [`single_flight`]: one execution per key at a time, generic.
 //! - [`deps`]: what processing needs, built once per process.
 //! - [`db_gate`]: pauses consumption while PostgreSQL is unreachable.
 //! - [`admin`]: the operator subcommands' work (`rotate-token-key`, `replay-dead`).
 
+pub mod access_token;
 pub mod admin;
 pub mod calendly_call;
 pub mod consumer;
@@ -71,6 +73,7 @@ impl Worker {
             max_attempts: settings.worker_max_attempts,
             sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),
             event_fetches: deps::EventFetches::default(),
+            refreshes: deps::Refreshes::default(),
             db_gate: db_gate::DbGate::default(),
         });
         Ok(Self { settings, deps, broker, database, listener, shutdown })

@@ -13,16 +13,12 @@ use calsync_common::retry;
 
 use crate::deps::Deps;
 use crate::error::ProcessError;
+use crate::single_flight::Flight;
 
 /// Refresh when the token expires within this margin, so no call races its expiry.
 pub const REFRESH_MARGIN: time::Duration = time::Duration::minutes(5);
 
-/// A decrypted access token and the ciphertext it came from (to tell, after a 401, whether someone
-/// else has refreshed in the meantime).
-pub struct AccessToken {
-    pub secret: SecretString,
-    pub ciphertext: String,
-}
+pub use crate::access_token::AccessToken;
 
 fn fresh(expires_at: Option<OffsetDateTime>) -> bool {
     expires_at.is_some_and(|t| t > OffsetDateTime::now_utc() + REFRESH_MARGIN)
@@ -53,10 +49,25 @@ pub async fn after_unauthorized(
     refresh(deps, connection, Some(&rejected.ciphertext)).await
 }
 
-/// Exactly one refresh per expiry, across every worker: whoever claims the lease refreshes; the
-/// others wait for its new pair, polling the row without holding a pooled connection while Calendly
-/// takes its time (so a slow refresh for one user never starves other users' deliveries).
+/// Exactly one refresh per expiry. Within this process, deliveries of one connection share one
+/// refresh (a follower whose leader failed tries for itself); across processes, the lease decides.
 async fn refresh(deps: &Deps, connection: &Connection, rejected: Option<&str>) -> Result<AccessToken, ProcessError> {
+    let key = (connection.id, connection.calendly_user_uri.clone(), rejected.map(str::to_owned));
+    match deps.refreshes.run_or_join(key, || refresh_across_processes(deps, connection, rejected)).await {
+        Flight::Led(result) => result,
+        Flight::Joined(Some(token)) => Ok(token),
+        Flight::Joined(None) => refresh_across_processes(deps, connection, rejected).await,
+    }
+}
+
+/// Whoever claims the lease refreshes; the others wait for its new pair, polling the row without
+/// holding a pooled connection while Calendly takes its time (so a slow refresh for one user never
+/// starves other users' deliveries).
+async fn refresh_across_processes(
+    deps: &Deps,
+    connection: &Connection,
+    rejected: Option<&str>,
+) -> Result<AccessToken, ProcessError> {
     let owner = Uuid::new_v4();
     let started = Instant::now();
     loop {
