@@ -142,3 +142,24 @@ async fn a_token_the_worker_cannot_decrypt_retries_says_so_in_readyz_and_is_proc
     assert_eq!(h.meetings(ada.app_user).await.len(), 1);
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_delivery_resolved_before_its_connection_changed_hands_never_refreshes_the_new_accounts_token(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    let expired = OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    h.store_tokens(ada.app_user, &ada.calendly, expired).await;
+    // A delivery resolved the connection while it was Ada's Calendly account…
+    let resolved = calsync_common::db::connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
+    // …then the same app user reconnected another Calendly account (the row is reused).
+    let other = h.sim.sim.create_user(calendly_sim::NewUser::named("Other")).unwrap();
+    h.store_tokens(ada.app_user, &other, expired).await;
+    let before = h.sim.sim.token_grants("refresh_token");
+
+    let result = calsync_worker::tokens::access_token(&h.deps(), &resolved).await;
+
+    let error = result.err().expect("no token for a connection that changed hands");
+    assert!(error.to_string().contains("changed hands"), "{error}");
+    assert_eq!(h.sim.sim.token_grants("refresh_token"), before, "the new account's refresh token was not used");
+    h.stop().await;
+}

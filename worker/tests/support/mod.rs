@@ -81,6 +81,21 @@ impl Harness {
         Self { sim, topology, pool, db_url, publisher, cipher, key, workers: Vec::new() }
     }
 
+    /// What a worker's processing code needs, built on this harness (to call it without AMQP).
+    pub fn deps(&self) -> calsync_worker::Deps {
+        let settings = self.settings(&[]);
+        calsync_worker::Deps {
+            pool: self.pool.clone(),
+            calendly: calsync_common::calendly::CalendlyClient::new(&settings.shared.calendly).unwrap(),
+            cipher: TokenCipher::from_settings(&settings.shared.token_keys).unwrap(),
+            max_attempts: settings.worker_max_attempts,
+            sync_lookback: Duration::from_secs(86_400),
+            event_fetches: Default::default(),
+            refreshes: Default::default(),
+            db_gate: Default::default(),
+        }
+    }
+
     /// A harness with one worker running and one connected user, `name`.
     pub async fn with_worker_and_user(pool: PgPool, name: &str) -> (Self, User) {
         let mut h = Self::new(pool).await;
