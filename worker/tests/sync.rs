@@ -112,5 +112,21 @@ async fn reconciliation_recovers_a_booking_whose_webhook_never_arrived_and_two_w
     tokio::time::sleep(std::time::Duration::from_secs(3)).await; // the measurement window itself
     let during = scheduled().await - before;
     assert!((2.0..=4.0).contains(&during), "{during} jobs scheduled in 3 s at one per second");
+
+    // The scheduler's lock session dies (as with its process): scheduling goes on.
+    let holders: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_locks \
+         WHERE locktype = 'advisory' AND granted \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) AS killed",
+    )
+    .fetch_one(&h.pool)
+    .await
+    .unwrap();
+    assert_eq!(holders, 1, "exactly one worker held the scheduler lock");
+    let after_kill = scheduled().await;
+    calsync_testkit::wait_until(DEADLINE, "scheduling to resume after the scheduler's session died", || async {
+        scheduled().await >= after_kill + 2.0
+    })
+    .await;
     h.stop().await;
 }
