@@ -13,10 +13,6 @@ use crate::calendly::types::{EventKind, Invitee, WebhookEnvelope};
 pub struct CalendlyUserUri(String);
 
 impl CalendlyUserUri {
-    pub fn new(uri: impl Into<String>) -> Self {
-        Self(uri.into())
-    }
-
     pub fn as_str(&self) -> &str {
         &self.0
     }
