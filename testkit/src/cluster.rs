@@ -21,8 +21,15 @@ struct Node {
     dist_port: u16,
 }
 
+/// A free port below Linux's ephemeral range (32768+): a port from that range, freed again for the
+/// node to bind, can meanwhile be taken by any outgoing connection on the machine.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = rand::random_range(20_000..32_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 fn short_hostname() -> String {
@@ -51,12 +58,9 @@ impl RabbitCluster {
         let nodes = (1..=size)
             .map(|n| Node { name: format!("calsync-{run}-{n}@{host}"), amqp_port: free_port(), dist_port: free_port() })
             .collect();
-        let cluster = Self { dir, nodes };
+        let mut cluster = Self { dir, nodes };
         for n in 0..size {
-            cluster.boot(n);
-        }
-        for n in 0..size {
-            cluster.await_startup(n);
+            cluster.start_node(n);
         }
         for n in 1..size {
             let first = cluster.nodes[0].name.clone();
@@ -94,16 +98,36 @@ impl RabbitCluster {
         assert!(status.success(), "rabbitmq-server -detached failed for {}", node.name);
     }
 
-    fn await_startup(&self, n: usize) {
-        let started = Instant::now();
-        loop {
-            let out = self.ctl_output(n, &["await_startup", "--timeout", "10"]);
-            if out.status.success() {
+    /// Boots node `n`, trying fresh ports when it does not come up (a port taken meanwhile).
+    fn start_node(&mut self, n: usize) {
+        for attempt in 1..=3 {
+            self.boot(n);
+            if self.await_startup(n) {
                 return;
             }
-            assert!(started.elapsed() < Duration::from_secs(90), "{} did not start", self.nodes[n].name);
+            self.kill(n);
+            eprintln!("{} did not start (attempt {attempt}); its log ends:\n{}", self.nodes[n].name, self.log_tail(n));
+            self.nodes[n].amqp_port = free_port();
+            self.nodes[n].dist_port = free_port();
+        }
+        panic!("{} did not start after 3 attempts", self.nodes[n].name);
+    }
+
+    fn await_startup(&self, n: usize) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(45) {
+            if self.ctl_output(n, &["await_startup", "--timeout", "10"]).status.success() {
+                return true;
+            }
             std::thread::sleep(Duration::from_millis(500));
         }
+        false
+    }
+
+    fn log_tail(&self, n: usize) -> String {
+        let log = self.node_dir(n).join("log").join(format!("{}.log", self.nodes[n].name));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     fn ctl_output(&self, n: usize, args: &[&str]) -> std::process::Output {
@@ -150,7 +174,7 @@ impl RabbitCluster {
     /// Starts a killed node again (same name, ports and data: it rejoins the cluster).
     pub fn restart(&self, n: usize) {
         self.boot(n);
-        self.await_startup(n);
+        assert!(self.await_startup(n), "{} did not restart; its log ends:\n{}", self.nodes[n].name, self.log_tail(n));
     }
 }
 
