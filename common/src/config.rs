@@ -121,3 +121,11 @@ mod tests {
         assert!(present(&Some(SecretString::from("t".to_owned()))).is_some());
     }
 }
+
+/// A URL setting that may be set to the empty string in an env file, meaning "unset".
+#[derive(Clone, Debug)]
+pub struct OptionalUrl(pub Option<Url>);
+
+pub fn optional_url(value: &str) -> Result<OptionalUrl, url::ParseError> {
+    if value.trim().is_empty() { Ok(OptionalUrl(None)) } else { Url::parse(value.trim()).map(|u| OptionalUrl(Some(u))) }
+}

@@ -59,6 +59,9 @@ pub const REDELIVERY_DELAYS: &[Duration] = &[
     Duration::from_secs(1),
     Duration::from_secs(5),
     Duration::from_secs(30),
+    // A minute: Calendly's rate-limit window, so work put off until a window resets comes back
+    // right after it, not a minute later.
+    Duration::from_secs(60),
     Duration::from_secs(120),
     Duration::from_secs(600),
 ];
@@ -71,6 +74,11 @@ pub fn redelivery_tier(attempt: u32, at_least: Option<Duration>) -> usize {
         .and_then(|floor| REDELIVERY_DELAYS.iter().position(|d| *d >= floor))
         .unwrap_or(if at_least.is_some() { REDELIVERY_DELAYS.len() - 1 } else { 0 });
     by_attempt.max(by_floor)
+}
+
+/// The delay tier for work put off until `at_least` from now: the shortest that is long enough.
+pub fn deferral_tier(at_least: Duration) -> usize {
+    REDELIVERY_DELAYS.iter().position(|d| *d >= at_least).unwrap_or(REDELIVERY_DELAYS.len() - 1)
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use clap::{Args, Parser};
 use secrecy::SecretString;
 use url::Url;
 
-use calsync_common::config::{ConfigError, SharedArgs, secret};
+use calsync_common::config::{ConfigError, OptionalUrl, SharedArgs, optional_url, secret};
 
 /// Settings of `calsync-ingest`.
 #[derive(Parser, Clone, Debug)]
@@ -68,14 +68,6 @@ pub struct InboxArgs {
     /// How old an unmatched delivery may be and still be replayed when its Calendly user connects.
     #[arg(long, env = "INBOX_REPLAY_DAYS", default_value_t = 7)]
     pub inbox_replay_days: u32,
-}
-
-/// A URL setting that may be set to the empty string in an env file, meaning "unset".
-#[derive(Clone, Debug)]
-pub struct OptionalUrl(pub Option<Url>);
-
-fn optional_url(value: &str) -> Result<OptionalUrl, url::ParseError> {
-    if value.trim().is_empty() { Ok(OptionalUrl(None)) } else { Url::parse(value.trim()).map(|u| OptionalUrl(Some(u))) }
 }
 
 impl IngestSettings {

@@ -112,6 +112,7 @@ impl Env {
                 email: format!("{}@example.com", name.to_lowercase()),
                 organization: None,
                 webhooks_enabled: webhooks,
+                plan: calendly_sim::Plan::Paid,
             })
             .unwrap()
     }
@@ -197,6 +198,7 @@ impl Env {
             invitees: vec![calendly_sim::NewInvitee { name: "G".into(), email: "g@example.com".into() }],
             location: None,
             co_hosts: Vec::new(),
+            webhook_lost: false,
         };
         self.sim.sim.book(booking).unwrap();
     }

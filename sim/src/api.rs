@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::model::{Subscription, Uris, World};
-use crate::sim::Sim;
+use crate::sim::{FREE_PLAN_REQUESTS_PER_MINUTE, Plan, Sim};
 
 pub fn router() -> Router<Sim> {
     Router::new()
@@ -91,15 +91,21 @@ impl Sim {
     }
 
     fn rate_limit(&self, user: Uuid) -> Result<Rate, Response> {
-        let limit = self.faults().rate_limit_per_minute.unwrap_or(self.config().rate_limit_per_minute);
+        let faults = self.faults();
+        let plan = self.world().users.get(&user).map(|u| u.plan).unwrap_or_default();
+        let limit = faults.rate_limit_per_minute.unwrap_or(match plan {
+            Plan::Free => FREE_PLAN_REQUESTS_PER_MINUTE,
+            Plan::Paid => self.config().rate_limit_per_minute,
+        });
+        let window = faults.rate_limit_window_secs.unwrap_or(60).max(1);
         let mut buckets = self.inner.rate.lock().expect("rate lock");
         let now = Instant::now();
         let (start, used) = buckets.entry(user).or_insert((now, 0));
-        if now.duration_since(*start) >= Duration::from_secs(60) {
+        if now.duration_since(*start) >= Duration::from_secs(window) {
             *start = now;
             *used = 0;
         }
-        let reset_secs = 60u64.saturating_sub(now.duration_since(*start).as_secs()).max(1);
+        let reset_secs = window.saturating_sub(now.duration_since(*start).as_secs()).max(1);
         if *used >= limit {
             let rate = Rate { limit, remaining: 0, reset_secs };
             return Err(with_rate(
@@ -166,7 +172,10 @@ impl Sim {
         };
         let rate = match self.rate_limit(user) {
             Ok(rate) => rate,
-            Err(response) => return response,
+            Err(response) => {
+                self.counters().rate_limited += 1;
+                return response;
+            }
         };
         if let Some(response) = self.random_fault(&rate) {
             return response;
@@ -374,10 +383,10 @@ async fn create_subscription(
         if body.events.is_empty() || body.events.iter().any(|e| !crate::webhook::ALL_EVENTS.contains(&e.as_str())) {
             return Err(bad_request("events must be a non-empty list of supported events"));
         }
-        let duplicate = world
-            .subscriptions
-            .values()
-            .any(|s| s.callback_url == body.url && s.organization == organization && s.user == sub_user);
+        // A disabled subscription does not hold its URL: it can be replaced before it is deleted.
+        let duplicate = world.subscriptions.values().any(|s| {
+            s.state == "active" && s.callback_url == body.url && s.organization == organization && s.user == sub_user
+        });
         if duplicate {
             return Err(api_error(StatusCode::CONFLICT, "Already Exists", "Hook with this url already exists"));
         }

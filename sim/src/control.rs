@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::sim::{Booking, Cancellation, FailNext, Faults, NewUser, Sim, SimError};
+use crate::sim::{Booking, Cancellation, FailNext, Faults, NewUser, Sim, SimError, SubscriptionChange};
 use crate::webhook::DeliveryMode;
 
 pub const PREFIX: &str = "/_sim";
@@ -35,6 +35,7 @@ pub fn router() -> Router<Sim> {
         .route("/_sim/deliveries", get(take_deliveries))
         .route("/_sim/authorize_requests", get(authorize_requests))
         .route("/_sim/subscriptions", get(subscriptions))
+        .route("/_sim/subscriptions/{id}", put(change_subscription))
 }
 
 impl IntoResponse for SimError {
@@ -53,21 +54,22 @@ async fn help() -> Json<Value> {
     Json(json!({
         "about": "calendly-sim control API (not part of Calendly)",
         "routes": [
-            "POST /_sim/users {name, email, organization?, webhooks_enabled?}",
+            "POST /_sim/users {name, email, organization?, webhooks_enabled?, plan?: free|paid}",
             "GET /_sim/users",
             "POST /_sim/users/{user}/tokens (a token pair, as after OAuth) | /expire_tokens | /revoke_tokens",
             "POST /_sim/users/{user}/subscriptions {url} (a user-scoped subscription to every event, without OAuth)",
-            "POST /_sim/events {user, invitees: [{name, email}], name?, start_time?, duration_minutes?, location?}",
+            "POST /_sim/events {user, invitees: [{name, email}], name?, start_time?, duration_minutes?, location?, co_hosts?, webhook_lost?}",
             "POST /_sim/invitees/{id}/cancel {reason?, canceled_by?, canceler_type?}",
             "POST /_sim/invitees/{id}/reschedule {start_time?}",
             "POST|DELETE /_sim/invitees/{id}/no_show",
             "GET /_sim/counters",
-            "GET|PUT /_sim/faults {latency_ms, error_rate, rate_429, rate_limit_per_minute, token: {missing_scopes, latency_ms, expires_in}}",
+            "GET|PUT /_sim/faults {latency_ms, error_rate, rate_429, rate_limit_per_minute, rate_limit_window_secs, token: {missing_scopes, latency_ms, expires_in}}",
             "POST /_sim/fail_next {endpoint, count, status?}",
             "PUT /_sim/delivery {mode: send|capture}",
             "GET /_sim/deliveries (captured signed bodies; empties the list)",
             "GET /_sim/authorize_requests",
             "GET /_sim/subscriptions",
+            "PUT /_sim/subscriptions/{id} {disabled?: bool, retry_started_at?: time|null, deleted?: bool}",
         ],
         "authorize": "GET /oauth/authorize?...&sim_user=<uuid|uri|email> approves as that user; &sim_deny=1 denies",
     }))
@@ -171,4 +173,12 @@ async fn authorize_requests(State(sim): State<Sim>) -> Json<Value> {
 
 async fn subscriptions(State(sim): State<Sim>) -> Json<Value> {
     Json(json!(sim.subscriptions()))
+}
+
+async fn change_subscription(
+    State(sim): State<Sim>,
+    Path(id): Path<Uuid>,
+    Json(change): Json<SubscriptionChange>,
+) -> Answer {
+    Ok(Json(sim.set_subscription(id, change)?))
 }

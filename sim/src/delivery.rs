@@ -72,6 +72,10 @@ impl Sim {
                 .await;
             if result.is_ok_and(|r| r.status().is_success()) {
                 self.counters().deliveries_succeeded += 1;
+                // Delivering again: Calendly is no longer retrying.
+                if let Some(sub) = self.world().subscriptions.get_mut(&subscription) {
+                    sub.retry_started_at = None;
+                }
                 return;
             }
             self.counters().delivery_attempts_failed += 1;

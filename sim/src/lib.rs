@@ -27,7 +27,9 @@ use std::net::SocketAddr;
 use axum::Router;
 use tokio::net::TcpListener;
 
-pub use sim::{Booking, Cancellation, FailNext, Faults, NewInvitee, NewUser, Sim, SimConfig, TokenFaults};
+pub use sim::{
+    Booking, Cancellation, FailNext, Faults, NewInvitee, NewUser, Plan, Sim, SimConfig, SubscriptionChange, TokenFaults,
+};
 pub use webhook::{Captured, DeliveryMode};
 
 pub fn router(sim: Sim) -> Router {

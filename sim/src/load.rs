@@ -41,6 +41,7 @@ pub async fn run(sim: &Sim, options: &LoadOptions) -> anyhow::Result<LoadReport>
                 email: format!("load{n}@example.com"),
                 organization: None,
                 webhooks_enabled: true,
+                plan: crate::sim::Plan::Paid,
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let uri = user["uri"].as_str().unwrap_or_default().to_owned();
@@ -96,6 +97,7 @@ fn act(sim: &Sim, user: Uuid, n: u64, report: &mut LoadReport) {
         invitees: vec![NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") }],
         location: None,
         co_hosts: Vec::new(),
+        webhook_lost: false,
     };
     if sim.book(booking).is_ok() {
         report.booked += 1;

@@ -29,8 +29,9 @@ pub struct User {
     pub email: String,
     pub organization: Uuid,
     pub timezone: String,
-    /// A free plan has no webhooks: subscription creation answers 403.
+    /// Without the plan feature some webhooks need, subscription creation answers 403.
     pub webhooks_enabled: bool,
+    pub plan: crate::sim::Plan,
     pub created_at: OffsetDateTime,
 }
 

@@ -58,8 +58,10 @@ pub struct Faults {
     pub error_rate: f64,
     /// Fraction (0..1) of API calls answered with a 429.
     pub rate_429: f64,
-    /// Overrides the per-user limit per minute when set.
+    /// Overrides every user's limit per window when set.
     pub rate_limit_per_minute: Option<u32>,
+    /// Overrides the window's length (60 s at Calendly), so tests can watch windows reset.
+    pub rate_limit_window_secs: Option<u64>,
     /// Faults of the tokens and the token endpoint.
     pub token: TokenFaults,
 }
@@ -98,6 +100,8 @@ pub struct Counters {
     pub revocations: u64,
     pub deliveries_succeeded: u64,
     pub delivery_attempts_failed: u64,
+    /// API calls answered 429 because the caller's window was spent (injected 429s not counted).
+    pub rate_limited: u64,
 }
 
 pub(crate) struct Inner {
@@ -127,9 +131,25 @@ pub struct NewUser {
     /// Join an existing organization (URI or UUID); a new one is made otherwise.
     #[serde(default)]
     pub organization: Option<String>,
+    /// Whether the plan has the (few) webhook features that still need a paid plan: creating a
+    /// subscription answers 403 without them.
     #[serde(default = "yes")]
     pub webhooks_enabled: bool,
+    /// `free`: 50 API requests a minute (webhooks included since November 2026); `paid`: 500.
+    #[serde(default)]
+    pub plan: Plan,
 }
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Plan {
+    Free,
+    #[default]
+    Paid,
+}
+
+/// Requests a minute a free-plan user may make.
+pub const FREE_PLAN_REQUESTS_PER_MINUTE: u32 = 50;
 
 fn yes() -> bool {
     true
@@ -143,6 +163,7 @@ impl NewUser {
             email: format!("{}@example.com", name.to_lowercase()),
             organization: None,
             webhooks_enabled: true,
+            plan: Plan::Paid,
         }
     }
 }
@@ -169,6 +190,26 @@ pub struct Booking {
     /// Further hosts (user URIs or UUIDs) of a collective event.
     #[serde(default)]
     pub co_hosts: Vec<String>,
+    /// The booking happens, but its webhooks are lost before they reach anyone (as deliveries
+    /// sometimes are): only a reconciliation can find it.
+    #[serde(default)]
+    pub webhook_lost: bool,
+}
+
+/// `PUT /_sim/subscriptions/{id}`: what Calendly changes about a subscription on its own.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct SubscriptionChange {
+    /// `true`: `disabled` (Calendly gave up on it); `false`: `active` again.
+    pub disabled: Option<bool>,
+    /// `Some(None)` clears it (JSON `null`); absent leaves it.
+    #[serde(deserialize_with = "some_rfc3339")]
+    pub retry_started_at: Option<Option<OffsetDateTime>>,
+    pub deleted: bool,
+}
+
+fn some_rfc3339<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<OffsetDateTime>>, D::Error> {
+    time::serde::rfc3339::option::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -287,6 +328,7 @@ impl Sim {
             organization,
             timezone: "Europe/Berlin".into(),
             webhooks_enabled: new.webhooks_enabled,
+            plan: new.plan,
             created_at: OffsetDateTime::now_utc(),
         };
         let value = world.user_json(&self.inner.uris, &user);
@@ -352,8 +394,10 @@ impl Sim {
                 ids.iter().map(|id| ("invitee.created", world.invitee_json(uris, &world.invitees[id], true))).collect();
             (value, deliveries, world.events[&event_id].hosts())
         };
-        for (event, payload) in deliveries {
-            self.deliver(event, &hosts, payload);
+        if !booking.webhook_lost {
+            for (event, payload) in deliveries {
+                self.deliver(event, &hosts, payload);
+            }
         }
         Ok(value)
     }
@@ -525,6 +569,7 @@ impl Sim {
             "revocations": c.revocations,
             "deliveries_succeeded": c.deliveries_succeeded,
             "delivery_attempts_failed": c.delivery_attempts_failed,
+            "rate_limited": c.rate_limited,
         })
     }
 
@@ -536,16 +581,18 @@ impl Sim {
         self.counters().token_grants.get(grant_type).copied().unwrap_or(0)
     }
 
+    /// API calls answered 429 because the caller's window was spent.
+    pub fn rate_limited(&self) -> u64 {
+        self.counters().rate_limited
+    }
+
     pub fn refresh_token_reuse_attempts(&self) -> u64 {
         self.counters().refresh_token_reuse_attempts
     }
 
     pub fn set_faults(&self, faults: Faults) {
-        let mut f = faults;
-        if f.rate_limit_per_minute.is_none() {
-            f.rate_limit_per_minute = Some(self.inner.config.rate_limit_per_minute);
-        }
-        *self.inner.faults.lock().expect("faults lock") = f;
+        // No override = each user's plan decides the limit.
+        *self.inner.faults.lock().expect("faults lock") = faults;
     }
 
     pub fn faults(&self) -> Faults {
@@ -599,13 +646,28 @@ impl Sim {
 
     /// Turns a subscription `disabled`, as Calendly does after 24 hours of failed deliveries.
     pub fn disable_subscription(&self, id: Uuid) -> bool {
-        match self.world().subscriptions.get_mut(&id) {
-            Some(sub) => {
-                sub.state = "disabled";
-                true
-            }
-            None => false,
+        self.set_subscription(id, SubscriptionChange { disabled: Some(true), ..Default::default() }).is_ok()
+    }
+
+    /// Changes a subscription as Calendly would on its own: `disabled` after a day of failed
+    /// deliveries, `retry_started_at` while it retries, or gone (`deleted`).
+    pub fn set_subscription(&self, id: Uuid, change: SubscriptionChange) -> Result<Value, SimError> {
+        let mut world = self.world();
+        if change.deleted {
+            return match world.subscriptions.remove(&id) {
+                Some(sub) => Ok(world.subscription_json(&self.inner.uris, &sub)),
+                None => Err(SimError::NotFound(format!("subscription {id}"))),
+            };
         }
+        let sub = world.subscriptions.get_mut(&id).ok_or_else(|| SimError::NotFound(format!("subscription {id}")))?;
+        if let Some(disabled) = change.disabled {
+            sub.state = if disabled { "disabled" } else { "active" };
+        }
+        if let Some(since) = change.retry_started_at {
+            sub.retry_started_at = since;
+        }
+        let sub = sub.clone();
+        Ok(world.subscription_json(&self.inner.uris, &sub))
     }
 
     /// Invitee UUIDs of `user`'s events that are still active (the load generator picks from these).

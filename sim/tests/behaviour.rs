@@ -103,6 +103,7 @@ fn book_hosted(server: &SimServer, host: &Value, co_hosts: &[&Value], invitees: 
                 .collect(),
             location: None,
             co_hosts: co_hosts.iter().map(|h| h["uri"].as_str().unwrap().to_owned()).collect(),
+            webhook_lost: false,
         })
         .unwrap()
 }
@@ -340,6 +341,7 @@ async fn a_duplicate_subscription_url_is_409_and_a_plan_without_webhooks_is_403(
             email: "free@example.com".into(),
             organization: None,
             webhooks_enabled: false,
+            plan: calendly_sim::Plan::Paid,
         })
         .unwrap();
     let subscribe = |who: Value| {

@@ -1,6 +1,6 @@
-//! One way to call Calendly as a user: with that user's own token, refreshed once after a 401,
-//! short rate limits waited out, transient failures retried for a few seconds, and every other
-//! answer turned into a typed error.
+//! One way to call Calendly as a user: inside that user's API budget, with that user's own token,
+//! refreshed once after a 401, short rate limits waited out, transient failures retried for a few
+//! seconds, and every other answer turned into a typed error.
 
 use std::future::Future;
 use std::time::Duration;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use calsync_common::calendly::CalendlyError;
+use calsync_common::calendly::rate;
 use calsync_common::db::connections::{self, Connection};
 use calsync_common::retry;
 
@@ -29,9 +30,25 @@ where
     let mut token = tokens::access_token(deps, connection).await?;
     let mut refreshed_after_401 = false;
     let mut backoff = retry::calendly_call();
+    // Calendly counts requests per Calendly user; a connection without one yet is its own budget.
+    let budget_key = connection.calendly_user_uri.clone().unwrap_or_else(|| connection.id.to_string());
     loop {
+        let permit = match deps.budgets.reserve(&budget_key) {
+            Ok(permit) => permit,
+            Err(wait) if wait <= MAX_IN_PROCESS_RATE_WAIT && backoff.next_delay().is_some() => {
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            Err(wait) => {
+                metrics::counter!("calsync_calendly_budget_deferrals_total").increment(1);
+                let reason = format!("this Calendly user's API budget is spent; the window resets in {wait:?}");
+                return Err(ProcessError::Deferred { reason, until: wait });
+            }
+        };
         let secret = SecretString::from(token.secret.expose_secret().to_owned());
-        let error = match call(secret).await {
+        let (result, rate) = rate::observe(call(secret)).await;
+        permit.settle(rate);
+        let error = match result {
             Ok(value) => return Ok(value),
             Err(error) => error,
         };

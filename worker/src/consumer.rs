@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use calsync_common::calendly::webhook::Webhook;
-use calsync_common::queue::message::Incoming;
+use calsync_common::queue::message::{self, Incoming};
 use calsync_common::queue::{Broker, RetryTarget};
 use calsync_common::retry;
 
@@ -212,6 +212,16 @@ async fn settle(
             let tier = retry::redelivery_tier(incoming.attempt, at_least);
             tracing::info!(delay = ?retry::REDELIVERY_DELAYS[tier], %reason, "retrying later");
             Some(incoming.retry(target, tier, &reason))
+        }
+        Outcome::Defer { reason, at_least } => {
+            let tier = retry::deferral_tier(at_least);
+            tracing::debug!(delay = ?retry::REDELIVERY_DELAYS[tier], %reason, "put off");
+            Some(incoming.deferred(target, tier, &reason))
+        }
+        Outcome::Continue { job, at_least } => {
+            let tier = retry::deferral_tier(at_least);
+            tracing::info!(delay = ?retry::REDELIVERY_DELAYS[tier], "sync pass continues later from the page it reached");
+            Some(message::sync_continuation(&job, tier))
         }
         Outcome::Dead { reason } => {
             tracing::warn!(%reason, "dead-lettering");

@@ -9,6 +9,8 @@ use calsync_common::calendly::types::ScheduledEvent;
 use calsync_common::crypto::TokenCipher;
 use uuid::Uuid;
 
+use crate::settings::WorkerSettings;
+
 use crate::single_flight::SingleFlight;
 
 /// In-flight event fetches by (connection, event URI), for [`crate::fetch`]. Keyed by connection so
@@ -34,4 +36,26 @@ pub struct Deps {
     pub refreshes: Refreshes,
     /// Closed while PostgreSQL is unreachable: the consumers pause.
     pub db_gate: crate::db_gate::DbGate,
+    /// Each Calendly user's API budget in this process.
+    pub budgets: crate::budget::Budgets,
+    /// `CALENDLY_WEBHOOK_CALLBACK_URL`: where a replacement subscription points (unset: where the
+    /// broken one pointed).
+    pub callback_url: Option<url::Url>,
+}
+
+impl Deps {
+    pub fn new(settings: &WorkerSettings, pool: PgPool) -> anyhow::Result<Self> {
+        Ok(Self {
+            pool,
+            calendly: CalendlyClient::new(&settings.shared.calendly)?,
+            cipher: TokenCipher::from_settings(&settings.shared.token_keys)?,
+            max_attempts: settings.worker_max_attempts,
+            sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),
+            event_fetches: EventFetches::default(),
+            refreshes: Refreshes::default(),
+            db_gate: crate::db_gate::DbGate::default(),
+            budgets: crate::budget::Budgets::default(),
+            callback_url: settings.callback_url().cloned(),
+        })
+    }
 }

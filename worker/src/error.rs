@@ -21,6 +21,11 @@ pub enum ProcessError {
     /// queue without counting as an attempt, and consumption pauses until the database is back.
     #[error("{0}")]
     DatabaseDown(String),
+    /// Not now: the user's Calendly budget is spent until `until`. Waits in a delay queue without
+    /// counting as an attempt (it is nobody's failure, and the wait is never shorter than the
+    /// window's reset, so it cannot loop hot).
+    #[error("{reason}")]
+    Deferred { reason: String, until: Duration },
 }
 
 impl ProcessError {

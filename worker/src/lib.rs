@@ -3,11 +3,13 @@
 //! - [`settings`]: the worker's settings (its own, plus the groups shared with ingest).
 //! - [`consumer`]: AMQP only — consume, hand over, settle (ack / delayed retry / dead letter).
 //! - [`process`]: one webhook to rows, with no AMQP types; returns an [`outcome::Outcome`].
-//! - [`sync`]: backfill jobs from `calsync.sync`.
-//! - [`scheduler`]: the periodic checks (reconciliation), scheduled by one worker at a time.
+//! - [`sync`]: sync passes (backfill, resync, reconciliation) from `calsync.sync`, resumable.
+//! - [`scheduler`]: the periodic checks (subscriptions, reconciliation), scheduled by one worker.
 //! - [`outcome`]: what becomes of a delivery, decided once for webhooks and sync jobs.
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
 //! - [`calendly_call`]: the one way to call Calendly as a user (401 → refresh once, 429, retries).
+//! - [`budget`]: each Calendly user's API budget, from the rate-limit headers.
+//! - [`subscription_check`]: reads a connection's subscription and replaces a broken one.
 //! - [`tokens`]: the connection's token, refreshed once per expiry under a refresh lease.
 //! - [`access_token`]: the token as held in memory.
 //! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
@@ -18,6 +20,7 @@
 
 pub mod access_token;
 pub mod admin;
+pub mod budget;
 pub mod calendly_call;
 pub mod consumer;
 pub mod db_gate;
@@ -29,6 +32,7 @@ pub mod process;
 pub mod scheduler;
 pub mod settings;
 pub mod single_flight;
+pub mod subscription_check;
 pub mod sync;
 pub mod tokens;
 
@@ -39,8 +43,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use calsync_common::calendly::CalendlyClient;
-use calsync_common::crypto::TokenCipher;
 use calsync_common::db::Database;
 use calsync_common::health;
 use calsync_common::queue::{Broker, BrokerConfig, RetryTarget};
@@ -60,22 +62,12 @@ pub struct Worker {
 impl Worker {
     pub async fn build(settings: WorkerSettings, shutdown: CancellationToken) -> anyhow::Result<Self> {
         settings.validate_for_consuming()?;
-        let cipher = TokenCipher::from_settings(&settings.shared.token_keys)?;
         calsync_common::telemetry::metrics_handle();
         let listener = calsync_common::http::listen(&settings.worker_addr, "WORKER_ADDR").await?;
         let database =
             Database::start(&settings.shared.database.database_url, settings.db_pool_size(), shutdown.clone())?;
         let broker = Broker::start(BrokerConfig::from_args(&settings.shared.amqp, "calsync-worker"));
-        let deps = Arc::new(Deps {
-            pool: database.pool().clone(),
-            calendly: CalendlyClient::new(&settings.shared.calendly)?,
-            cipher,
-            max_attempts: settings.worker_max_attempts,
-            sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),
-            event_fetches: deps::EventFetches::default(),
-            refreshes: deps::Refreshes::default(),
-            db_gate: db_gate::DbGate::default(),
-        });
+        let deps = Arc::new(Deps::new(&settings, database.pool().clone())?);
         Ok(Self { settings, deps, broker, database, listener, shutdown })
     }
 
@@ -107,6 +99,7 @@ impl Worker {
             pool: self.database.pool().clone(),
             broker: self.broker.clone(),
             reconcile_every: Duration::from_secs(self.settings.reconcile_interval_secs),
+            check_subscriptions_every: Duration::from_secs(self.settings.subscription_check_interval_secs),
         };
         tokio::spawn(scheduler::run(schedule, self.shutdown.clone()));
         let grace = Duration::from_secs(self.settings.worker_shutdown_grace_secs);

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use calsync_common::db::inbox::InboxStatus;
+use calsync_common::queue::message::SyncJob;
 
 use crate::error::ProcessError;
 
@@ -19,6 +20,13 @@ pub enum Outcome {
     /// Not now, and not this delivery's fault (the database is unreachable): back to the queue
     /// without counting an attempt, while consumption pauses.
     Requeue { reason: String },
+    /// Put off, not failed (the user's API budget is spent): redeliver after `at_least` without
+    /// counting an attempt.
+    Defer { reason: String, at_least: Duration },
+    /// Done for now, with a follow-up job: ack, and queue `job` to run after `at_least` — the rest
+    /// of a sync pass its user's budget interrupted (from the page it reached), or the resync a
+    /// replaced subscription calls for.
+    Continue { job: SyncJob, at_least: Duration },
 }
 
 impl Outcome {
@@ -33,6 +41,8 @@ impl Outcome {
             Self::Retry { .. } => "retry",
             Self::Dead { .. } => "dead",
             Self::Requeue { .. } => "requeued",
+            Self::Defer { .. } => "deferred",
+            Self::Continue { .. } => "continued",
         }
     }
 }
@@ -48,6 +58,7 @@ pub fn decide(error: ProcessError, attempt: u32, max_attempts: u32) -> Outcome {
         }
         ProcessError::Permanent(reason) => Outcome::Dead { reason },
         ProcessError::DatabaseDown(reason) => Outcome::Requeue { reason },
+        ProcessError::Deferred { reason, until } => Outcome::Defer { reason, at_least: until },
     }
 }
 

@@ -3,9 +3,13 @@
 //! executes what it queues. If the scheduler dies, its connection closes, the lock is released and
 //! another worker takes over at its next try.
 //!
-//! Reconciliation is the sync job (the same as a backfill): it lists the connection's events from
-//! the look-back window on and writes what differs, so a booking, cancel or change whose webhook
-//! never arrived is corrected by the next pass.
+//! - Subscription checks (`SUBSCRIPTION_CHECK_INTERVAL_SECS`): one job per active connection; see
+//!   [`crate::subscription_check`].
+//! - Reconciliation (`RECONCILE_INTERVAL_SECS`): one sync pass per active connection (the same job
+//!   as a backfill), so a booking, cancel or change whose webhook never arrived is corrected.
+//!
+//! Every worker (scheduler or not) also keeps `calsync_subscriptions{state}` current from the
+//! table, so whichever one is scraped tells the truth.
 
 use std::time::Duration;
 
@@ -13,14 +17,16 @@ use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
-use calsync_common::db::connections::ConnectionStatus;
+use calsync_common::db::connections::{self, SubscriptionState};
 use calsync_common::queue::Broker;
-use calsync_common::queue::message::{SyncJob, sync_job};
+use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 
 /// The advisory lock key of the scheduler ("calsync" and a 1).
 const SCHEDULER_LOCK: i64 = 0x6361_6c73_796e_6301;
 /// How often a worker that is not the scheduler tries to become it.
 const TAKEOVER_INTERVAL: Duration = Duration::from_secs(10);
+/// How often every worker refreshes `calsync_subscriptions{state}` from the table.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 pub struct Schedule {
     pub database_url: String,
@@ -28,20 +34,34 @@ pub struct Schedule {
     pub broker: Broker,
     /// `RECONCILE_INTERVAL_SECS`; zero turns reconciliation off.
     pub reconcile_every: Duration,
+    /// `SUBSCRIPTION_CHECK_INTERVAL_SECS`; zero turns subscription checks off.
+    pub check_subscriptions_every: Duration,
+}
+
+impl Schedule {
+    /// The checks that are on, each with its interval.
+    fn checks(&self) -> Vec<(SyncKind, Duration)> {
+        [(SyncKind::CheckSubscription, self.check_subscriptions_every), (SyncKind::Reconcile, self.reconcile_every)]
+            .into_iter()
+            .filter(|(_, every)| !every.is_zero())
+            .collect()
+    }
 }
 
 pub async fn run(schedule: Schedule, shutdown: CancellationToken) {
-    if schedule.reconcile_every.is_zero() {
-        return;
+    if !schedule.check_subscriptions_every.is_zero() {
+        tokio::spawn(keep_subscription_gauge(schedule.pool.clone(), shutdown.clone()));
     }
+    let checks = schedule.checks();
+    let Some(shortest) = checks.iter().map(|(_, every)| *every).min() else { return };
     while !shutdown.is_cancelled() {
         if let Some(lock) = become_scheduler(&schedule.database_url).await {
             tracing::info!("this worker schedules the periodic checks");
-            schedule_while_holding(&schedule, lock, &shutdown).await;
+            schedule_while_holding(&schedule, &checks, lock, &shutdown).await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(TAKEOVER_INTERVAL.min(schedule.reconcile_every)) => {}
+            _ = tokio::time::sleep(TAKEOVER_INTERVAL.min(shortest)) => {}
         }
     }
 }
@@ -57,36 +77,71 @@ async fn become_scheduler(database_url: &str) -> Option<PgConnection> {
     locked.then_some(connection)
 }
 
-async fn schedule_while_holding(schedule: &Schedule, mut lock: PgConnection, shutdown: &CancellationToken) {
-    let mut tick = tokio::time::interval(schedule.reconcile_every);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    tick.tick().await; // the first tick is immediate; a new connection's backfill just ran anyway
+async fn schedule_while_holding(
+    schedule: &Schedule,
+    checks: &[(SyncKind, Duration)],
+    mut lock: PgConnection,
+    shutdown: &CancellationToken,
+) {
+    let mut ticks: Vec<_> = checks
+        .iter()
+        .map(|(kind, every)| {
+            // The first tick is one interval away: a new connection was just set up and backfilled,
+            // and a worker taking over need not repeat what the last scheduler just did.
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + *every, *every);
+            tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+            (*kind, tick)
+        })
+        .collect();
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+        let due = {
+            let next = futures_util::future::select_all(ticks.iter_mut().map(|(kind, tick)| {
+                let kind = *kind;
+                Box::pin(async move {
+                    tick.tick().await;
+                    kind
+                })
+            }));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                (kind, _, _) = next => kind,
+            }
+        };
         // Still the scheduler? If this connection died, so did the lock: let someone take over.
         if sqlx::query("SELECT 1").execute(&mut lock).await.is_err() {
             tracing::warn!("lost the scheduler lock's connection; stepping down");
             return;
         }
-        match queue_reconciliation(&schedule.pool, &schedule.broker).await {
-            Ok(queued) => tracing::debug!(queued, "reconciliation scheduled"),
-            Err(error) => tracing::warn!(%error, "could not schedule reconciliation"),
+        match queue_for_every_connection(&schedule.pool, &schedule.broker, due).await {
+            Ok(queued) => tracing::debug!(queued, job = due.as_str(), "periodic check scheduled"),
+            Err(error) => tracing::warn!(%error, job = due.as_str(), "could not schedule a periodic check"),
         }
     }
 }
 
-/// One sync job per active connection.
-async fn queue_reconciliation(pool: &PgPool, broker: &Broker) -> anyhow::Result<usize> {
-    let active: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM calendar_connections WHERE status = $1")
-        .bind(ConnectionStatus::Active)
-        .fetch_all(pool)
-        .await?;
+/// One `kind` job per active connection.
+async fn queue_for_every_connection(pool: &PgPool, broker: &Broker, kind: SyncKind) -> anyhow::Result<usize> {
+    let active = connections::active_ids(pool).await?;
     for connection_id in &active {
-        broker.publish(&sync_job(&SyncJob { connection_id: *connection_id })).await?;
-        metrics::counter!("calsync_scheduler_jobs_total", "job" => "reconcile").increment(1);
+        broker.publish(&sync_job(&SyncJob::new(*connection_id, kind))).await?;
+        metrics::counter!("calsync_scheduler_jobs_total", "job" => kind.as_str()).increment(1);
     }
     Ok(active.len())
+}
+
+/// `calsync_subscriptions{state}`: active connections by what their last subscription check found.
+async fn keep_subscription_gauge(pool: PgPool, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(counts) = connections::count_by_subscription_state(&pool).await else { continue };
+        for state in SubscriptionState::ALL {
+            let n = counts.iter().find(|(s, _)| *s == state).map_or(0, |(_, n)| *n);
+            metrics::gauge!("calsync_subscriptions", "state" => state.as_str()).set(n as f64);
+        }
+    }
 }

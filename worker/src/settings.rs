@@ -3,7 +3,7 @@
 
 use clap::Args;
 
-use calsync_common::config::{ConfigError, SharedArgs, present};
+use calsync_common::config::{ConfigError, OptionalUrl, SharedArgs, optional_url, present};
 
 /// Settings of `calsync-worker`.
 #[derive(Args, Clone, Debug)]
@@ -29,6 +29,16 @@ pub struct WorkerSettings {
     #[arg(long, env = "RECONCILE_INTERVAL_SECS", default_value_t = 3600)]
     pub reconcile_interval_secs: u64,
 
+    /// Every this many seconds each active connection's subscription is read from Calendly, and a
+    /// disabled or missing one is replaced (then the connection resynced); 0 turns it off.
+    #[arg(long, env = "SUBSCRIPTION_CHECK_INTERVAL_SECS", default_value_t = 900)]
+    pub subscription_check_interval_secs: u64,
+
+    /// Where replacement subscriptions point (ingest's public webhook URL); unset: where the
+    /// subscription being replaced pointed.
+    #[arg(long, env = "CALENDLY_WEBHOOK_CALLBACK_URL", value_parser = optional_url)]
+    pub calendly_webhook_callback_url: Option<OptionalUrl>,
+
     /// How long in-flight deliveries may take to finish after SIGTERM before they are requeued.
     #[arg(long, env = "WORKER_SHUTDOWN_GRACE_SECS", default_value_t = 20, hide = true)]
     pub worker_shutdown_grace_secs: u64,
@@ -42,6 +52,10 @@ impl WorkerSettings {
     /// steps (never across the Calendly call), so a quarter of the concurrency is plenty; the cap
     /// keeps a scaled-out pool within PostgreSQL's default `max_connections` (100), and PostgreSQL
     /// on few cores is faster with fewer connections anyway (see BENCHMARKS.md).
+    pub fn callback_url(&self) -> Option<&url::Url> {
+        self.calendly_webhook_callback_url.as_ref().and_then(|u| u.0.as_ref())
+    }
+
     pub fn db_pool_size(&self) -> u32 {
         (u32::from(self.worker_concurrency) / 4).clamp(4, 16)
     }

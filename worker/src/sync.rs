@@ -1,101 +1,247 @@
-//! Backfill: a connection's scheduled events (with invitees) from the look-back window forward,
-//! paginated, under the same token and rate-limit rules as webhooks.
+//! Sync passes: backfill, resync and reconciliation are one mechanism. A pass lists the
+//! connection's scheduled events from the look-back window on, page by page, compares each with
+//! the stored meeting (Calendly's `updated_at`, status, invitee counts) and fetches invitees only
+//! for what differs: an unchanged account costs one list call per 100 events, and a booking,
+//! cancel or change whose webhook never came is corrected.
+//!
+//! A pass is resumable: when its user's API budget runs out it stops at the page it reached and
+//! queues the rest for after the window resets, so a large account on a small budget finishes.
+
+use std::collections::HashMap;
+use std::time::Duration;
 
 use time::OffsetDateTime;
-use uuid::Uuid;
 
-use calsync_common::db::connections::{self, ConnectionStatus};
+use calsync_common::calendly::types::ScheduledEvent;
+use calsync_common::db::connections::{self, Connection, ConnectionStatus};
 use calsync_common::db::inbox::InboxStatus;
-use calsync_common::db::meetings;
-use calsync_common::meeting::{Meeting, MeetingInvitee};
-use calsync_common::queue::message::{Incoming, SyncJob};
+use calsync_common::db::meetings::{self, Stored};
+use calsync_common::meeting::{Meeting, MeetingInvitee, MeetingStatus};
+use calsync_common::queue::message::{Incoming, SyncJob, SyncKind, SyncResume};
 
 use crate::calendly_call;
 use crate::deps::Deps;
 use crate::error::ProcessError;
 use crate::outcome::{self, Outcome};
+use crate::subscription_check;
 
-/// Runs one backfill job delivery.
+/// Runs one job from `calsync.sync`.
 pub async fn process_sync(deps: &Deps, delivery: &Incoming) -> Outcome {
     let job = match serde_json::from_slice::<SyncJob>(&delivery.body) {
         Ok(job) => job,
         Err(error) => return Outcome::Dead { reason: format!("not a sync job: {error}") },
     };
     let connection_id = job.connection_id;
-    let outcome = match backfill(deps, connection_id).await {
-        Ok(Some(events)) => {
-            tracing::info!(%connection_id, events, "backfill finished");
-            Outcome::ack(InboxStatus::Processed)
-        }
-        Ok(None) => Outcome::ack(InboxStatus::Ignored),
-        Err(error) => outcome::decide(error, delivery.attempt, deps.max_attempts),
+    let outcome = match job.kind {
+        SyncKind::CheckSubscription => match subscription_check::check(deps, connection_id).await {
+            Ok(None) => Outcome::ack(InboxStatus::Processed),
+            Ok(Some(resync)) => Outcome::Continue { job: resync, at_least: Duration::ZERO },
+            Err(error) => outcome::decide(error, delivery.attempt, deps.max_attempts),
+        },
+        _ => match pass(deps, &job).await {
+            Ok(Pass::Finished(counts)) => {
+                tracing::info!(%connection_id, kind = job.kind.as_str(), listed = counts.listed, fetched = counts.fetched, "sync pass finished");
+                Outcome::ack(InboxStatus::Processed)
+            }
+            Ok(Pass::Paused { rest, wait }) => Outcome::Continue { job: rest, at_least: wait },
+            Ok(Pass::NotActive) => Outcome::ack(InboxStatus::Ignored),
+            Err(error) => outcome::decide(error, delivery.attempt, deps.max_attempts),
+        },
     };
     match &outcome {
         Outcome::Ack { status: InboxStatus::AwaitingReauth, note } => {
-            tracing::warn!(%connection_id, reason = note.as_deref().unwrap_or(""), "backfill skipped: connection needs reauth");
+            tracing::warn!(%connection_id, reason = note.as_deref().unwrap_or(""), "sync skipped: connection needs reauth");
         }
-        // Sync jobs have no inbox row: the connection's status shows why its backfill stopped.
+        // Sync jobs have no inbox row: the connection's status shows why its sync stopped.
         Outcome::Dead { reason } => {
-            let _ = connections::set_last_error(&deps.pool, connection_id, &format!("backfill failed: {reason}")).await;
+            let what = job.kind.as_str();
+            let _ = connections::set_last_error(&deps.pool, connection_id, &format!("{what} failed: {reason}")).await;
         }
         _ => {}
     }
     outcome
 }
 
-/// Returns the number of events written, or `None` when the connection is gone or not active.
-async fn backfill(deps: &Deps, connection_id: Uuid) -> Result<Option<usize>, ProcessError> {
-    let Some(connection) = connections::find(&deps.pool, connection_id).await? else { return Ok(None) };
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counts {
+    /// Events Calendly listed.
+    pub listed: usize,
+    /// Of those, events that differed from ours and were fetched in detail and written.
+    pub fetched: usize,
+}
+
+enum Pass {
+    Finished(Counts),
+    /// The user's budget ran out: `rest` continues from the page reached, after `wait`.
+    Paused {
+        rest: SyncJob,
+        wait: Duration,
+    },
+    /// The connection is gone, not active, or changed hands meanwhile: nothing to do.
+    NotActive,
+}
+
+async fn pass(deps: &Deps, job: &SyncJob) -> Result<Pass, ProcessError> {
+    let Some(connection) = connections::find(&deps.pool, job.connection_id).await? else { return Ok(Pass::NotActive) };
     if connection.status != ConnectionStatus::Active {
-        return Ok(None);
+        return Ok(Pass::NotActive);
     }
-    let Some(user_uri) = connection.calendly_user_uri.clone() else { return Ok(None) };
-    let started = OffsetDateTime::now_utc();
-    let min_start = started - deps.sync_lookback;
-    let mut written = 0;
-    let mut page: Option<String> = None;
+    let Some(user_uri) = connection.calendly_user_uri.clone() else { return Ok(Pass::NotActive) };
+    let resume = job.resume.clone().unwrap_or(SyncResume { page_token: None, started_at: OffsetDateTime::now_utc() });
+    let mut min_start = resume.started_at - deps.sync_lookback;
+    if job.kind == SyncKind::Resync
+        && let Some(verified) = connection.last_synced_at
+    {
+        // A resync covers everything since the last pass known to have finished.
+        min_start = min_start.min(verified);
+    }
+    let mut page = resume.page_token.clone();
+    let mut counts = Counts::default();
     loop {
-        let events = calendly_call::call(deps, &connection, |token| {
+        let paused = |page: Option<String>, error: ProcessError| match budget_wait(&error) {
+            Some(wait) => {
+                let resume = SyncResume { page_token: page, started_at: resume.started_at };
+                Ok(Pass::Paused { rest: SyncJob { resume: Some(resume), ..job.clone() }, wait })
+            }
+            None => Err(error),
+        };
+        let listed = calendly_call::call(deps, &connection, |token| {
             let (user_uri, page) = (user_uri.clone(), page.clone());
             async move { deps.calendly.list_events(&user_uri, min_start, page.as_deref(), &token).await }
         })
-        .await?;
-        for event in &events.collection {
-            let mut invitees = Vec::new();
-            let mut invitee_page: Option<String> = None;
-            loop {
-                let batch = calendly_call::call(deps, &connection, |token| {
-                    let page = invitee_page.clone();
-                    async move { deps.calendly.list_invitees(&event.uri, page.as_deref(), &token).await }
-                })
-                .await?;
-                invitees.extend(batch.collection);
-                match batch.pagination.next_page_token {
-                    Some(t) => invitee_page = Some(t),
-                    None => break,
+        .await;
+        let events = match listed {
+            Ok(events) => events,
+            Err(error) => return paused(page, error),
+        };
+        counts.listed += events.collection.len();
+        let uris: Vec<String> = events.collection.iter().map(|e| e.uri.clone()).collect();
+        let stored: HashMap<String, Stored> = meetings::stored_among(&deps.pool, connection.user_id, &uris)
+            .await?
+            .into_iter()
+            .map(|s| (s.calendly_event_uri.clone(), s))
+            .collect();
+        let differing: Vec<&ScheduledEvent> =
+            events.collection.iter().filter(|e| differs(e, stored.get(&e.uri))).collect();
+        metrics::counter!("calsync_sync_events_total", "result" => "unchanged")
+            .increment((events.collection.len() - differing.len()) as u64);
+        for event in differing {
+            match write_event(deps, &connection, event).await {
+                Ok(true) => {
+                    counts.fetched += 1;
+                    metrics::counter!("calsync_sync_events_total", "result" => "fetched").increment(1);
                 }
+                Ok(false) => return Ok(Pass::NotActive),
+                // The page is redone whole: what it wrote so far now matches and costs nothing.
+                Err(error) => return paused(page, error),
             }
-            let rows = invitees
-                .iter()
-                .map(|invitee| MeetingInvitee::of_event(event, invitee))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ProcessError::Permanent(format!("Calendly listed {e}")))?;
-            let mut tx = deps.pool.begin().await?;
-            if !connections::lock_if_linked(&mut tx, &connection).await? {
-                return Ok(None);
-            }
-            let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(event)).await?;
-            for row in &rows {
-                meetings::upsert_invitee(&mut tx, meeting_id, row).await?;
-            }
-            tx.commit().await?;
-            written += 1;
         }
         match events.pagination.next_page_token {
-            Some(t) => page = Some(t),
+            Some(next) => page = Some(next),
             None => break,
         }
     }
-    connections::set_synced(&deps.pool, connection_id, started).await?;
-    Ok(Some(written))
+    connections::set_synced(&deps.pool, connection.id, resume.started_at).await?;
+    Ok(Pass::Finished(counts))
+}
+
+/// How long until the user's budget allows another call, when that is why `error` happened.
+fn budget_wait(error: &ProcessError) -> Option<Duration> {
+    match error {
+        ProcessError::Deferred { until, .. } => Some(*until),
+        // A 429 from Calendly itself (its reset is the floor of the retry).
+        ProcessError::Transient { at_least: Some(reset), .. } => Some(*reset),
+        _ => None,
+    }
+}
+
+/// Whether a listed event differs from what we hold (or we hold nothing): only then is it fetched.
+pub fn differs(event: &ScheduledEvent, stored: Option<&Stored>) -> bool {
+    let Some(stored) = stored else { return true };
+    let newer = stored.source_updated_at.is_none_or(|ours| ours < event.updated_at);
+    let status_differs = stored.status != MeetingStatus::from_calendly(&event.status);
+    // An invitee joining or canceling a group event need not change the event's `updated_at`.
+    let counts_differ =
+        event.invitees_counter.is_some_and(|c| c.total != stored.invitees || c.active != stored.active_invitees);
+    newer || status_differs || counts_differ
+}
+
+/// Lists `event`'s invitees and writes the meeting with them. False when the connection changed
+/// hands or was disconnected meanwhile (nothing written).
+async fn write_event(deps: &Deps, connection: &Connection, event: &ScheduledEvent) -> Result<bool, ProcessError> {
+    let mut invitees = Vec::new();
+    let mut invitee_page: Option<String> = None;
+    loop {
+        let batch = calendly_call::call(deps, connection, |token| {
+            let page = invitee_page.clone();
+            async move { deps.calendly.list_invitees(&event.uri, page.as_deref(), &token).await }
+        })
+        .await?;
+        invitees.extend(batch.collection);
+        match batch.pagination.next_page_token {
+            Some(t) => invitee_page = Some(t),
+            None => break,
+        }
+    }
+    let rows = invitees
+        .iter()
+        .map(|invitee| MeetingInvitee::of_event(event, invitee))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ProcessError::Permanent(format!("Calendly listed {e}")))?;
+    let mut tx = deps.pool.begin().await?;
+    if !connections::lock_if_linked(&mut tx, connection).await? {
+        return Ok(false);
+    }
+    let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(event)).await?;
+    for row in &rows {
+        meetings::upsert_invitee(&mut tx, meeting_id, row).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use calsync_common::calendly::types::InviteesCounter;
+
+    use super::*;
+
+    fn event(updated_at: OffsetDateTime, status: &str, total: i64, active: i64) -> ScheduledEvent {
+        serde_json::from_value::<ScheduledEvent>(serde_json::json!({
+            "uri": "https://api.calendly.com/scheduled_events/E",
+            "status": status,
+            "start_time": "2026-12-01T10:00:00Z",
+            "end_time": "2026-12-01T10:30:00Z",
+            "updated_at": updated_at.format(&time::format_description::well_known::Rfc3339).unwrap(),
+        }))
+        .map(|e| ScheduledEvent { invitees_counter: Some(InviteesCounter { total, active }), ..e })
+        .unwrap()
+    }
+
+    fn stored(updated_at: OffsetDateTime, status: MeetingStatus, invitees: i64, active: i64) -> Stored {
+        Stored {
+            calendly_event_uri: "https://api.calendly.com/scheduled_events/E".into(),
+            status,
+            source_updated_at: Some(updated_at),
+            invitees,
+            active_invitees: active,
+        }
+    }
+
+    #[test]
+    fn an_event_we_hold_as_calendly_lists_it_is_not_fetched_again() {
+        let t = OffsetDateTime::now_utc();
+        assert!(!differs(&event(t, "active", 2, 2), Some(&stored(t, MeetingStatus::Active, 2, 2))));
+    }
+
+    #[test]
+    fn a_missing_newer_canceled_or_recounted_event_is_fetched() {
+        let t = OffsetDateTime::now_utc();
+        let ours = stored(t, MeetingStatus::Active, 2, 2);
+        assert!(differs(&event(t, "active", 2, 2), None), "never seen");
+        assert!(differs(&event(t + time::Duration::seconds(1), "active", 2, 2), Some(&ours)), "changed since");
+        assert!(differs(&event(t, "canceled", 2, 2), Some(&ours)), "canceled without a newer stamp");
+        assert!(differs(&event(t, "active", 2, 1), Some(&ours)), "one invitee canceled");
+        assert!(differs(&event(t, "active", 3, 3), Some(&ours)), "one invitee joined");
+    }
 }

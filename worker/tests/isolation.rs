@@ -5,7 +5,7 @@ mod support;
 
 use calendly_sim::Cancellation;
 use calsync_common::db::connections;
-use calsync_common::queue::message::{SyncJob, sync_job};
+use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 use serde_json::Value;
 use sqlx::PgPool;
 use support::*;
@@ -96,7 +96,7 @@ async fn an_account_that_moves_to_another_app_user_leaves_the_first_users_meetin
     let second_user = Uuid::new_v4();
     let expires = time::OffsetDateTime::now_utc() + time::Duration::hours(2);
     let second = h.store_tokens(second_user, &first.calendly, expires).await;
-    h.publisher.publish(&sync_job(&SyncJob { connection_id: second })).await.unwrap();
+    h.publisher.publish(&sync_job(&SyncJob::new(second, SyncKind::Backfill))).await.unwrap();
 
     calsync_testkit::wait_until(DEADLINE, "the second user's backfill wrote the meeting", || async {
         h.invitees_of(second_user).await.len() == 1

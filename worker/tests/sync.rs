@@ -3,7 +3,7 @@
 mod support;
 
 use calendly_sim::{Booking, NewInvitee};
-use calsync_common::queue::message::{SyncJob, sync_job};
+use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 use sqlx::PgPool;
 use support::*;
 use time::OffsetDateTime;
@@ -21,6 +21,7 @@ fn book_at(h: &Harness, user: &User, start: OffsetDateTime, invitees: usize) {
                 .collect(),
             location: None,
             co_hosts: Vec::new(),
+            webhook_lost: false,
         })
         .unwrap();
 }
@@ -39,7 +40,7 @@ async fn a_backfill_writes_every_event_from_the_look_back_window_forward_with_al
     book_at(&h, &bob, now, 1); // someone else's
     h.captured();
 
-    h.publisher.publish(&sync_job(&SyncJob { connection_id: ada.connection_id })).await.unwrap();
+    h.publisher.publish(&sync_job(&SyncJob::new(ada.connection_id, SyncKind::Backfill))).await.unwrap();
 
     calsync_testkit::wait_until(DEADLINE, "last_synced_at set", || async {
         sqlx::query_scalar::<_, Option<OffsetDateTime>>("SELECT last_synced_at FROM calendar_connections WHERE id = $1")

@@ -310,6 +310,7 @@ fn insufficient_scope(body: &str) -> Option<Vec<String>> {
 }
 
 async fn classify(response: Response) -> Result<Response, CalendlyError> {
+    super::rate::record(response.headers());
     let status = response.status();
     if status.is_success() {
         return Ok(response);

@@ -5,10 +5,14 @@
 //! - [`webhook`]: a webhook body parsed once into a typed [`webhook::Webhook`].
 //! - [`client`]: the API and OAuth client, with the SSRF guard on fetched URIs.
 //! - [`error`]: Calendly failures sorted by what the caller should do.
+//! - [`rate`]: the rate-limit headers of every answer, for the caller's budget.
+//! - [`subscription`]: making sure a user has a working subscription (create, reuse, replace).
 
 pub mod client;
 pub mod error;
+pub mod rate;
 pub mod signature;
+pub mod subscription;
 pub mod types;
 pub mod webhook;
 

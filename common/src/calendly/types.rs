@@ -99,6 +99,16 @@ pub struct ScheduledEvent {
     pub cancellation: Option<Cancellation>,
     #[serde(with = "time::serde::rfc3339")]
     pub updated_at: OffsetDateTime,
+    /// How many invitees it has (all, and still active): reconciliation compares these with ours,
+    /// since an invitee canceling a group event need not change the event's `updated_at`.
+    #[serde(default)]
+    pub invitees_counter: Option<InviteesCounter>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct InviteesCounter {
+    pub total: i64,
+    pub active: i64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,7 +169,11 @@ impl TokenResponse {
 pub struct Subscription {
     pub uri: String,
     pub callback_url: String,
+    /// `active` or `disabled` (Calendly gave up after 24 hours of failed deliveries).
     pub state: String,
+    /// Set while Calendly is retrying failed deliveries to it.
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub retry_started_at: Option<OffsetDateTime>,
     #[serde(default)]
     pub user: Option<String>,
 }

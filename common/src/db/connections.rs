@@ -28,6 +28,35 @@ pub enum ConnectionStatus {
     Disconnected,
 }
 
+/// `calendar_connections.subscription_state`: what the last subscription check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::Type, serde::Serialize)]
+#[sqlx(type_name = "text", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionState {
+    /// Calendly delivers to it.
+    Active,
+    /// Calendly is retrying failed deliveries to it (`retry_started_at`): it will be disabled
+    /// after 24 hours of this.
+    Failing,
+    /// Calendly gave up on it and delivers nothing more (replaced by the next check).
+    Disabled,
+    /// Calendly has no such subscription any more (replaced by the next check).
+    Missing,
+}
+
+impl SubscriptionState {
+    pub const ALL: [Self; 4] = [Self::Active, Self::Failing, Self::Disabled, Self::Missing];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Failing => "failing",
+            Self::Disabled => "disabled",
+            Self::Missing => "missing",
+        }
+    }
+}
+
 /// A `calendar_connections` row. It serialises as the connection status the API shows: never a
 /// token (not even ciphertext), nor internal bookkeeping.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
@@ -51,6 +80,10 @@ pub struct Connection {
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_synced_at: Option<OffsetDateTime>,
     pub last_error: Option<String>,
+    pub subscription_state: Option<SubscriptionState>,
+    /// Since when Calendly has been failing to deliver (while `subscription_state` is `failing`).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub subscription_failing_since: Option<OffsetDateTime>,
     #[serde(skip)]
     pub created_at: OffsetDateTime,
     #[serde(skip)]
@@ -77,8 +110,8 @@ impl Connection {
 macro_rules! connection_columns {
     () => {
         "id, user_id, provider, calendly_user_uri, calendly_organization_uri, access_token, refresh_token, \
-         token_expires_at, is_active, status, webhook_subscription_uri, last_synced_at, last_error, created_at, \
-         updated_at"
+         token_expires_at, is_active, status, webhook_subscription_uri, last_synced_at, last_error, subscription_state, \
+         subscription_failing_since, created_at, updated_at"
     };
 }
 
@@ -307,7 +340,8 @@ pub async fn is_linked_to_another_user(pool: &PgPool, calendly_user_uri: &str, u
     .await
 }
 
-/// Records the webhook subscription and what went wrong setting the connection up, if anything.
+/// Records the webhook subscription (just created or found active) and what went wrong setting the
+/// connection up, if anything.
 pub async fn set_subscription(
     pool: &PgPool,
     id: Uuid,
@@ -315,7 +349,9 @@ pub async fn set_subscription(
     last_error: Option<&str>,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE calendar_connections SET webhook_subscription_uri = $2, last_error = $3, updated_at = now() \
+        "UPDATE calendar_connections SET webhook_subscription_uri = $2, last_error = $3, \
+             subscription_state = CASE WHEN $2::text IS NULL THEN NULL ELSE 'active' END, \
+             subscription_failing_since = NULL, subscription_checked_at = now(), updated_at = now() \
          WHERE id = $1",
     )
     .bind(id)
@@ -324,6 +360,67 @@ pub async fn set_subscription(
     .execute(pool)
     .await
     .map(|_| ())
+}
+
+/// Records what a subscription check found for `subscription_uri`. Guarded by the URI and the
+/// status: a check that raced a reconnect (new subscription) or a disconnect writes nothing.
+pub async fn record_subscription_check(
+    pool: &PgPool,
+    id: Uuid,
+    subscription_uri: &str,
+    state: SubscriptionState,
+    failing_since: Option<OffsetDateTime>,
+) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE calendar_connections SET subscription_state = $3, subscription_failing_since = $4, \
+             subscription_checked_at = now() \
+         WHERE id = $1 AND webhook_subscription_uri = $2 AND status = $5",
+    )
+    .bind(id)
+    .bind(subscription_uri)
+    .bind(state)
+    .bind(failing_since)
+    .bind(ConnectionStatus::Active)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Swaps a connection's subscription for its replacement (state `active`). Guarded like
+/// [`record_subscription_check`]: false when the row moved on meanwhile (then the caller deletes
+/// the replacement instead of the old one).
+pub async fn replace_subscription(pool: &PgPool, id: Uuid, old_uri: Option<&str>, new_uri: &str) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE calendar_connections SET webhook_subscription_uri = $3, subscription_state = 'active', \
+             subscription_failing_since = NULL, subscription_checked_at = now(), updated_at = now() \
+         WHERE id = $1 AND webhook_subscription_uri IS NOT DISTINCT FROM $2 AND status = $4",
+    )
+    .bind(id)
+    .bind(old_uri)
+    .bind(new_uri)
+    .bind(ConnectionStatus::Active)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// How many connections are in each subscription state (for `calsync_subscriptions{state}`).
+pub async fn count_by_subscription_state(pool: &PgPool) -> sqlx::Result<Vec<(SubscriptionState, i64)>> {
+    sqlx::query_as(
+        "SELECT subscription_state, count(*) FROM calendar_connections \
+         WHERE status = $1 AND subscription_state IS NOT NULL GROUP BY subscription_state",
+    )
+    .bind(ConnectionStatus::Active)
+    .fetch_all(pool)
+    .await
+}
+
+/// The ids of all active connections (the periodic checks visit each).
+pub async fn active_ids(pool: &PgPool) -> sqlx::Result<Vec<Uuid>> {
+    sqlx::query_scalar("SELECT id FROM calendar_connections WHERE status = $1 ORDER BY id")
+        .bind(ConnectionStatus::Active)
+        .fetch_all(pool)
+        .await
 }
 
 /// The id of `user_id`'s connection row, if the user ever connected.
@@ -340,7 +437,8 @@ pub async fn id_of_user(tx: &mut PgConnection, user_id: Uuid) -> sqlx::Result<Op
 pub async fn mark_disconnected(tx: &mut PgConnection, id: Uuid, problems: Option<&str>) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE calendar_connections SET access_token = NULL, refresh_token = NULL, token_expires_at = NULL, \
-         status = $3, is_active = false, webhook_subscription_uri = NULL, last_error = $2, \
+         status = $3, is_active = false, webhook_subscription_uri = NULL, subscription_state = NULL, \
+         subscription_failing_since = NULL, last_error = $2, \
          refresh_lease_owner = NULL, refresh_lease_until = NULL, updated_at = now() WHERE id = $1",
     )
     .bind(id)

@@ -1,11 +1,12 @@
 //! `meetings` and `meeting_invitees`: upserts that tolerate duplicates and out-of-order deliveries.
 //! What the rows say is decided in [`crate::meeting`]; this module only writes them.
 
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
+use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::db::connections::PROVIDER;
-use crate::meeting::{Meeting, MeetingInvitee};
+use crate::meeting::{Meeting, MeetingInvitee, MeetingStatus};
 
 /// Inserts or updates `user_id`'s row for `meeting`; returns the meeting id.
 pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, meeting: &Meeting) -> sqlx::Result<Uuid> {
@@ -90,4 +91,30 @@ pub async fn upsert_invitee(tx: &mut PgConnection, meeting_id: Uuid, invitee: &M
     .execute(&mut *tx)
     .await
     .map(|_| ())
+}
+
+/// What we hold of one meeting, in the terms Calendly's event list can be compared with.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Stored {
+    pub calendly_event_uri: String,
+    pub status: MeetingStatus,
+    pub source_updated_at: Option<OffsetDateTime>,
+    /// Invitee rows, and those of them still active.
+    pub invitees: i64,
+    pub active_invitees: i64,
+}
+
+/// `user_id`'s stored meetings among `event_uris` (one round trip per listed page).
+pub async fn stored_among(pool: &PgPool, user_id: Uuid, event_uris: &[String]) -> sqlx::Result<Vec<Stored>> {
+    sqlx::query_as(
+        "SELECT m.calendly_event_uri, m.status, m.source_updated_at, count(i.id) AS invitees, \
+             count(i.id) FILTER (WHERE i.status = $3) AS active_invitees \
+         FROM meetings m LEFT JOIN meeting_invitees i ON i.meeting_id = m.id \
+         WHERE m.user_id = $1 AND m.calendly_event_uri = ANY($2) GROUP BY m.id",
+    )
+    .bind(user_id)
+    .bind(event_uris)
+    .bind(MeetingStatus::Active)
+    .fetch_all(pool)
+    .await
 }

@@ -84,21 +84,84 @@ pub fn webhook(body: Vec<u8>, received_at: OffsetDateTime) -> Outgoing {
     Outgoing { routing_key: webhook_routing_key(&body), body, properties }
 }
 
-/// A backfill job for one connection, on `calsync.sync`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+/// What a job on `calsync.sync` does for its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncKind {
+    /// After a connect: everything from the look-back window on.
+    #[default]
+    Backfill,
+    /// The periodic pass that catches what webhooks missed.
+    Reconcile,
+    /// Asked for: by an operator, or after a broken subscription was replaced.
+    Resync,
+    /// Read the connection's subscription at Calendly and replace it when it is disabled or gone.
+    CheckSubscription,
+}
+
+impl SyncKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Backfill => "backfill",
+            Self::Reconcile => "reconcile",
+            Self::Resync => "resync",
+            Self::CheckSubscription => "check_subscription",
+        }
+    }
+}
+
+/// A job for one connection, on `calsync.sync`. Backfill, resync and reconciliation are one
+/// mechanism: a pass over the connection's events, page by page, that fetches what differs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SyncJob {
     pub connection_id: uuid::Uuid,
+    #[serde(default)]
+    pub kind: SyncKind,
+    /// Where an interrupted pass continues (absent: a pass starting now, from the first page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<SyncResume>,
+}
+
+impl SyncJob {
+    pub fn new(connection_id: uuid::Uuid, kind: SyncKind) -> Self {
+        Self { connection_id, kind, resume: None }
+    }
+}
+
+/// The page a pass reached, and when the pass began (what `last_synced_at` becomes once it ends).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SyncResume {
+    /// The page to (re)do; `None` = the first. A page is redone whole: what it already wrote now
+    /// matches Calendly and costs no further call.
+    pub page_token: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+}
+
+fn sync_properties(job: &SyncJob) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(format!("sync-{}-{}", job.connection_id, uuid::Uuid::new_v4()).into())
+        .with_content_type("application/json".into())
+        // 2 = persistent: a queued sync job survives a broker restart.
+        .with_delivery_mode(2)
+        .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64)
 }
 
 pub fn sync_job(job: &SyncJob) -> Outgoing {
     let body = serde_json::to_vec(job).expect("a sync job serialises");
-    let properties = BasicProperties::default()
-        .with_message_id(format!("sync-{}-{}", job.connection_id, uuid::Uuid::new_v4()).into())
-        .with_content_type("application/json".into())
-        // 2 = persistent: a queued backfill survives a broker restart.
-        .with_delivery_mode(2)
-        .with_timestamp(OffsetDateTime::now_utc().unix_timestamp().max(0) as u64);
-    Outgoing { routing_key: SYNC_ROUTING_KEY.into(), body, properties }
+    Outgoing { routing_key: SYNC_ROUTING_KEY.into(), body, properties: sync_properties(job) }
+}
+
+/// The rest of an interrupted pass, through `calsync.sync`'s delay queue of `tier`. A new message
+/// with no failed attempts: the pass made progress, and waiting for a rate-limit window is not a
+/// failure, so a long pass on a small budget is never dead-lettered for taking many windows.
+pub fn sync_continuation(job: &SyncJob, tier: usize) -> Outgoing {
+    let body = serde_json::to_vec(job).expect("a sync job serialises");
+    Outgoing {
+        routing_key: Topology::retry_routing_key(RetryTarget::Sync, tier),
+        body,
+        properties: sync_properties(job),
+    }
 }
 
 /// A delivery as the worker sees it, read once from the AMQP message.
@@ -144,6 +207,21 @@ impl Incoming {
             properties: with_headers(
                 &self.properties,
                 &[(ATTEMPTS_HEADER, AMQPValue::LongLongInt(i64::from(self.attempt))), (LAST_ERROR_HEADER, reason)],
+            ),
+        }
+    }
+
+    /// A copy for `target`'s retry queue of delay `tier` that does not count as an attempt: the
+    /// delivery was put off (its user's API budget is spent), not failed.
+    pub fn deferred(&self, target: RetryTarget, tier: usize, reason: &str) -> Outgoing {
+        let reason = text(&truncate(reason));
+        let failed = i64::from(self.attempt.saturating_sub(1));
+        Outgoing {
+            routing_key: Topology::retry_routing_key(target, tier),
+            body: self.body.clone(),
+            properties: with_headers(
+                &self.properties,
+                &[(ATTEMPTS_HEADER, AMQPValue::LongLongInt(failed)), (LAST_ERROR_HEADER, reason)],
             ),
         }
     }
@@ -263,6 +341,35 @@ mod tests {
         assert_eq!(second.message_id, first.message_id);
         assert_eq!(second.received_at, first.received_at);
         assert_eq!(str_header(&retry.properties, LAST_ERROR_HEADER).as_deref(), Some("503 from Calendly"));
+    }
+
+    #[test]
+    fn a_deferred_delivery_keeps_its_attempt_count() {
+        let second = Incoming::read(&delivery(
+            "webhook.calendly.invitee.created",
+            b"{}",
+            &[(ATTEMPTS_HEADER, AMQPValue::LongLongInt(1))],
+        ));
+        let deferred = second.deferred(RetryTarget::Webhooks, 3, "budget spent");
+        let mut again = delivery(&deferred.routing_key, &deferred.body, &[]);
+        again.properties = deferred.properties.clone();
+        assert_eq!(Incoming::read(&again).attempt, 2);
+        assert_eq!(deferred.routing_key, "retry.webhooks.60s");
+    }
+
+    #[test]
+    fn a_sync_job_from_before_kinds_and_resumes_reads_as_a_fresh_backfill() {
+        let id = uuid::Uuid::new_v4();
+        let job: SyncJob = serde_json::from_str(&format!(r#"{{"connection_id":"{id}"}}"#)).unwrap();
+        assert_eq!(job, SyncJob::new(id, SyncKind::Backfill));
+        let resumed = SyncJob {
+            resume: Some(SyncResume { page_token: Some("p2".into()), started_at: OffsetDateTime::UNIX_EPOCH }),
+            ..SyncJob::new(id, SyncKind::Reconcile)
+        };
+        let copy = sync_continuation(&resumed, 1);
+        assert_eq!(copy.routing_key, "retry.sync.5s");
+        assert_eq!(serde_json::from_slice::<SyncJob>(&copy.body).unwrap(), resumed);
+        assert_eq!(int_header(&copy.properties, ATTEMPTS_HEADER), None);
     }
 
     #[test]

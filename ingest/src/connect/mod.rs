@@ -5,7 +5,6 @@
 pub mod replay;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -17,7 +16,7 @@ use time::OffsetDateTime;
 use url::Url;
 use uuid::Uuid;
 
-use calsync_common::calendly::types::EventKind;
+use calsync_common::calendly::subscription::{self, SubscriptionError};
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::crypto::{CryptoError, TokenCipher};
 use calsync_common::db::connections::{self, Connected, Connection, ConnectionStatus, StoreError};
@@ -25,7 +24,7 @@ use calsync_common::db::connections::{ACCESS_TOKEN, REFRESH_TOKEN};
 use calsync_common::db::oauth_states::{self, StateRejection};
 use calsync_common::db::pending::{self, Pending};
 use calsync_common::queue::Broker;
-use calsync_common::queue::message::{SyncJob, sync_job};
+use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 
 /// How long a user has to finish the consent screen.
 pub const STATE_TTL: time::Duration = time::Duration::minutes(10);
@@ -102,8 +101,9 @@ pub struct Callback {
 #[derive(Debug, Serialize)]
 pub struct StatusReport {
     pub connected: bool,
-    /// Live from Calendly (`active`/`disabled`) when it can be asked, else null.
-    pub subscription_state: Option<String>,
+    /// `subscription_state` / `subscription_failing_since` are what the worker's last
+    /// subscription check found (asking Calendly here would spend the user's API budget on
+    /// every status request).
     #[serde(flatten)]
     pub connection: Connection,
 }
@@ -315,11 +315,20 @@ impl ConnectService {
         if let Some(callback_url) = &self.options.callback_url {
             let (organization, user) = (&held.calendly_organization_uri, &held.calendly_user_uri);
             match self.ensure_subscription(callback_url, organization, user, access).await {
-                Ok(uri) => subscription = Some(uri),
+                Ok(uri) => {
+                    // A reconnect that had to replace our old subscription (disabled, say): the old
+                    // one must not linger at Calendly.
+                    if let Some(old) = subscription.as_deref().filter(|old| *old != uri)
+                        && let Err(error) = self.calendly.delete_subscription(old, access).await
+                    {
+                        tracing::warn!(connection_id = %connection.id, %error, "could not delete the replaced subscription");
+                    }
+                    subscription = Some(uri);
+                }
                 Err(problem) => problems.push(problem),
             }
         }
-        if let Err(error) = self.broker.publish(&sync_job(&SyncJob { connection_id: connection.id })).await {
+        if let Err(error) = self.broker.publish(&sync_job(&SyncJob::new(connection.id, SyncKind::Backfill))).await {
             problems.push(format!("backfill not queued: {error}"));
         }
         let last_error = (!problems.is_empty()).then(|| problems.join("; "));
@@ -333,8 +342,8 @@ impl ConnectService {
         Ok(())
     }
 
-    /// Creates our user-scoped subscription, reusing an active one (409) and replacing a disabled
-    /// one. Errors are returned as the text recorded in `last_error`.
+    /// Creates our user-scoped subscription (or reuses / replaces the one Calendly has). Errors are
+    /// returned as the text recorded in `last_error`.
     async fn ensure_subscription(
         &self,
         callback_url: &Url,
@@ -342,32 +351,15 @@ impl ConnectService {
         user: &str,
         token: &SecretString,
     ) -> Result<String, String> {
-        // Our subscription asks for exactly the events we turn into meetings.
-        let events = EventKind::ALL.map(EventKind::as_str);
-        let create = || self.calendly.create_subscription(callback_url.as_str(), &events, organization, user, token);
-        let explain = |error: CalendlyError| match error {
-            CalendlyError::Forbidden(_) => {
-                "webhook subscriptions need a paid Calendly plan (403): connected, but no webhooks will arrive"
-                    .to_owned()
+        subscription::ensure(&self.calendly, callback_url.as_str(), organization, user, token).await.map_err(|error| {
+            match error {
+                SubscriptionError::Calendly(CalendlyError::Forbidden(_)) => {
+                    "webhook subscriptions need a paid Calendly plan (403): connected, but no webhooks will arrive"
+                        .to_owned()
+                }
+                other => format!("webhook subscription not created: {other}"),
             }
-            other => format!("webhook subscription not created: {other}"),
-        };
-        if let Some(created) = create().await.map_err(explain)? {
-            return Ok(created.uri);
-        }
-        let existing = self.calendly.list_subscriptions(organization, user, token).await.map_err(explain)?;
-        let Some(found) = existing.into_iter().find(|s| s.callback_url == callback_url.as_str()) else {
-            return Err("webhook subscription not created: Calendly reports a duplicate it does not list".into());
-        };
-        if found.state == "active" {
-            return Ok(found.uri);
-        }
-        // A disabled subscription never recovers on its own (Calendly gave up retrying): replace it.
-        self.calendly.delete_subscription(&found.uri, token).await.map_err(explain)?;
-        match create().await.map_err(explain)? {
-            Some(created) => Ok(created.uri),
-            None => Err("webhook subscription not created: still reported as a duplicate after deleting it".into()),
-        }
+        })
     }
 
     async fn revoke_quietly(&self, access: &str, refresh: &str) {
@@ -380,19 +372,7 @@ impl ConnectService {
 
     pub async fn status(&self, user_id: Uuid) -> Result<Option<StatusReport>, ConnectError> {
         let Some(c) = connections::find_by_user(&self.pool, user_id).await? else { return Ok(None) };
-        let subscription_state = self.live_subscription_state(&c).await;
-        Ok(Some(StatusReport { connected: c.status == ConnectionStatus::Active, subscription_state, connection: c }))
-    }
-
-    async fn live_subscription_state(&self, c: &Connection) -> Option<String> {
-        let uri = c.webhook_subscription_uri.as_deref()?;
-        let fresh = c.token_expires_at.is_some_and(|t| t > OffsetDateTime::now_utc() + time::Duration::minutes(1));
-        if c.status != ConnectionStatus::Active || !fresh {
-            return None;
-        }
-        let token = c.decrypt_access(&self.cipher).ok()?;
-        let lookup = self.calendly.get_subscription(uri, &token);
-        tokio::time::timeout(Duration::from_secs(3), lookup).await.ok()?.ok().map(|s| s.state)
+        Ok(Some(StatusReport { connected: c.status == ConnectionStatus::Active, connection: c }))
     }
 
     /// Deletes our subscription (it needs the token), revokes the tokens at Calendly, wipes them

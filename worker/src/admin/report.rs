@@ -9,8 +9,8 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use calsync_common::db::connections::{self, ConnectionStatus};
-use calsync_common::queue::message::{self, DEATH_REASON_HEADER, Incoming, SyncJob};
+use calsync_common::db::connections::{self, ConnectionStatus, SubscriptionState};
+use calsync_common::queue::message::{self, DEATH_REASON_HEADER, Incoming, SyncJob, SyncKind};
 use calsync_common::queue::{Broker, PublishError};
 
 /// One connection as `connections` prints it: never a token.
@@ -20,8 +20,22 @@ pub struct ConnectionLine {
     pub calendly_user_uri: Option<String>,
     pub status: ConnectionStatus,
     pub webhook_subscription_uri: Option<String>,
+    pub subscription_state: Option<SubscriptionState>,
+    pub subscription_failing_since: Option<OffsetDateTime>,
     pub last_synced_at: Option<OffsetDateTime>,
     pub last_error: Option<String>,
+}
+
+impl ConnectionLine {
+    /// `none`, `unchecked`, the state, or `failing since <time>`.
+    fn subscription(&self) -> String {
+        match (&self.webhook_subscription_uri, self.subscription_state, self.subscription_failing_since) {
+            (None, _, _) => "none".into(),
+            (Some(_), None, _) => "unchecked".into(),
+            (Some(_), Some(SubscriptionState::Failing), Some(since)) => format!("failing-since-{since}"),
+            (Some(_), Some(state), _) => state.as_str().into(),
+        }
+    }
 }
 
 impl fmt::Display for ConnectionLine {
@@ -33,7 +47,7 @@ impl fmt::Display for ConnectionLine {
             self.user_id,
             self.calendly_user_uri.as_deref().unwrap_or("-"),
             status.as_deref().unwrap_or("?"),
-            if self.webhook_subscription_uri.is_some() { "yes" } else { "none" },
+            self.subscription(),
             self.last_synced_at.map_or("never".into(), |t| t.to_string()),
             self.last_error.as_deref().unwrap_or("-"),
         )
@@ -42,7 +56,8 @@ impl fmt::Display for ConnectionLine {
 
 pub async fn connections(pool: &PgPool) -> sqlx::Result<Vec<ConnectionLine>> {
     sqlx::query_as(
-        "SELECT user_id, calendly_user_uri, status, webhook_subscription_uri, last_synced_at, last_error \
+        "SELECT user_id, calendly_user_uri, status, webhook_subscription_uri, subscription_state, \
+             subscription_failing_since, last_synced_at, last_error \
          FROM calendar_connections ORDER BY created_at",
     )
     .fetch_all(pool)
@@ -67,7 +82,7 @@ pub async fn resync(pool: &PgPool, broker: &Broker, user_id: Uuid) -> Result<Uui
     if connection.status != ConnectionStatus::Active {
         return Err(ResyncError::NotActive(user_id));
     }
-    broker.publish(&message::sync_job(&SyncJob { connection_id: connection.id })).await?;
+    broker.publish(&message::sync_job(&SyncJob::new(connection.id, SyncKind::Resync))).await?;
     Ok(connection.id)
 }
 

@@ -25,6 +25,10 @@ use calsync_worker::settings::WorkerSettings;
 /// Generous: it only matters when something is broken, and delayed retries take tens of seconds.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The callback URL of the harness's subscriptions: nothing listens there (the simulator captures
+/// deliveries instead of sending them).
+pub const CAPTURE_URL: &str = "http://127.0.0.1:9/captured";
+
 /// A test's extra flags override the harness's defaults.
 #[derive(Parser)]
 #[command(args_override_self = true)]
@@ -85,14 +89,8 @@ impl Harness {
     pub fn deps(&self) -> calsync_worker::Deps {
         let settings = self.settings(&[]);
         calsync_worker::Deps {
-            pool: self.pool.clone(),
-            calendly: calsync_common::calendly::CalendlyClient::new(&settings.shared.calendly).unwrap(),
-            cipher: TokenCipher::from_settings(&settings.shared.token_keys).unwrap(),
-            max_attempts: settings.worker_max_attempts,
             sync_lookback: Duration::from_secs(86_400),
-            event_fetches: Default::default(),
-            refreshes: Default::default(),
-            db_gate: Default::default(),
+            ..calsync_worker::Deps::new(&settings, self.pool.clone()).unwrap()
         }
     }
 
@@ -132,12 +130,19 @@ impl Harness {
     /// A simulated Calendly user connected to a new app user (tokens stored encrypted, as the
     /// connect flow does), with a user-scoped subscription so its changes are captured.
     pub async fn connect(&self, name: &str) -> User {
-        let calendly = self.sim.sim.create_user(NewUser::named(name)).unwrap();
+        self.connect_as(NewUser::named(name)).await
+    }
+
+    /// [`Harness::connect`] for a Calendly user made as `new` says (e.g. on the free plan). The
+    /// subscription is recorded on the connection, as the connect flow records it.
+    pub async fn connect_as(&self, new: NewUser) -> User {
+        let calendly = self.sim.sim.create_user(new).unwrap();
         let uri = calendly["uri"].as_str().unwrap().to_owned();
-        self.sim.sim.subscribe(&uri, "http://127.0.0.1:9/captured").unwrap();
+        let subscription = self.sim.sim.subscribe(&uri, CAPTURE_URL).unwrap();
         let app_user = Uuid::new_v4();
         let connection_id =
             self.store_tokens(app_user, &calendly, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
+        connections::set_subscription(&self.pool, connection_id, subscription["uri"].as_str(), None).await.unwrap();
         User { app_user, calendly, uri, connection_id }
     }
 
@@ -168,20 +173,28 @@ impl Harness {
 
     /// A meeting hosted by `user` and, for a collective event, `co_hosts`.
     pub fn book_with(&self, user: &User, co_hosts: &[&User], invitees: usize) -> Value {
-        self.sim
-            .sim
-            .book(Booking {
-                user: user.uri.clone(),
-                name: Some(format!("Meeting with {invitees}")),
-                start_time: None,
-                duration_minutes: Some(30),
-                invitees: (0..invitees)
-                    .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") })
-                    .collect(),
-                location: None,
-                co_hosts: co_hosts.iter().map(|u| u.uri.clone()).collect(),
-            })
-            .unwrap()
+        self.sim.sim.book(Self::booking(user, co_hosts, invitees)).unwrap()
+    }
+
+    /// A meeting booked at Calendly whose webhooks are lost on the way (only a reconciliation
+    /// can find it).
+    pub fn book_unannounced(&self, user: &User, invitees: usize) -> Value {
+        self.sim.sim.book(Booking { webhook_lost: true, ..Self::booking(user, &[], invitees) }).unwrap()
+    }
+
+    fn booking(user: &User, co_hosts: &[&User], invitees: usize) -> Booking {
+        Booking {
+            user: user.uri.clone(),
+            name: Some(format!("Meeting with {invitees}")),
+            start_time: None,
+            duration_minutes: Some(30),
+            invitees: (0..invitees)
+                .map(|n| NewInvitee { name: format!("Guest {n}"), email: format!("guest{n}@example.com") })
+                .collect(),
+            location: None,
+            co_hosts: co_hosts.iter().map(|u| u.uri.clone()).collect(),
+            webhook_lost: false,
+        }
     }
 
     /// `calendar_connections.status` of `user`'s connection.

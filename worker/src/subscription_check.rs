@@ -1,0 +1,124 @@
+//! Subscription health. Calendly retries a failing delivery for 24 hours, then silently disables
+//! the subscription; nothing tells us. So each connection's subscription is read from Calendly
+//! periodically: `failing` (Calendly is retrying) is recorded with since when, and a `disabled` or
+//! vanished one is replaced — the new one first, so there is never a moment with none, then the old
+//! one deleted — and the connection resynced, which brings back what was missed meanwhile.
+
+use calsync_common::calendly::CalendlyError;
+use calsync_common::calendly::subscription::{self, SubscriptionError};
+use calsync_common::calendly::types::Subscription;
+use calsync_common::db::connections::{self, Connection, ConnectionStatus, SubscriptionState};
+use calsync_common::queue::message::{SyncJob, SyncKind};
+
+use crate::calendly_call;
+use crate::deps::Deps;
+use crate::error::ProcessError;
+
+/// Checks one connection's subscription; returns the resync to queue when it had to be replaced.
+pub async fn check(deps: &Deps, connection_id: uuid::Uuid) -> Result<Option<SyncJob>, ProcessError> {
+    let Some(connection) = connections::find(&deps.pool, connection_id).await? else { return Ok(None) };
+    if connection.status != ConnectionStatus::Active {
+        return Ok(None);
+    }
+    let current = connection.webhook_subscription_uri.clone();
+    let found = match &current {
+        // No subscription was ever made (callback URL unset at connect) and none is wanted.
+        None if deps.callback_url.is_none() => return Ok(None),
+        None => None,
+        Some(uri) => read(deps, &connection, uri).await?,
+    };
+    let state = state_of(found.as_ref());
+    metrics::counter!("calsync_subscription_checks_total", "state" => state.as_str()).increment(1);
+    if let Some(uri) = &current {
+        let failing_since = found.as_ref().and_then(|s| s.retry_started_at);
+        connections::record_subscription_check(&deps.pool, connection.id, uri, state, failing_since).await?;
+    }
+    match state {
+        SubscriptionState::Active => Ok(None),
+        SubscriptionState::Failing => {
+            tracing::warn!(%connection_id, since = ?found.and_then(|s| s.retry_started_at), "Calendly is failing to deliver webhooks to this connection's subscription");
+            Ok(None)
+        }
+        SubscriptionState::Disabled | SubscriptionState::Missing => {
+            replace(deps, &connection, current.as_deref(), found.as_ref(), state).await
+        }
+    }
+}
+
+/// The subscription at `uri`, or `None` when Calendly no longer has it.
+async fn read(deps: &Deps, connection: &Connection, uri: &str) -> Result<Option<Subscription>, ProcessError> {
+    calendly_call::call(deps, connection, |token| async move {
+        match deps.calendly.get_subscription(uri, &token).await {
+            Ok(found) => Ok(Some(found)),
+            Err(CalendlyError::NotFound) => Ok(None),
+            Err(other) => Err(other),
+        }
+    })
+    .await
+}
+
+fn state_of(found: Option<&Subscription>) -> SubscriptionState {
+    match found {
+        None => SubscriptionState::Missing,
+        Some(s) if s.state != "active" => SubscriptionState::Disabled,
+        Some(s) if s.retry_started_at.is_some() => SubscriptionState::Failing,
+        Some(_) => SubscriptionState::Active,
+    }
+}
+
+async fn replace(
+    deps: &Deps,
+    connection: &Connection,
+    old_uri: Option<&str>,
+    old: Option<&Subscription>,
+    state: SubscriptionState,
+) -> Result<Option<SyncJob>, ProcessError> {
+    let connection_id = connection.id;
+    let (Some(organization), Some(user)) = (&connection.calendly_organization_uri, &connection.calendly_user_uri)
+    else {
+        return Ok(None);
+    };
+    // Where webhooks should go now; else where the broken subscription pointed.
+    let Some(callback_url) =
+        deps.callback_url.as_ref().map(|u| u.to_string()).or_else(|| old.map(|s| s.callback_url.clone()))
+    else {
+        let reason =
+            "the webhook subscription is gone and cannot be replaced: set CALENDLY_WEBHOOK_CALLBACK_URL on the worker";
+        connections::set_last_error(&deps.pool, connection_id, reason).await?;
+        return Err(ProcessError::Permanent(reason.into()));
+    };
+    let new_uri = calendly_call::call(deps, connection, |token| {
+        let callback_url = callback_url.clone();
+        async move {
+            subscription::ensure(&deps.calendly, &callback_url, organization, user, &token).await.map_err(|e| match e {
+                SubscriptionError::Calendly(e) => e,
+                other => CalendlyError::Unexpected(other.to_string()),
+            })
+        }
+    })
+    .await?;
+    if !connections::replace_subscription(&deps.pool, connection_id, old_uri, &new_uri).await? {
+        // Disconnected or reconnected meanwhile: the replacement belongs to nobody.
+        delete_quietly(deps, connection, &new_uri).await;
+        return Ok(None);
+    }
+    if let Some(old_uri) = old_uri.filter(|old| *old != new_uri) {
+        delete_quietly(deps, connection, old_uri).await;
+    }
+    metrics::counter!("calsync_subscription_repairs_total", "was" => state.as_str()).increment(1);
+    tracing::warn!(%connection_id, was = state.as_str(), %new_uri, "webhook subscription replaced; resyncing what was missed");
+    Ok(Some(SyncJob::new(connection_id, SyncKind::Resync)))
+}
+
+async fn delete_quietly(deps: &Deps, connection: &Connection, uri: &str) {
+    let deleted =
+        calendly_call::call(
+            deps,
+            connection,
+            |token| async move { deps.calendly.delete_subscription(uri, &token).await },
+        )
+        .await;
+    if let Err(error) = deleted {
+        tracing::warn!(connection_id = %connection.id, %error, "could not delete a webhook subscription at Calendly");
+    }
+}
