@@ -83,6 +83,19 @@ async fn main() -> std::process::ExitCode {
         step(started, "waiting for the webhooks to become rows");
         scenario::wait_for_rows(&stack, &outcome, Duration::from_secs(60)).await?;
         step(started, "every meeting is in PostgreSQL under the right user");
+        let mut outcome = outcome;
+        if cli.attach {
+            step(started, "skipping the drift scenario: the running workers check on their own schedule");
+        } else {
+            scenario::drift(&stack, &mut outcome, &|line| step(started, line)).await?;
+            step(started, "waiting for the subscription check and reconciliation (no webhooks)");
+            scenario::wait_for_rows(&stack, &outcome, Duration::from_secs(60)).await?;
+            let uri = scenario::replaced_subscription(&stack, &outcome).await?;
+            step(
+                started,
+                &format!("Ada's subscription was replaced ({uri}, active) and both missed bookings are in PostgreSQL"),
+            );
+        }
         println!("{}", report::render(&stack, &outcome).await?);
         anyhow::Ok(())
     };

@@ -188,6 +188,58 @@ pub async fn run(stack: &Stack, progress: &dyn Fn(&str)) -> anyhow::Result<Outco
     Ok(outcome)
 }
 
+/// What webhooks alone would miss: Calendly silently disables Ada's subscription (as after 24 hours
+/// of failed deliveries) and she gets booked meanwhile; one of Bob's bookings has its webhook lost on
+/// the way. The workers' subscription check and reconciliation must bring both in, with no webhook.
+pub async fn drift(stack: &Stack, outcome: &mut Outcome, progress: &dyn Fn(&str)) -> anyhow::Result<()> {
+    let (ada, bob) = (outcome.users[0].clone(), outcome.users[1].clone());
+    let subscriptions = stack.http.get(format!("{}/_sim/subscriptions", stack.endpoints.sim_url)).send().await?;
+    let subscriptions = json_ok(subscriptions, "GET /_sim/subscriptions").await?;
+    let ada_subscription = subscriptions
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["user"] == ada.calendly_uri.as_str()))
+        .and_then(|s| s["uri"].as_str())
+        .context("Ada's subscription")?
+        .to_owned();
+    let disable = stack
+        .http
+        .put(format!("{}/_sim/subscriptions/{}", stack.endpoints.sim_url, id_of(&ada_subscription)))
+        .json(&json!({ "disabled": true }))
+        .send()
+        .await?;
+    json_ok(disable, "PUT /_sim/subscriptions/{id}").await?;
+    progress("Calendly silently disabled Ada's webhook subscription (as after 24 h of failed deliveries)");
+    let start = OffsetDateTime::now_utc().replace_nanosecond(0)? + time::Duration::days(2);
+    let unseen = stack.book(&ada, "Missed booking", start, &["Frances Allen"]).await?;
+    progress("Frances booked Ada while the subscription was disabled: no webhook is sent");
+    let lost = stack
+        .sim_post(
+            "/_sim/events",
+            json!({ "user": bob.calendly_uri, "name": "Lost webhook", "invitees": [{ "name": "John Backus", "email": "john.backus@example.com" }], "webhook_lost": true }),
+        )
+        .await?;
+    progress("John booked Bob, and that webhook was lost on the way");
+    let event = |v: &Value| v["event"]["uri"].as_str().unwrap_or_default().to_owned();
+    outcome.expected.get_mut(&ada.app_user).context("Ada")?.insert(event(&unseen), "active".into());
+    outcome.expected.get_mut(&bob.app_user).context("Bob")?.insert(event(&lost), "active".into());
+    Ok(())
+}
+
+/// Ada's subscription as calsync holds it now: it must be a new one, and active.
+pub async fn replaced_subscription(stack: &Stack, outcome: &Outcome) -> anyhow::Result<String> {
+    let ada = &outcome.users[0];
+    let (uri, state): (Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT webhook_subscription_uri, subscription_state FROM calendar_connections WHERE user_id = $1",
+    )
+    .bind(ada.app_user)
+    .fetch_one(&stack.pool()?)
+    .await?;
+    match (uri, state.as_deref()) {
+        (Some(uri), Some("active")) => Ok(uri),
+        other => bail!("Ada's subscription was not replaced: {other:?}"),
+    }
+}
+
 /// Waits until the database holds exactly the expected meetings for every user.
 pub async fn wait_for_rows(stack: &Stack, outcome: &Outcome, deadline: Duration) -> anyhow::Result<()> {
     let pool = stack.pool()?;

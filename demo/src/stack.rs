@@ -172,7 +172,13 @@ impl Stack {
             let port = free_port()?;
             let mut worker = Command::new(binary(&bins, "calsync-worker")?);
             common(&mut worker);
-            worker.env("WORKER_ADDR", format!("127.0.0.1:{port}")).env("WORKER_CONCURRENCY", "16");
+            worker
+                .env("WORKER_ADDR", format!("127.0.0.1:{port}"))
+                .env("WORKER_CONCURRENCY", "16")
+                .env("CALENDLY_WEBHOOK_CALLBACK_URL", format!("{ingest_url}/webhooks/calendly"))
+                // Demo pace: the periodic checks every few seconds instead of 15 / 60 minutes.
+                .env("SUBSCRIPTION_CHECK_INTERVAL_SECS", "2")
+                .env("RECONCILE_INTERVAL_SECS", "3");
             stack.spawn(&format!("calsync-worker-{}", n + 1), worker, &options.log_dir)?;
             stack.endpoints.worker_urls.push(format!("http://127.0.0.1:{port}"));
         }

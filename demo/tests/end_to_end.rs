@@ -29,8 +29,13 @@ async fn booked_canceled_and_rescheduled_meetings_reach_the_database_under_the_r
     .await
     .expect("the stack starts");
 
-    let outcome = scenario::run(&stack, &|_| {}).await.unwrap();
+    let mut outcome = scenario::run(&stack, &|_| {}).await.unwrap();
     scenario::wait_for_rows(&stack, &outcome, Duration::from_secs(60)).await.unwrap();
+    // What no webhook announces: a disabled subscription and a lost delivery, repaired by the
+    // workers' own checks.
+    scenario::drift(&stack, &mut outcome, &|_| {}).await.unwrap();
+    scenario::wait_for_rows(&stack, &outcome, Duration::from_secs(60)).await.unwrap();
+    scenario::replaced_subscription(&stack, &outcome).await.unwrap();
 
     assert_eq!(stack.dead_letters().await.unwrap(), 0);
     let pool = stack.pool().unwrap();
