@@ -3,6 +3,7 @@
 //!
 //! Run with `cargo run --release -p calsync-bench` (needs the local PostgreSQL and RabbitMQ).
 
+mod budget;
 mod cluster;
 mod e2e;
 mod ingest;
@@ -37,8 +38,8 @@ struct Cli {
     /// A few seconds per figure and 2,000 webhooks: for checking the harness, not for numbers.
     #[arg(long)]
     quick: bool,
-    /// Sections to run (all by default): ingest, cluster, worker, e2e.
-    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,e2e")]
+    /// Sections to run (all by default): ingest, cluster, worker, e2e, budget.
+    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,e2e,budget")]
     only: Vec<String>,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
@@ -150,8 +151,8 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("▸ cluster");
         cluster::run(&ctx, &mut rows).await?;
     }
-    if section("worker") || section("e2e") {
-        let world = world::World::setup(&ctx).await?;
+    if section("worker") || section("e2e") || section("budget") {
+        let mut world = world::World::setup(&ctx).await?;
         if section("worker") {
             eprintln!("▸ worker");
             memories.push(("calsync-worker", worker::run(&ctx, &world, &mut rows).await?));
@@ -159,6 +160,10 @@ async fn main() -> anyhow::Result<()> {
         if section("e2e") {
             eprintln!("▸ end to end");
             e2e::run(&ctx, &world, &mut rows, 200).await?;
+        }
+        if section("budget") {
+            eprintln!("▸ Calendly API budget (the burst takes over two minutes: real 60 s windows)");
+            budget::run(&ctx, &mut world, &mut rows).await?;
         }
         world.sim.stop().await;
     }

@@ -19,6 +19,9 @@ use crate::stats::{self, ratio, row};
 use crate::world::{USERS, World};
 
 const PREFIX: &str = "bench-worker";
+/// `WORKER_BATCH_SIZE`'s default, used wherever the batch size is not what is measured.
+const DEFAULT_BATCH: usize = 64;
+const CURVE_CONCURRENCY: u16 = 256;
 
 /// The write transaction of one delivery, without AMQP or HTTP: share-lock the connection, upsert
 /// meeting and invitee (event snapshot from the payload), record the inbox row, commit.
@@ -47,7 +50,8 @@ async fn upsert_ceiling(world: &World, bodies: &[Vec<u8>], concurrency: u16) -> 
                 anyhow::ensure!(connections::lock_if_linked(&mut tx, connection).await?);
                 let meeting =
                     meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(&event)).await?;
-                meetings::upsert_invitee(&mut tx, meeting, &MeetingInvitee::of_event(&event, &invitee)?).await?;
+                let invitee = MeetingInvitee::of_event(&event, &invitee)?;
+                meetings::upsert_invitees(&mut tx, &[(meeting, &invitee)]).await?;
                 let record = InboxRecord {
                     message_id: &id,
                     event: Some(&envelope.event),
@@ -98,10 +102,17 @@ async fn queue_all(ctx: &Ctx, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_workers(ctx: &Ctx, world: &World, processes: usize, concurrency: u16) -> anyhow::Result<Vec<Proc>> {
+async fn start_workers(
+    ctx: &Ctx,
+    world: &World,
+    processes: usize,
+    concurrency: u16,
+    batch: usize,
+) -> anyhow::Result<Vec<Proc>> {
     let mut procs = Vec::new();
     for _ in 0..processes {
-        let env = world.worker_env(ctx, PREFIX, concurrency)?;
+        let mut env = world.worker_env(ctx, PREFIX, concurrency)?;
+        env.push(("WORKER_BATCH_SIZE", batch.to_string()));
         let addr = env.iter().find(|(k, _)| *k == "WORKER_ADDR").map(|(_, v)| v.clone()).unwrap_or_default();
         let env: Vec<(&str, String)> = env;
         procs.push((Proc::spawn("calsync-worker", &env, &[])?, addr));
@@ -114,7 +125,7 @@ async fn start_workers(ctx: &Ctx, world: &World, processes: usize, concurrency: 
 
 pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory> {
     crate::reset_topology(ctx, PREFIX).await?;
-    let idle = start_workers(ctx, world, 1, 32).await?;
+    let idle = start_workers(ctx, world, 1, 32, DEFAULT_BATCH).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_mib = idle[0].rss_mib();
     for p in idle {
@@ -135,7 +146,7 @@ pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow
                 crate::purge(ctx, &calsync_common::queue::Topology::new(PREFIX).webhooks_queue()).await?;
                 queue_all(ctx, &bodies).await?;
                 let calls_before = world.counter(ctx, &["calls", "get_event"]).await?;
-                let workers = start_workers(ctx, world, processes, c).await?;
+                let workers = start_workers(ctx, world, processes, c, DEFAULT_BATCH).await?;
                 let seconds = world.wait_processed(bodies.len(), Duration::from_secs(900)).await?;
                 for w in &workers {
                     peak_mib = peak_mib.max(w.peak_rss_mib());
@@ -168,6 +179,35 @@ pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow
         }
     }
 
+    // The batch-size curve: one process at concurrency 256 (a batch never holds more deliveries than
+    // are in flight), API at 0 ms, against one transaction per delivery at the same concurrency.
+    world.set_latency(ctx, 0).await?;
+    let single = upsert_ceiling(world, &bodies, CURVE_CONCURRENCY).await?;
+    for batch in [1usize, 8, 64, 256] {
+        world.truncate().await?;
+        crate::purge(ctx, &calsync_common::queue::Topology::new(PREFIX).webhooks_queue()).await?;
+        queue_all(ctx, &bodies).await?;
+        let workers = start_workers(ctx, world, 1, CURVE_CONCURRENCY, batch).await?;
+        let seconds = world.wait_processed(bodies.len(), Duration::from_secs(900)).await?;
+        for w in &workers {
+            peak_mib = peak_mib.max(w.peak_rss_mib());
+        }
+        for w in workers {
+            w.stop().await;
+        }
+        let rate = bodies.len() as f64 / seconds;
+        rows.push(row(
+            "worker",
+            format!(
+                "drain {} webhooks, API 0 ms, 1 process × concurrency {CURVE_CONCURRENCY}, WORKER_BATCH_SIZE {batch}",
+                bodies.len()
+            ),
+            format!("{rate:.0}/s"),
+            format!("one transaction per delivery {single:.0}/s (target ≥ 1.5×)"),
+            ratio(rate, single),
+        ));
+    }
+
     // Refreshes per expiry: every token expires within the margin, 2 processes race for them.
     world.set_latency(ctx, 0).await?;
     sqlx::query("UPDATE calendar_connections SET token_expires_at = now() + interval '1 minute'")
@@ -180,7 +220,7 @@ pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow
         world.counter(ctx, &["token_grants", "refresh_token"]).await?,
         world.counter(ctx, &["refresh_token_reuse_attempts"]).await?,
     );
-    let workers = start_workers(ctx, world, 2, 64).await?;
+    let workers = start_workers(ctx, world, 2, 64, DEFAULT_BATCH).await?;
     world.wait_processed(sample.len(), Duration::from_secs(300)).await?;
     for w in workers {
         w.stop().await;

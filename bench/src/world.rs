@@ -66,40 +66,58 @@ impl World {
         })?;
         let mut world = Self { sim, sim_url, pool, token_key, cipher, connections: HashMap::new(), users: Vec::new() };
         for n in 0..USERS {
-            let user = world
-                .sim_post(
-                    "/_sim/users",
-                    json!({ "name": format!("Bench {n}"), "email": format!("bench{n}@example.com") }),
-                    ctx,
-                )
-                .await?;
-            let uri = user["uri"].as_str().context("uri")?.to_owned();
-            let id = uri.rsplit('/').next().unwrap_or_default();
-            world
-                .sim_post(
-                    &format!("/_sim/users/{id}/subscriptions"),
-                    json!({ "url": "http://127.0.0.1:9/unused" }),
-                    ctx,
-                )
-                .await?;
-            let tokens = world.sim_post(&format!("/_sim/users/{id}/tokens"), json!({}), ctx).await?;
-            let connection = connections::store_connected(
-                &world.pool,
-                &world.cipher,
-                &Connected {
-                    user_id: Uuid::new_v4(),
-                    calendly_user_uri: &uri,
-                    calendly_organization_uri: user["current_organization"].as_str().context("org")?,
-                    access_token: tokens["access_token"].as_str().context("token")?,
-                    refresh_token: tokens["refresh_token"].as_str().context("token")?,
-                    expires_at: time::OffsetDateTime::now_utc() + time::Duration::hours(2),
-                },
-            )
-            .await?;
-            world.connections.insert(uri.clone(), connection);
-            world.users.push(uri);
+            let connection = world.connect(ctx, &format!("bench{n}"), "paid").await?;
+            world.users.push(connection.calendly_user_uri.clone().context("uri")?);
         }
         Ok(world)
+    }
+
+    /// A simulated Calendly user on `plan` (`free` or `paid`), subscribed and connected to a new
+    /// app user, as the connect flow would leave it.
+    pub async fn connect(&mut self, ctx: &Ctx, name: &str, plan: &str) -> anyhow::Result<Connection> {
+        let email = format!("{name}@example.com");
+        let user = self.sim_post("/_sim/users", json!({ "name": name, "email": email, "plan": plan }), ctx).await?;
+        let uri = user["uri"].as_str().context("uri")?.to_owned();
+        let id = uri.rsplit('/').next().unwrap_or_default();
+        self.sim_post(&format!("/_sim/users/{id}/subscriptions"), json!({ "url": "http://127.0.0.1:9/unused" }), ctx)
+            .await?;
+        let tokens = self.sim_post(&format!("/_sim/users/{id}/tokens"), json!({}), ctx).await?;
+        let connection = connections::store_connected(
+            &self.pool,
+            &self.cipher,
+            &Connected {
+                user_id: Uuid::new_v4(),
+                calendly_user_uri: &uri,
+                calendly_organization_uri: user["current_organization"].as_str().context("org")?,
+                access_token: tokens["access_token"].as_str().context("token")?,
+                refresh_token: tokens["refresh_token"].as_str().context("token")?,
+                expires_at: time::OffsetDateTime::now_utc() + time::Duration::hours(2),
+            },
+        )
+        .await?;
+        self.connections.insert(uri, connection.clone());
+        Ok(connection)
+    }
+
+    /// Books `n` one-invitee events for `user`; returns their captured webhook bodies.
+    pub async fn book(&self, ctx: &Ctx, user: &str, n: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+        for i in 0..n {
+            let invitees = json!([{ "name": format!("Guest {i}"), "email": format!("guest{i}@example.com") }]);
+            self.sim_post("/_sim/events", json!({ "user": user, "invitees": invitees }), ctx).await?;
+        }
+        self.take_captured(ctx).await
+    }
+
+    async fn take_captured(&self, ctx: &Ctx) -> anyhow::Result<Vec<Vec<u8>>> {
+        let captured: Vec<Value> =
+            ctx.http.get(format!("{}/_sim/deliveries", self.sim_url)).send().await?.json().await?;
+        Ok(captured.into_iter().filter_map(|c| c["body"].as_str().map(|b| b.as_bytes().to_vec())).collect())
+    }
+
+    /// Replaces the simulator's injected faults (`{}`: none, every user on their plan's limit).
+    pub async fn set_faults(&self, ctx: &Ctx, faults: Value) -> anyhow::Result<()> {
+        ctx.http.put(format!("{}/_sim/faults", self.sim_url)).json(&faults).send().await?.error_for_status()?;
+        Ok(())
     }
 
     pub async fn sim_post(&self, path: &str, body: Value, ctx: &Ctx) -> anyhow::Result<Value> {
@@ -108,13 +126,7 @@ impl World {
     }
 
     pub async fn set_latency(&self, ctx: &Ctx, latency_ms: u64) -> anyhow::Result<()> {
-        ctx.http
-            .put(format!("{}/_sim/faults", self.sim_url))
-            .json(&json!({ "latency_ms": latency_ms, "rate_limit_per_minute": 100_000_000 }))
-            .send()
-            .await?
-            .error_for_status()?;
-        Ok(())
+        self.set_faults(ctx, json!({ "latency_ms": latency_ms, "rate_limit_per_minute": 100_000_000 })).await
     }
 
     /// Books events until `webhooks` signed deliveries exist: half one-invitee events, half group
@@ -138,9 +150,7 @@ impl World {
         for r in results {
             r?;
         }
-        let captured: Vec<Value> =
-            ctx.http.get(format!("{}/_sim/deliveries", self.sim_url)).send().await?.json().await?;
-        Ok(captured.into_iter().filter_map(|c| c["body"].as_str().map(|b| b.as_bytes().to_vec())).collect())
+        self.take_captured(ctx).await
     }
 
     pub async fn counter(&self, ctx: &Ctx, path: &[&str]) -> anyhow::Result<f64> {

@@ -16,6 +16,13 @@ pub enum MeetingStatus {
 }
 
 impl MeetingStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Canceled => "canceled",
+        }
+    }
+
     /// Calendly says `canceled` for both events and invitees; anything else (`active`, or a status
     /// added later) is a meeting that still takes place.
     pub fn from_calendly(status: &str) -> Self {

@@ -41,12 +41,13 @@ pub struct Deps {
     /// `CALENDLY_WEBHOOK_CALLBACK_URL`: where a replacement subscription points (unset: where the
     /// broken one pointed).
     pub callback_url: Option<url::Url>,
+    /// The database stage: deliveries' rows, written in batches.
+    pub writer: crate::writer::Writer,
 }
 
 impl Deps {
     pub fn new(settings: &WorkerSettings, pool: PgPool) -> anyhow::Result<Self> {
         Ok(Self {
-            pool,
             calendly: CalendlyClient::new(&settings.shared.calendly)?,
             cipher: TokenCipher::from_settings(&settings.shared.token_keys)?,
             max_attempts: settings.worker_max_attempts,
@@ -56,6 +57,8 @@ impl Deps {
             db_gate: crate::db_gate::DbGate::default(),
             budgets: crate::budget::Budgets::default(),
             callback_url: settings.callback_url().cloned(),
+            writer: crate::writer::Writer::start(pool.clone(), settings.batching()),
+            pool,
         })
     }
 }

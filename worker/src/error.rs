@@ -6,7 +6,7 @@ use std::time::Duration;
 use calsync_common::calendly::CalendlyError;
 use calsync_common::crypto::CryptoError;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProcessError {
     /// Worth another try later (Calendly 5xx/429, database or broker hiccups).
     #[error("{reason}")]

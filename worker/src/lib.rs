@@ -14,6 +14,7 @@
 //! - [`access_token`]: the token as held in memory.
 //! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
 //! - [`single_flight`]: one execution per key at a time, generic.
+//! - [`writer`]: the database stage: deliveries' rows written in batches, acked after the commit.
 //! - [`deps`]: what processing needs, built once per process.
 //! - [`db_gate`]: pauses consumption while PostgreSQL is unreachable.
 //! - [`admin`]: the operator subcommands' work (`rotate-token-key`, `replay-dead`).
@@ -35,6 +36,7 @@ pub mod single_flight;
 pub mod subscription_check;
 pub mod sync;
 pub mod tokens;
+pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

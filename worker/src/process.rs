@@ -7,7 +7,6 @@ use calsync_common::calendly::types::EventKind;
 use calsync_common::calendly::webhook::{Change, InviteeChange, Webhook};
 use calsync_common::db::connections::{self, Connection, ConnectionStatus};
 use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
-use calsync_common::db::meetings;
 use calsync_common::meeting::{Meeting, MeetingInvitee};
 use calsync_common::queue::message::Incoming;
 
@@ -15,6 +14,7 @@ use crate::deps::Deps;
 use crate::error::ProcessError;
 use crate::fetch;
 use crate::outcome::{self, Outcome};
+use crate::writer::{Applied, ProcessedDelivery, Write};
 
 /// Low-cardinality `event` label: a known event's name, `other`, or `unparseable`.
 pub fn event_label(webhook: Option<&Webhook>) -> &'static str {
@@ -73,7 +73,7 @@ async fn handle(deps: &Deps, delivery: &Incoming, webhook: &Webhook) -> Result<O
 }
 
 /// Fetches the event with the connection's own token and writes meeting, invitee and inbox row in
-/// one transaction.
+/// one transaction (with other deliveries' rows, see [`crate::writer`]).
 async fn apply(
     deps: &Deps,
     delivery: &Incoming,
@@ -85,14 +85,21 @@ async fn apply(
     let event = fetch::get_event(deps, connection, &invitee.event, change.event_updated_at).await?;
     // Neither the invitee URI nor its event is taken from the body on trust.
     let invitee_row = MeetingInvitee::of_event(&event, invitee).map_err(|e| ProcessError::Permanent(e.to_string()))?;
-    let mut tx = deps.pool.begin().await?;
-    if !connections::lock_if_linked(&mut tx, connection).await? {
+    let write = Write {
+        connection: connection.clone(),
+        meeting: Meeting::from_event(&event),
+        invitee: invitee_row,
+        inbox: ProcessedDelivery {
+            message_id: delivery.message_id.clone(),
+            event: webhook.event.clone(),
+            created_by: webhook.created_by.as_str().to_owned(),
+            received_at: delivery.received_at,
+            attempts: delivery.attempt as i32,
+        },
+    };
+    if deps.writer.write(write).await? == Applied::ConnectionChanged {
         return Err(ProcessError::transient("the connection changed while processing; resolving again"));
     }
-    let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(&event)).await?;
-    meetings::upsert_invitee(&mut tx, meeting_id, &invitee_row).await?;
-    inbox::record(&mut *tx, &inbox_row(delivery, Some(webhook), InboxStatus::Processed, None)).await?;
-    tx.commit().await?;
     tracing::debug!(kind = ?change.kind, user_id = %connection.user_id, "webhook applied");
     Ok(())
 }

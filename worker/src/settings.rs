@@ -16,6 +16,14 @@ pub struct WorkerSettings {
     #[arg(long, env = "WORKER_ADDR", default_value = "0.0.0.0:9090")]
     pub worker_addr: String,
 
+    /// Deliveries written together in one transaction at most (1 = one transaction each).
+    #[arg(long, env = "WORKER_BATCH_SIZE", default_value_t = 64)]
+    pub worker_batch_size: usize,
+
+    /// How long the first delivery of a batch waits for others before its batch commits anyway.
+    #[arg(long, env = "WORKER_BATCH_MAX_WAIT_MS", default_value_t = 5)]
+    pub worker_batch_max_wait_ms: u64,
+
     /// Failed attempts after which a message goes to `calsync.dead`.
     #[arg(long, env = "WORKER_MAX_ATTEMPTS", default_value_t = 8)]
     pub worker_max_attempts: u32,
@@ -56,6 +64,16 @@ impl WorkerSettings {
         self.calendly_webhook_callback_url.as_ref().and_then(|u| u.0.as_ref())
     }
 
+    /// How the database stage batches (see [`crate::writer`]). Half the pool may be committing
+    /// batches at once; the rest serves lookups, refresh leases and sync jobs.
+    pub fn batching(&self) -> crate::writer::BatchConfig {
+        crate::writer::BatchConfig {
+            size: self.worker_batch_size,
+            max_wait: std::time::Duration::from_millis(self.worker_batch_max_wait_ms),
+            concurrent: (self.db_pool_size() / 2).max(1) as usize,
+        }
+    }
+
     pub fn db_pool_size(&self) -> u32 {
         (u32::from(self.worker_concurrency) / 4).clamp(4, 16)
     }
@@ -64,6 +82,9 @@ impl WorkerSettings {
         self.shared.validate()?;
         if self.worker_concurrency == 0 {
             return Err(ConfigError::Invalid("WORKER_CONCURRENCY", "must be at least 1".into()));
+        }
+        if self.worker_batch_size == 0 {
+            return Err(ConfigError::Invalid("WORKER_BATCH_SIZE", "must be at least 1".into()));
         }
         if self.worker_max_attempts == 0 {
             return Err(ConfigError::Invalid("WORKER_MAX_ATTEMPTS", "must be at least 1".into()));

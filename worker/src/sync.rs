@@ -193,9 +193,8 @@ async fn write_event(deps: &Deps, connection: &Connection, event: &ScheduledEven
         return Ok(false);
     }
     let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(event)).await?;
-    for row in &rows {
-        meetings::upsert_invitee(&mut tx, meeting_id, row).await?;
-    }
+    let invitees: Vec<_> = rows.iter().map(|row| (meeting_id, row)).collect();
+    meetings::upsert_invitees(&mut tx, &invitees).await?;
     tx.commit().await?;
     Ok(true)
 }

@@ -12,8 +12,16 @@ use support::*;
 use tokio::process::{Child, Command};
 
 fn spawn_worker(h: &Harness) -> Child {
+    spawn_worker_with(h, &[])
+}
+
+/// `extra` flags replace the harness's flags of the same name (the binary refuses a flag twice).
+fn spawn_worker_with(h: &Harness, extra: &[&str]) -> Child {
+    let name = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
+    let overridden: Vec<String> = extra.iter().map(|a| name(a)).collect();
     Command::new(env!("CARGO_BIN_EXE_calsync-worker"))
-        .args(h.worker_args().into_iter().skip(1))
+        .args(h.worker_args().into_iter().skip(1).filter(|a| !overridden.contains(&name(a))))
+        .args(extra)
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -27,31 +35,49 @@ async fn processed(h: &Harness) -> i64 {
     h.count("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'").await
 }
 
-#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
-async fn a_worker_killed_with_deliveries_in_flight_loses_none_and_duplicates_none_after_restart(pool: PgPool) {
-    let h = Harness::new(pool).await;
+/// Books `bookings` meetings, publishes their webhooks to a worker started with `flags`, SIGKILLs it
+/// once `done_before_kill` are processed, and checks that a restarted worker ends with every row
+/// exactly once.
+async fn kill_and_restart(h: Harness, bookings: usize, flags: &[&str], done_before_kill: i64) {
     let ada = h.connect("Ada").await;
-    for _ in 0..40 {
+    for _ in 0..bookings {
         h.book(&ada, 1);
     }
     let bodies = h.captured();
-    // Slow Calendly: many deliveries are mid-fetch when the worker dies.
-    h.sim.sim.set_faults(Faults { latency_ms: 150, ..Faults::default() });
-    let mut first = spawn_worker(&h);
+    let mut first = spawn_worker_with(&h, flags);
     let ids = h.publish_all(&bodies).await;
-    calsync_testkit::wait_until(DEADLINE, "some deliveries processed", || async { processed(&h).await >= 3 }).await;
+    calsync_testkit::wait_until(DEADLINE, "some deliveries processed", || async {
+        processed(&h).await >= done_before_kill
+    })
+    .await;
 
     first.kill().await.unwrap(); // SIGKILL
     let done_before_restart = processed(&h).await;
     let mut second = spawn_worker(&h);
     h.wait_for_inbox(&ids, &["processed"]).await;
 
-    assert!(done_before_restart < 40, "the kill happened with work outstanding");
-    assert_eq!(h.meetings(ada.app_user).await.len(), 40);
-    assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 40);
-    assert_eq!(h.count("SELECT count(*) FROM webhook_inbox").await, 40);
+    assert!((done_before_restart as usize) < bookings, "the kill happened with work outstanding");
+    assert_eq!(h.meetings(ada.app_user).await.len(), bookings);
+    assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, bookings as i64);
+    assert_eq!(h.count("SELECT count(*) FROM webhook_inbox").await, bookings as i64);
     second.kill().await.unwrap();
     h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_worker_killed_with_deliveries_in_flight_loses_none_and_duplicates_none_after_restart(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    // Slow Calendly: many deliveries are mid-fetch when the worker dies.
+    h.sim.sim.set_faults(Faults { latency_ms: 150, ..Faults::default() });
+    kill_and_restart(h, 40, &[], 3).await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_worker_killed_in_the_middle_of_a_batch_loses_none_and_duplicates_none_after_restart(pool: PgPool) {
+    // Batches of 32 that wait up to 400 ms to fill: at any moment a batch is most likely being
+    // gathered or committed, with its deliveries fetched but unacknowledged.
+    let flags = ["--worker-concurrency=64", "--worker-batch-size=32", "--worker-batch-max-wait-ms=400"];
+    kill_and_restart(Harness::new(pool).await, 200, &flags, 1).await;
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]

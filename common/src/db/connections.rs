@@ -1,5 +1,7 @@
 //! `calendar_connections`: one row per app user and provider, with encrypted tokens.
 
+use std::collections::HashSet;
+
 use secrecy::SecretString;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
@@ -314,17 +316,24 @@ pub async fn set_last_error(pool: &PgPool, id: Uuid, error: &str) -> sqlx::Resul
 /// account and is active. The share lock holds off a concurrent disconnect or reconnect until the
 /// transaction ends, so rows are never written for an account that changed hands meanwhile.
 pub async fn lock_if_linked(tx: &mut PgConnection, connection: &Connection) -> sqlx::Result<bool> {
-    let row: Option<(bool,)> = sqlx::query_as(
-        "SELECT true FROM calendar_connections WHERE id = $1 AND user_id = $2 AND calendly_user_uri = $3 \
-         AND status = $4 FOR SHARE",
+    Ok(!lock_linked(tx, &[connection]).await?.is_empty())
+}
+
+/// [`lock_if_linked`] for many connections in one statement: the ids of those still linked.
+pub async fn lock_linked(tx: &mut PgConnection, connections: &[&Connection]) -> sqlx::Result<HashSet<Uuid>> {
+    let linked: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT c.id FROM calendar_connections c \
+         JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS k(id, user_id, uri) \
+           ON c.id = k.id AND c.user_id = k.user_id AND c.calendly_user_uri = k.uri \
+         WHERE c.status = $4 ORDER BY c.id FOR SHARE OF c",
     )
-    .bind(connection.id)
-    .bind(connection.user_id)
-    .bind(&connection.calendly_user_uri)
+    .bind(connections.iter().map(|c| c.id).collect::<Vec<_>>())
+    .bind(connections.iter().map(|c| c.user_id).collect::<Vec<_>>())
+    .bind(connections.iter().map(|c| c.calendly_user_uri.as_deref()).collect::<Vec<_>>())
     .bind(ConnectionStatus::Active)
-    .fetch_optional(tx)
+    .fetch_all(tx)
     .await?;
-    Ok(row.is_some())
+    Ok(linked.into_iter().collect())
 }
 
 /// True when `calendly_user_uri` is linked (`is_active`) to an app user other than `user_id`.

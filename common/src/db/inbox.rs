@@ -1,7 +1,9 @@
 //! `webhook_inbox`: one row per distinct delivery, saying what became of it. Deliveries that may
 //! be replayed later (`unmatched`, `awaiting_reauth`) keep their body.
 
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgConnection, PgExecutor, PgPool};
+
+use crate::db::rounds;
 use time::OffsetDateTime;
 
 /// `webhook_inbox.status`. The only place its spellings exist.
@@ -58,25 +60,40 @@ pub async fn status_of(pool: &PgPool, message_id: &str) -> sqlx::Result<Option<I
 /// Records what became of a delivery (idempotent). `processed_at` is the wall clock at this
 /// statement (not the transaction start), i.e. just before the commit that makes the rows visible.
 pub async fn record(executor: impl PgExecutor<'_>, r: &InboxRecord<'_>) -> sqlx::Result<()> {
-    let body = r.status.keeps_body().then_some(r.body);
+    record_round(executor, std::slice::from_ref(r)).await
+}
+
+/// [`record`] for many deliveries in one statement; a message id that occurs more than once is
+/// recorded in order (one statement per occurrence: PostgreSQL updates a row once per statement).
+pub async fn record_all(tx: &mut PgConnection, records: &[InboxRecord<'_>]) -> sqlx::Result<()> {
+    for round in rounds(records.to_vec(), |r| r.message_id) {
+        record_round(&mut *tx, &round).await?;
+    }
+    Ok(())
+}
+
+/// Records deliveries with distinct message ids in one statement.
+async fn record_round(executor: impl PgExecutor<'_>, round: &[InboxRecord<'_>]) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO webhook_inbox (message_id, event, created_by, received_at, status, attempts, last_error, \
-             processed_at, body) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp(), $8) \
-         ON CONFLICT (message_id) DO UPDATE SET status = EXCLUDED.status, \
-             attempts = GREATEST(webhook_inbox.attempts, EXCLUDED.attempts), last_error = EXCLUDED.last_error, \
-             processed_at = EXCLUDED.processed_at, body = EXCLUDED.body \
-         -- A late duplicate (or a racing replay) never turns a processed delivery back into a parked or dead one.
-         WHERE webhook_inbox.status <> $9 OR EXCLUDED.status = $9",
+                 processed_at, body) \
+             SELECT m, e, c, r, s, a, l, clock_timestamp(), b \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int4[], $7::text[], \
+                 $8::bytea[]) AS x(m, e, c, r, s, a, l, b) \
+             ON CONFLICT (message_id) DO UPDATE SET status = EXCLUDED.status, \
+                 attempts = GREATEST(webhook_inbox.attempts, EXCLUDED.attempts), last_error = EXCLUDED.last_error, \
+                 processed_at = EXCLUDED.processed_at, body = EXCLUDED.body \
+             -- A late duplicate (or a racing replay) never turns a processed delivery back into a parked or dead one.
+             WHERE webhook_inbox.status <> $9 OR EXCLUDED.status = $9",
     )
-    .bind(r.message_id)
-    .bind(r.event)
-    .bind(r.created_by)
-    .bind(r.received_at)
-    .bind(r.status)
-    .bind(r.attempts)
-    .bind(r.last_error)
-    .bind(body)
+    .bind(round.iter().map(|r| r.message_id).collect::<Vec<_>>())
+    .bind(round.iter().map(|r| r.event).collect::<Vec<_>>())
+    .bind(round.iter().map(|r| r.created_by).collect::<Vec<_>>())
+    .bind(round.iter().map(|r| r.received_at).collect::<Vec<_>>())
+    .bind(round.iter().map(|r| r.status.as_str()).collect::<Vec<_>>())
+    .bind(round.iter().map(|r| r.attempts).collect::<Vec<_>>())
+    .bind(round.iter().map(|r| r.last_error).collect::<Vec<_>>())
+    .bind(round.iter().map(|r| r.status.keeps_body().then_some(r.body)).collect::<Vec<_>>())
     .bind(InboxStatus::Processed)
     .execute(executor)
     .await

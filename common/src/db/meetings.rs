@@ -1,96 +1,125 @@
 //! `meetings` and `meeting_invitees`: upserts that tolerate duplicates and out-of-order deliveries.
 //! What the rows say is decided in [`crate::meeting`]; this module only writes them.
 
+use std::collections::HashMap;
+
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::db::connections::PROVIDER;
+use crate::db::rounds;
 use crate::meeting::{Meeting, MeetingInvitee, MeetingStatus};
+
+/// A meeting's key: its user and Calendly event.
+pub type MeetingKey = (Uuid, String);
+
+/// Inserts or updates each user's row for each meeting, in order; returns every meeting's id.
+pub async fn upsert_meetings(
+    tx: &mut PgConnection,
+    meetings: &[(Uuid, &Meeting)],
+) -> sqlx::Result<HashMap<MeetingKey, Uuid>> {
+    let mut ids = HashMap::new();
+    for round in rounds(meetings.to_vec(), |(user, m)| (*user, m.calendly_event_uri.clone())) {
+        let returned: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+            "INSERT INTO meetings (id, user_id, calendly_event_uri, name, status, start_time, end_time, \
+                 event_type_uri, location, canceled_at, cancel_reason, source_updated_at, provider) \
+             SELECT *, $13::text FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], \
+                 $6::timestamptz[], $7::timestamptz[], $8::text[], $9::jsonb[], $10::timestamptz[], $11::text[], \
+                 $12::timestamptz[]) \
+             ON CONFLICT (user_id, calendly_event_uri) DO UPDATE SET \
+                 name = EXCLUDED.name, status = EXCLUDED.status, start_time = EXCLUDED.start_time, \
+                 end_time = EXCLUDED.end_time, event_type_uri = EXCLUDED.event_type_uri, location = EXCLUDED.location, \
+                 canceled_at = EXCLUDED.canceled_at, cancel_reason = EXCLUDED.cancel_reason, \
+                 source_updated_at = EXCLUDED.source_updated_at, updated_at = now() \
+             -- Deliveries arrive out of order: an older snapshot of the event never overwrites a newer one.
+             WHERE meetings.source_updated_at IS NULL OR meetings.source_updated_at <= EXCLUDED.source_updated_at \
+             RETURNING id, user_id, calendly_event_uri",
+        )
+        .bind(round.iter().map(|_| Uuid::new_v4()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(user, _)| *user).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.calendly_event_uri.as_str()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.name.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.status.as_str()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.start_time).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.end_time).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.event_type_uri.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.location.clone()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.canceled_at).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.cancel_reason.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, m)| m.source_updated_at).collect::<Vec<_>>())
+        .bind(PROVIDER)
+        .fetch_all(&mut *tx)
+        .await?;
+        ids.extend(returned.into_iter().map(|(id, user, uri)| ((user, uri), id)));
+    }
+    // The guard kept a newer row for some: they exist, so look their ids up.
+    let missing: Vec<&(Uuid, &Meeting)> =
+        meetings.iter().filter(|(user, m)| !ids.contains_key(&(*user, m.calendly_event_uri.clone()))).collect();
+    if !missing.is_empty() {
+        let found: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+            "SELECT m.id, m.user_id, m.calendly_event_uri FROM meetings m \
+             JOIN UNNEST($1::uuid[], $2::text[]) AS k(user_id, uri) \
+               ON m.user_id = k.user_id AND m.calendly_event_uri = k.uri",
+        )
+        .bind(missing.iter().map(|(user, _)| *user).collect::<Vec<_>>())
+        .bind(missing.iter().map(|(_, m)| m.calendly_event_uri.as_str()).collect::<Vec<_>>())
+        .fetch_all(&mut *tx)
+        .await?;
+        ids.extend(found.into_iter().map(|(id, user, uri)| ((user, uri), id)));
+    }
+    Ok(ids)
+}
 
 /// Inserts or updates `user_id`'s row for `meeting`; returns the meeting id.
 pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, meeting: &Meeting) -> sqlx::Result<Uuid> {
-    let row: Option<(Uuid,)> = sqlx::query_as(
-        "INSERT INTO meetings (id, user_id, provider, calendly_event_uri, name, status, start_time, end_time, \
-             event_type_uri, location, canceled_at, cancel_reason, source_updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-         ON CONFLICT (user_id, calendly_event_uri) DO UPDATE SET \
-             name = EXCLUDED.name, status = EXCLUDED.status, start_time = EXCLUDED.start_time, \
-             end_time = EXCLUDED.end_time, event_type_uri = EXCLUDED.event_type_uri, location = EXCLUDED.location, \
-             canceled_at = EXCLUDED.canceled_at, cancel_reason = EXCLUDED.cancel_reason, \
-             source_updated_at = EXCLUDED.source_updated_at, updated_at = now() \
-         -- Deliveries arrive out of order: an older snapshot of the event never overwrites a newer one.
-         WHERE meetings.source_updated_at IS NULL OR meetings.source_updated_at <= EXCLUDED.source_updated_at \
-         RETURNING id",
-    )
-    .bind(Uuid::new_v4())
-    .bind(user_id)
-    .bind(PROVIDER)
-    .bind(&meeting.calendly_event_uri)
-    .bind(&meeting.name)
-    .bind(meeting.status)
-    .bind(meeting.start_time)
-    .bind(meeting.end_time)
-    .bind(&meeting.event_type_uri)
-    .bind(&meeting.location)
-    .bind(meeting.canceled_at)
-    .bind(&meeting.cancel_reason)
-    .bind(meeting.source_updated_at)
-    .fetch_optional(&mut *tx)
-    .await?;
-    match row {
-        Some((id,)) => Ok(id),
-        // The guard kept a newer row: it still exists, so look its id up.
-        None => {
-            let (id,): (Uuid,) =
-                sqlx::query_as("SELECT id FROM meetings WHERE user_id = $1 AND calendly_event_uri = $2")
-                    .bind(user_id)
-                    .bind(&meeting.calendly_event_uri)
-                    .fetch_one(&mut *tx)
-                    .await?;
-            Ok(id)
-        }
-    }
+    let ids = upsert_meetings(tx, &[(user_id, meeting)]).await?;
+    ids.get(&(user_id, meeting.calendly_event_uri.clone())).copied().ok_or(sqlx::Error::RowNotFound)
 }
 
-/// Inserts or updates an invitee of `meeting_id`. The row is the meeting's own: the same Calendly
-/// invitee on another user's copy of the event is another row, never moved here.
-pub async fn upsert_invitee(tx: &mut PgConnection, meeting_id: Uuid, invitee: &MeetingInvitee) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO meeting_invitees (id, meeting_id, calendly_invitee_uri, email, name, status, rescheduled, \
-             old_invitee_uri, new_invitee_uri, no_show, canceled_at, cancel_reason, canceled_by, canceler_type, \
-             source_updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
-         ON CONFLICT (meeting_id, calendly_invitee_uri) DO UPDATE SET \
-             email = EXCLUDED.email, name = EXCLUDED.name, \
-             status = EXCLUDED.status, rescheduled = EXCLUDED.rescheduled, \
-             old_invitee_uri = COALESCE(EXCLUDED.old_invitee_uri, meeting_invitees.old_invitee_uri), \
-             new_invitee_uri = COALESCE(EXCLUDED.new_invitee_uri, meeting_invitees.new_invitee_uri), \
-             no_show = EXCLUDED.no_show, canceled_at = EXCLUDED.canceled_at, \
-             cancel_reason = EXCLUDED.cancel_reason, canceled_by = EXCLUDED.canceled_by, \
-             canceler_type = EXCLUDED.canceler_type, source_updated_at = EXCLUDED.source_updated_at, \
-             updated_at = now() \
-         -- An older delivery (e.g. invitee.created after invitee.canceled) never undoes a newer state.
-         WHERE meeting_invitees.source_updated_at IS NULL OR meeting_invitees.source_updated_at <= EXCLUDED.source_updated_at",
-    )
-    .bind(Uuid::new_v4())
-    .bind(meeting_id)
-    .bind(&invitee.calendly_invitee_uri)
-    .bind(&invitee.email)
-    .bind(&invitee.name)
-    .bind(invitee.status)
-    .bind(invitee.rescheduled)
-    .bind(&invitee.old_invitee_uri)
-    .bind(&invitee.new_invitee_uri)
-    .bind(invitee.no_show)
-    .bind(invitee.canceled_at)
-    .bind(&invitee.cancel_reason)
-    .bind(&invitee.canceled_by)
-    .bind(&invitee.canceler_type)
-    .bind(invitee.source_updated_at)
-    .execute(&mut *tx)
-    .await
-    .map(|_| ())
+/// Inserts or updates invitees, each of the meeting it is paired with, in order. The row is the
+/// meeting's own: the same Calendly invitee on another user's copy of the event is another row,
+/// never moved here.
+pub async fn upsert_invitees(tx: &mut PgConnection, invitees: &[(Uuid, &MeetingInvitee)]) -> sqlx::Result<()> {
+    for round in rounds(invitees.to_vec(), |(meeting, i)| (*meeting, i.calendly_invitee_uri.clone())) {
+        sqlx::query(
+            "INSERT INTO meeting_invitees (id, meeting_id, calendly_invitee_uri, email, name, status, rescheduled, \
+                 old_invitee_uri, new_invitee_uri, no_show, canceled_at, cancel_reason, canceled_by, canceler_type, \
+                 source_updated_at) \
+             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                 $7::bool[], $8::text[], $9::text[], $10::bool[], $11::timestamptz[], $12::text[], $13::text[], \
+                 $14::text[], $15::timestamptz[]) \
+             ON CONFLICT (meeting_id, calendly_invitee_uri) DO UPDATE SET \
+                 email = EXCLUDED.email, name = EXCLUDED.name, \
+                 status = EXCLUDED.status, rescheduled = EXCLUDED.rescheduled, \
+                 old_invitee_uri = COALESCE(EXCLUDED.old_invitee_uri, meeting_invitees.old_invitee_uri), \
+                 new_invitee_uri = COALESCE(EXCLUDED.new_invitee_uri, meeting_invitees.new_invitee_uri), \
+                 no_show = EXCLUDED.no_show, canceled_at = EXCLUDED.canceled_at, \
+                 cancel_reason = EXCLUDED.cancel_reason, canceled_by = EXCLUDED.canceled_by, \
+                 canceler_type = EXCLUDED.canceler_type, source_updated_at = EXCLUDED.source_updated_at, \
+                 updated_at = now() \
+             -- An older delivery (e.g. invitee.created after invitee.canceled) never undoes a newer state.
+             WHERE meeting_invitees.source_updated_at IS NULL OR meeting_invitees.source_updated_at <= EXCLUDED.source_updated_at",
+        )
+        .bind(round.iter().map(|_| Uuid::new_v4()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(meeting, _)| *meeting).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.calendly_invitee_uri.as_str()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.email.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.name.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.status.as_str()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.rescheduled).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.old_invitee_uri.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.new_invitee_uri.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.no_show).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.canceled_at).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.cancel_reason.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.canceled_by.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.canceler_type.as_deref()).collect::<Vec<_>>())
+        .bind(round.iter().map(|(_, i)| i.source_updated_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// What we hold of one meeting, in the terms Calendly's event list can be compared with.

@@ -115,3 +115,37 @@ impl Database {
                 .is_ok_and(|r| r.is_ok())
     }
 }
+
+/// Splits `items` into rounds in which every key occurs once (round k holds the k-th occurrence of
+/// each key, in order), each sorted by key. PostgreSQL refuses to update one row twice in one
+/// statement, and applying the rounds in turn is exactly applying the items one by one: the
+/// guards see every earlier occurrence of a key. Sorting makes concurrent batches take their row
+/// locks in the same order, so they wait for each other instead of deadlocking.
+pub fn rounds<T, K: Ord + Clone>(items: Vec<T>, key: impl Fn(&T) -> K) -> Vec<Vec<T>> {
+    let mut seen: std::collections::BTreeMap<K, usize> = std::collections::BTreeMap::new();
+    let mut rounds: Vec<Vec<T>> = Vec::new();
+    for item in items {
+        let occurrence = seen.entry(key(&item)).or_insert(0);
+        if rounds.len() <= *occurrence {
+            rounds.push(Vec::new());
+        }
+        rounds[*occurrence].push(item);
+        *occurrence += 1;
+    }
+    for round in &mut rounds {
+        round.sort_by_key(|item| key(item));
+    }
+    rounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rounds;
+
+    #[test]
+    fn rounds_hold_each_key_once_in_order_of_occurrence_and_sorted() {
+        let items = vec![("b", 1), ("a", 2), ("b", 3), ("c", 4), ("b", 5), ("a", 6)];
+        let split = rounds(items, |(k, _)| *k);
+        assert_eq!(split, vec![vec![("a", 2), ("b", 1), ("c", 4)], vec![("a", 6), ("b", 3)], vec![("b", 5)]]);
+    }
+}

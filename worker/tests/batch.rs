@@ -1,0 +1,217 @@
+//! The batched database stage: a batch writes exactly what one transaction per delivery would, a
+//! poison delivery in a batch is dead-lettered alone.
+
+mod support;
+
+use proptest::prelude::*;
+use proptest::strategy::ValueTree;
+use proptest::test_runner::{Config, TestRunner};
+use sqlx::PgPool;
+use support::*;
+use time::OffsetDateTime;
+
+use calendly_sim::{Booking, NewInvitee};
+use calsync_common::db::connections::{self, Connection};
+use calsync_common::meeting::{Meeting, MeetingInvitee, MeetingStatus};
+use calsync_worker::writer::{self, ProcessedDelivery, Write};
+
+/// One delivery's rows, described by small numbers so that random cases collide often: few
+/// events, few invitees, few timestamps, repeated message ids.
+#[derive(Debug, Clone)]
+struct Delivery {
+    message: u8,
+    invitee: u8,
+    event_minute: u8,
+    event_canceled: bool,
+    invitee_minute: u8,
+    invitee_canceled: bool,
+    rescheduled: bool,
+    old_invitee: Option<u8>,
+    new_invitee: Option<u8>,
+    no_show: bool,
+    name: u8,
+}
+
+fn delivery() -> impl Strategy<Value = Delivery> {
+    (
+        (0u8..8, 0u8..5, 0u8..4, any::<bool>(), 0u8..4, any::<bool>()),
+        (any::<bool>(), proptest::option::of(0u8..5), proptest::option::of(0u8..5), any::<bool>(), 0u8..3),
+    )
+        .prop_map(|(a, b)| Delivery {
+            message: a.0,
+            invitee: a.1,
+            event_minute: a.2,
+            event_canceled: a.3,
+            invitee_minute: a.4,
+            invitee_canceled: a.5,
+            rescheduled: b.0,
+            old_invitee: b.1,
+            new_invitee: b.2,
+            no_show: b.3,
+            name: b.4,
+        })
+}
+
+/// A sequence of deliveries in commit order, and how it is cut into batches.
+fn case() -> impl Strategy<Value = (Vec<Delivery>, Vec<usize>)> {
+    proptest::collection::vec(delivery(), 1..30).prop_flat_map(|deliveries| {
+        let n = deliveries.len();
+        (Just(deliveries), proptest::collection::vec(1usize..=n, 1..=n))
+    })
+}
+
+fn status(canceled: bool) -> MeetingStatus {
+    if canceled { MeetingStatus::Canceled } else { MeetingStatus::Active }
+}
+
+fn at(minute: u8) -> OffsetDateTime {
+    OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000) + time::Duration::minutes(i64::from(minute))
+}
+
+/// The rows of `d` for `connection`, with `side` keeping the two sides' message ids apart.
+fn write(d: &Delivery, connection: &Connection, side: &str) -> Write {
+    let event = format!("https://api.calendly.com/scheduled_events/E{}", d.invitee % 3);
+    let invitee_uri = |n: u8| format!("https://api.calendly.com/scheduled_events/E{}/invitees/I{n}", n % 3);
+    Write {
+        connection: connection.clone(),
+        meeting: Meeting {
+            calendly_event_uri: event,
+            name: Some(format!("Meeting v{}", d.event_minute)),
+            status: status(d.event_canceled),
+            start_time: at(d.event_minute + 60),
+            end_time: at(d.event_minute + 90),
+            event_type_uri: None,
+            location: Some(serde_json::json!({ "type": "zoom", "v": d.event_minute })),
+            canceled_at: d.event_canceled.then(|| at(d.event_minute)),
+            cancel_reason: d.event_canceled.then(|| "host canceled".to_owned()),
+            source_updated_at: at(d.event_minute),
+        },
+        invitee: MeetingInvitee {
+            calendly_invitee_uri: invitee_uri(d.invitee),
+            email: Some(format!("guest{}@example.com", d.invitee)),
+            name: Some(format!("Guest {} ({})", d.invitee, d.name)),
+            status: status(d.invitee_canceled),
+            rescheduled: d.rescheduled,
+            old_invitee_uri: d.old_invitee.map(invitee_uri),
+            new_invitee_uri: d.new_invitee.map(invitee_uri),
+            no_show: d.no_show,
+            canceled_at: d.invitee_canceled.then(|| at(d.invitee_minute)),
+            cancel_reason: d.invitee_canceled.then(|| format!("reason {}", d.name)),
+            canceled_by: None,
+            canceler_type: None,
+            source_updated_at: at(d.invitee_minute),
+        },
+        inbox: ProcessedDelivery {
+            message_id: format!("{side}{}", d.message),
+            event: if d.invitee_canceled { "invitee.canceled" } else { "invitee.created" }.to_owned(),
+            created_by: connection.calendly_user_uri.clone().unwrap_or_default(),
+            received_at: at(0),
+            attempts: 1 + i32::from(d.name),
+        },
+    }
+}
+
+/// Everything one side holds, one JSON text per row (ids and our own timestamps left out).
+async fn rows(pool: &PgPool, connection: &Connection, side: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT row_to_json(x)::text FROM ( \
+             SELECT calendly_event_uri, name, status, start_time, location::text, canceled_at, cancel_reason, \
+                 source_updated_at, NULL AS invitee, NULL AS rescheduled, NULL AS old_invitee, NULL AS new_invitee, \
+                 NULL AS no_show \
+             FROM meetings WHERE user_id = $1 \
+             UNION ALL \
+             SELECT m.calendly_event_uri, i.name, i.status, NULL, NULL, i.canceled_at, i.cancel_reason, \
+                 i.source_updated_at, i.calendly_invitee_uri, i.rescheduled, i.old_invitee_uri, i.new_invitee_uri, \
+                 i.no_show \
+             FROM meeting_invitees i JOIN meetings m ON m.id = i.meeting_id WHERE m.user_id = $1 \
+             UNION ALL \
+             SELECT substr(message_id, length($2) + 1), event, status, NULL, NULL, NULL, attempts::text, NULL, \
+                 NULL, NULL, NULL, NULL, NULL \
+             FROM webhook_inbox WHERE starts_with(message_id, $2) \
+         ) x ORDER BY 1",
+    )
+    .bind(connection.user_id)
+    .bind(side)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_batched_apply_writes_exactly_what_applying_each_delivery_alone_in_commit_order_writes(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let one_by_one = connections::find(&h.pool, h.connect("Ada").await.connection_id).await.unwrap().unwrap();
+    let batched = connections::find(&h.pool, h.connect("Bob").await.connection_id).await.unwrap().unwrap();
+    let mut runner = TestRunner::new(Config::default());
+    for _ in 0..48 {
+        let (deliveries, cuts) = case().new_tree(&mut runner).unwrap().current();
+        sqlx::query("TRUNCATE meetings, meeting_invitees, webhook_inbox").execute(&h.pool).await.unwrap();
+
+        for d in &deliveries {
+            writer::apply(&h.pool, &[&write(d, &one_by_one, "a:")]).await.unwrap();
+        }
+        let writes: Vec<Write> = deliveries.iter().map(|d| write(d, &batched, "b:")).collect();
+        let mut rest: &[Write] = &writes;
+        for cut in cuts.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (batch, after) = rest.split_at((*cut).min(rest.len()));
+            writer::apply(&h.pool, &batch.iter().collect::<Vec<_>>()).await.unwrap();
+            rest = after;
+        }
+
+        assert_eq!(
+            rows(&h.pool, &batched, "b:").await,
+            rows(&h.pool, &one_by_one, "a:").await,
+            "deliveries {deliveries:?} cut into batches of {cuts:?}"
+        );
+    }
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_delivery_postgresql_refuses_is_dead_lettered_alone_and_the_rest_of_its_batch_is_written(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    // Batches of up to 64 that wait 300 ms for company: all the deliveries below share one.
+    let addr =
+        h.start_worker(&["--worker-batch-size=64", "--worker-batch-max-wait-ms=300", "--worker-max-attempts=1"]).await;
+    let ada = h.connect("Ada").await;
+    for _ in 0..10 {
+        h.book(&ada, 1);
+    }
+    // A name PostgreSQL cannot store in a text column (a NUL character).
+    let poison = h
+        .sim
+        .sim
+        .book(Booking {
+            user: ada.uri.clone(),
+            name: None,
+            start_time: None,
+            duration_minutes: None,
+            invitees: vec![NewInvitee { name: "Null \u{0} Byte".into(), email: "nul@example.com".into() }],
+            location: None,
+            co_hosts: Vec::new(),
+            webhook_lost: false,
+        })
+        .unwrap();
+    let ids = h.publish_all(&h.captured()).await;
+
+    h.wait_for_inbox(&ids, &["processed", "dead"]).await;
+
+    let poisoned_event = poison["event"]["uri"].as_str().unwrap();
+    let meetings = h.meetings(ada.app_user).await;
+    assert_eq!(meetings.len(), 10);
+    assert!(meetings.iter().all(|(uri, _)| uri != poisoned_event), "the poison's transaction wrote nothing");
+    assert_eq!(h.count("SELECT count(*) FROM webhook_inbox WHERE status = 'processed'").await, 10);
+    assert_eq!(h.count("SELECT count(*) FROM webhook_inbox WHERE status = 'dead'").await, 1);
+    assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 10);
+    assert_eq!(h.dead_letters().await.len(), 1);
+    let http = calsync_common::http::client_builder().build().unwrap();
+    let metrics = http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.lines().any(|l| l.starts_with("calsync_worker_batch_fallbacks_total ") && !l.ends_with(" 0")),
+        "the poison was in a batch with others, which fell back to one transaction each"
+    );
+    h.stop().await;
+}
