@@ -296,7 +296,7 @@ async fn two_users_connect_through_the_real_flow_and_each_status_shows_its_own_c
         assert_eq!(request["code_challenge_method"], "S256");
         assert!(request["code_challenge"].as_str().unwrap().len() >= 43);
         assert!(request["state"].as_str().unwrap().len() >= 43);
-        assert_eq!(request["scope"], "users:read scheduled_events:read webhooks:write");
+        assert_eq!(request["scope"], "users:read scheduled_events:read webhooks:read webhooks:write");
         assert_eq!(request["redirect_uri"], REDIRECT);
     }
     for (user, calendly) in [(ada_user, &ada), (bob_user, &bob)] {

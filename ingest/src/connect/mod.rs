@@ -28,8 +28,9 @@ use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 
 /// How long a user has to finish the consent screen.
 pub const STATE_TTL: time::Duration = time::Duration::minutes(10);
-/// Scopes Calendly apps created after March 2026 must ask for.
-pub const SCOPES: &str = "users:read scheduled_events:read webhooks:write";
+/// Scopes Calendly apps created after March 2026 must ask for: the user, their scheduled events,
+/// and their subscriptions — created at connect, read by the periodic subscription check.
+pub const SCOPES: &str = "users:read scheduled_events:read webhooks:read webhooks:write";
 
 /// How long the app has to confirm a consent.
 pub const PENDING_TTL: time::Duration = time::Duration::minutes(10);
