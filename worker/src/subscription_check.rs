@@ -84,7 +84,6 @@ async fn replace(
     else {
         let reason =
             "the webhook subscription is gone and cannot be replaced: set CALENDLY_WEBHOOK_CALLBACK_URL on the worker";
-        connections::set_last_error(&deps.pool, connection_id, reason).await?;
         return Err(ProcessError::Permanent(reason.into()));
     };
     let new_uri = calendly_call::call(deps, connection, |token| {

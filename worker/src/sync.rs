@@ -36,6 +36,15 @@ pub async fn process_sync(deps: &Deps, delivery: &Incoming) -> Outcome {
         SyncKind::CheckSubscription => match subscription_check::check(deps, connection_id).await {
             Ok(None) => Outcome::ack(InboxStatus::Processed),
             Ok(Some(resync)) => Outcome::Continue { job: resync, at_least: Duration::ZERO },
+            // A check that can never succeed as things stand (a plan without webhooks, no callback
+            // URL to point a replacement at) is said on the connection and tried again at the next
+            // interval; a dead letter per connection per interval would bury the real ones.
+            Err(ProcessError::Permanent(reason)) => {
+                let reason = format!("subscription check: {reason}");
+                tracing::warn!(%connection_id, %reason, "subscription check failed");
+                let _ = connections::set_last_error(&deps.pool, connection_id, &reason).await;
+                Outcome::ack(InboxStatus::Ignored)
+            }
             Err(error) => outcome::decide(error, delivery.attempt, deps.max_attempts),
         },
         _ => match pass(deps, &job).await {

@@ -237,3 +237,28 @@ async fn a_free_plan_burst_waits_for_the_next_window_without_a_429_storm_and_ano
     assert!(h.dead_letters().await.is_empty());
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_plan_without_webhooks_is_said_on_the_connection_and_never_fills_the_dead_letters(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let ada = h.connect_as(NewUser { webhooks_enabled: false, ..NewUser::named("Ada") }).await;
+    // As the connect flow leaves it when Calendly refuses the subscription.
+    calsync_common::db::connections::set_subscription(&h.pool, ada.connection_id, None, None).await.unwrap();
+    let callback = format!("--calendly-webhook-callback-url={CAPTURE_URL}");
+    h.start_worker(&["--subscription-check-interval-secs=1", "--reconcile-interval-secs=0", &callback]).await;
+
+    wait_until(DEADLINE, "the refused subscription said on the connection", || async {
+        let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM calendar_connections WHERE id = $1")
+            .bind(ada.connection_id)
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+        error.is_some_and(|e| e.starts_with("subscription check:") && e.contains("403"))
+    })
+    .await;
+    let checks = h.sim.sim.calls("create_subscription");
+    wait_until(DEADLINE, "a later check", || async { h.sim.sim.calls("create_subscription") > checks }).await;
+    assert!(h.dead_letters().await.is_empty());
+    assert_eq!(h.connection_status(&ada).await, "active");
+    h.stop().await;
+}
