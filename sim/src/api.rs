@@ -13,8 +13,9 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
+use crate::model::{FREE_PLAN_REQUESTS_PER_MINUTE, Plan};
 use crate::model::{Subscription, Uris, World};
-use crate::sim::{FREE_PLAN_REQUESTS_PER_MINUTE, Plan, Sim};
+use crate::sim::Sim;
 
 pub fn router() -> Router<Sim> {
     Router::new()

@@ -27,8 +27,9 @@ use std::net::SocketAddr;
 use axum::Router;
 use tokio::net::TcpListener;
 
+pub use model::Plan;
 pub use sim::{
-    Booking, Cancellation, FailNext, Faults, NewInvitee, NewUser, Plan, Sim, SimConfig, SubscriptionChange, TokenFaults,
+    Booking, Cancellation, FailNext, Faults, NewInvitee, NewUser, Sim, SimConfig, SubscriptionChange, TokenFaults,
 };
 pub use webhook::{Captured, DeliveryMode};
 

@@ -41,7 +41,7 @@ pub async fn run(sim: &Sim, options: &LoadOptions) -> anyhow::Result<LoadReport>
                 email: format!("load{n}@example.com"),
                 organization: None,
                 webhooks_enabled: true,
-                plan: crate::sim::Plan::Paid,
+                plan: crate::model::Plan::Paid,
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let uri = user["uri"].as_str().unwrap_or_default().to_owned();

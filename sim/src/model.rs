@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -22,6 +23,18 @@ pub fn ts(t: OffsetDateTime) -> String {
     )
 }
 
+/// A Calendly plan, as far as its API limits go.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Plan {
+    Free,
+    #[default]
+    Paid,
+}
+
+/// Requests a minute a free-plan user may make.
+pub const FREE_PLAN_REQUESTS_PER_MINUTE: u32 = 50;
+
 #[derive(Debug, Clone)]
 pub struct User {
     pub id: Uuid,
@@ -31,7 +44,7 @@ pub struct User {
     pub timezone: String,
     /// Without the plan feature some webhooks need, subscription creation answers 403.
     pub webhooks_enabled: bool,
-    pub plan: crate::sim::Plan,
+    pub plan: Plan,
     pub created_at: OffsetDateTime,
 }
 

@@ -140,17 +140,6 @@ pub struct NewUser {
     pub plan: Plan,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Plan {
-    Free,
-    #[default]
-    Paid,
-}
-
-/// Requests a minute a free-plan user may make.
-pub const FREE_PLAN_REQUESTS_PER_MINUTE: u32 = 50;
-
 fn yes() -> bool {
     true
 }
