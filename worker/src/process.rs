@@ -26,6 +26,9 @@ pub fn event_label(webhook: Option<&Webhook>) -> &'static str {
 
 /// Processes one webhook delivery; also returns its `event` metric label.
 pub async fn process_webhook(deps: &Deps, delivery: &Incoming) -> (Outcome, &'static str) {
+    // Until this delivery has handed its rows to the writer (or found it has none), a batch
+    // being gathered may wait for it.
+    let _may_write = deps.writer.expect();
     let webhook = Webhook::parse(&delivery.body);
     let label = event_label(webhook.as_ref().ok());
     let outcome = match &webhook {

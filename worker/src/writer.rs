@@ -10,11 +10,12 @@
 //! delivery at a time, so only the delivery at fault retries or is dead-lettered.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
 use time::OffsetDateTime;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
 use calsync_common::db::connections::{self, Connection};
 use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
@@ -61,6 +62,45 @@ struct Job {
 #[derive(Clone)]
 pub struct Writer {
     jobs: mpsc::Sender<Job>,
+    expected: Arc<Expected>,
+}
+
+/// What a gathering batch may still wait for: deliveries being processed that may hand a write
+/// (`alive`), and writes handed and not yet answered (`handed`). When every delivery that may write
+/// has handed its write, nobody is on the way and the batch commits at once: under light traffic
+/// a batch adds no waiting.
+#[derive(Default)]
+struct Expected {
+    alive: AtomicUsize,
+    handed: AtomicUsize,
+    changed: Notify,
+}
+
+impl Expected {
+    fn nobody_on_the_way(&self) -> bool {
+        self.handed.load(Ordering::SeqCst) >= self.alive.load(Ordering::SeqCst)
+    }
+}
+
+/// A delivery that may still write ([`Writer::expect`]); dropping it says it will not (any more).
+pub struct Expecting {
+    expected: Arc<Expected>,
+}
+
+impl Drop for Expecting {
+    fn drop(&mut self) {
+        self.expected.alive.fetch_sub(1, Ordering::SeqCst);
+        self.expected.changed.notify_one();
+    }
+}
+
+/// A write handed to the batcher and not yet answered (also when its caller gives up waiting).
+struct Handed(Arc<Expected>);
+
+impl Drop for Handed {
+    fn drop(&mut self) {
+        self.0.handed.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -76,27 +116,51 @@ pub struct BatchConfig {
 impl Writer {
     pub fn start(pool: PgPool, config: BatchConfig) -> Self {
         let (jobs, receiver) = mpsc::channel(config.size.max(1) * config.concurrent.max(1) * 2);
-        tokio::spawn(batch_loop(pool, receiver, config));
-        Self { jobs }
+        let expected = Arc::new(Expected::default());
+        tokio::spawn(batch_loop(pool, receiver, config, expected.clone()));
+        Self { jobs, expected }
+    }
+
+    /// Marks a delivery that may hand a write: while the mark lives, a gathering batch may wait
+    /// for it (up to `WORKER_BATCH_MAX_WAIT_MS`).
+    pub fn expect(&self) -> Expecting {
+        self.expected.alive.fetch_add(1, Ordering::SeqCst);
+        Expecting { expected: self.expected.clone() }
     }
 
     /// Writes `write` in the next batch; returns once that batch has committed (or failed).
     pub async fn write(&self, write: Write) -> Result<Applied, ProcessError> {
+        self.expected.handed.fetch_add(1, Ordering::SeqCst);
+        let _handed = Handed(self.expected.clone());
         let (reply, answer) = oneshot::channel();
         self.jobs.send(Job { write, reply }).await.map_err(|_| ProcessError::transient("the writer has stopped"))?;
         answer.await.map_err(|_| ProcessError::transient("the writer stopped before committing"))?
     }
 }
 
-async fn batch_loop(pool: PgPool, mut receiver: mpsc::Receiver<Job>, config: BatchConfig) {
+async fn batch_loop(pool: PgPool, mut receiver: mpsc::Receiver<Job>, config: BatchConfig, expected: Arc<Expected>) {
     let committing = Arc::new(Semaphore::new(config.concurrent.max(1)));
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + config.max_wait;
         while batch.len() < config.size {
-            match tokio::time::timeout_at(deadline, receiver.recv()).await {
-                Ok(Some(job)) => batch.push(job),
-                Ok(None) | Err(_) => break,
+            if expected.nobody_on_the_way() {
+                // Every write that is coming has been handed: take those already queued, then go.
+                while batch.len() < config.size
+                    && let Ok(job) = receiver.try_recv()
+                {
+                    batch.push(job);
+                }
+                break;
+            }
+            tokio::select! {
+                job = receiver.recv() => match job {
+                    Some(job) => batch.push(job),
+                    None => break,
+                },
+                // A delivery finished without writing: perhaps nobody is on the way any more.
+                _ = expected.changed.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
             }
         }
         let Ok(permit) = committing.clone().acquire_owned().await else { return };

@@ -195,6 +195,9 @@ async fn a_delivery_postgresql_refuses_is_dead_lettered_alone_and_the_rest_of_it
             webhook_lost: false,
         })
         .unwrap();
+    // A slow fetch: every delivery is being processed before the first one hands its rows over,
+    // so the batch waits for all of them.
+    h.sim.sim.set_faults(calendly_sim::Faults { latency_ms: 200, ..Default::default() });
     let ids = h.publish_all(&h.captured()).await;
 
     h.wait_for_inbox(&ids, &["processed", "dead"]).await;
@@ -211,7 +214,8 @@ async fn a_delivery_postgresql_refuses_is_dead_lettered_alone_and_the_rest_of_it
     let metrics = http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(
         metrics.lines().any(|l| l.starts_with("calsync_worker_batch_fallbacks_total ") && !l.ends_with(" 0")),
-        "the poison was in a batch with others, which fell back to one transaction each"
+        "the poison was in a batch with others, which fell back to one transaction each: {}",
+        metrics.lines().filter(|l| l.contains("batch")).collect::<Vec<_>>().join("\n")
     );
     h.stop().await;
 }
