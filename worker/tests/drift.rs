@@ -94,6 +94,9 @@ async fn a_subscription_calendly_fails_to_deliver_to_shows_as_failing_since_then
     })
     .await;
     assert_eq!(subscription_of(&h, &ada).await.2, Some(since));
+    let connection = calsync_common::db::connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
+    let checked = connection.subscription_checked_at.expect("the check says when it looked");
+    assert!(OffsetDateTime::now_utc() - checked < time::Duration::minutes(1));
     wait_until(DEADLINE, "calsync_subscriptions{state=failing} = 1", || async {
         metrics(addr).await.lines().any(|l| l == r#"calsync_subscriptions{state="failing"} 1"#)
     })

@@ -86,6 +86,9 @@ pub struct Connection {
     /// Since when Calendly has been failing to deliver (while `subscription_state` is `failing`).
     #[serde(with = "time::serde::rfc3339::option")]
     pub subscription_failing_since: Option<OffsetDateTime>,
+    /// When `subscription_state` was last found out (a check, or the connect that made it).
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub subscription_checked_at: Option<OffsetDateTime>,
     #[serde(skip)]
     pub created_at: OffsetDateTime,
     #[serde(skip)]
@@ -113,7 +116,7 @@ macro_rules! connection_columns {
     () => {
         "id, user_id, provider, calendly_user_uri, calendly_organization_uri, access_token, refresh_token, \
          token_expires_at, is_active, status, webhook_subscription_uri, last_synced_at, last_error, subscription_state, \
-         subscription_failing_since, created_at, updated_at"
+         subscription_failing_since, subscription_checked_at, created_at, updated_at"
     };
 }
 
