@@ -62,8 +62,9 @@ impl Budgets {
         Ok(Permit { budgets: self, user: user.to_owned() })
     }
 
-    /// Requests `user` has left in this process's view (for tests and logs).
-    pub fn remaining(&self, user: &str) -> Option<u32> {
+    /// Requests `user` has left in this process's view.
+    #[cfg(test)]
+    fn remaining(&self, user: &str) -> Option<u32> {
         self.users.lock().expect("budget lock").get(user).and_then(|w| w.remaining)
     }
 }

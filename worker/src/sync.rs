@@ -72,11 +72,11 @@ pub async fn process_sync(deps: &Deps, delivery: &Incoming) -> Outcome {
 }
 
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Counts {
+struct Counts {
     /// Events Calendly listed.
-    pub listed: usize,
+    listed: usize,
     /// Of those, events that differed from ours and were fetched in detail and written.
-    pub fetched: usize,
+    fetched: usize,
 }
 
 enum Pass {
@@ -165,7 +165,7 @@ fn budget_wait(error: &ProcessError) -> Option<Duration> {
 }
 
 /// Whether a listed event differs from what we hold (or we hold nothing): only then is it fetched.
-pub fn differs(event: &ScheduledEvent, stored: Option<&Stored>) -> bool {
+fn differs(event: &ScheduledEvent, stored: Option<&Stored>) -> bool {
     let Some(stored) = stored else { return true };
     let newer = stored.source_updated_at.is_none_or(|ours| ours < event.updated_at);
     let status_differs = stored.status != MeetingStatus::from_calendly(&event.status);
