@@ -3,7 +3,7 @@
 
 mod support;
 
-use calendly_sim::{Faults, NewUser, Plan, SubscriptionChange};
+use calendly_sim::{FailNext, Faults, NewUser, Plan, SubscriptionChange};
 use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 use calsync_testkit::wait_until;
 use sqlx::PgPool;
@@ -263,5 +263,40 @@ async fn a_plan_without_webhooks_is_said_on_the_connection_and_never_fills_the_d
     wait_until(DEADLINE, "a later check", || async { h.sim.sim.calls("create_subscription") > checks }).await;
     assert!(h.dead_letters().await.is_empty());
     assert_eq!(h.connection_status(&ada).await, "active");
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_replacement_subscription_is_in_place_before_the_old_one_goes_even_when_deleting_it_fails(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    let old = subscription_of(&h, &ada).await.0.unwrap();
+    h.sim
+        .sim
+        .set_subscription(uuid_of(&old), SubscriptionChange { disabled: Some(true), ..Default::default() })
+        .unwrap();
+    h.book(&ada, 1);
+    h.captured();
+    // Calendly refuses every delete: a repair that deleted first would leave Ada with nothing.
+    h.sim.sim.fail_next(FailNext { endpoint: "delete_subscription".into(), count: 10_000, status: 503 });
+
+    h.start_worker(CHECK_EVERY_SECOND).await;
+
+    wait_until(DEADLINE, "the missed booking recovered", || async { h.meetings(ada.app_user).await.len() == 1 }).await;
+    let (new, state, _) = subscription_of(&h, &ada).await;
+    assert_ne!(new.as_deref(), Some(old.as_str()));
+    assert_eq!(state.as_deref(), Some("active"));
+    let states: Vec<(String, String)> = h
+        .sim
+        .sim
+        .subscriptions()
+        .into_iter()
+        .filter(|s| s["user"] == ada.uri.as_str())
+        .map(|s| (s["uri"].as_str().unwrap().to_owned(), s["state"].as_str().unwrap().to_owned()))
+        .collect();
+    assert_eq!(states.len(), 2, "the old one could not be deleted: {states:?}");
+    assert!(states.contains(&(new.unwrap(), "active".to_owned())));
+    h.book(&ada, 1);
+    assert_eq!(h.captured().len(), 1, "webhooks flow through the replacement");
     h.stop().await;
 }
