@@ -205,10 +205,8 @@ pub async fn apply(pool: &PgPool, writes: &[&Write]) -> sqlx::Result<Vec<Applied
     let mut tx = pool.begin().await?;
     let connections: Vec<&Connection> = writes.iter().map(|w| &w.connection).collect();
     let linked = connections::lock_linked(&mut tx, &connections).await?;
-    let applied: Vec<Applied> = writes
-        .iter()
-        .map(|w| if linked.contains(&w.connection.id) { Applied::Written } else { Applied::ConnectionChanged })
-        .collect();
+    let applied: Vec<Applied> =
+        linked.into_iter().map(|linked| if linked { Applied::Written } else { Applied::ConnectionChanged }).collect();
     let kept: Vec<&Write> =
         writes.iter().zip(&applied).filter(|(_, a)| **a == Applied::Written).map(|(w, _)| *w).collect();
     let meetings: Vec<(uuid::Uuid, &Meeting)> = kept.iter().map(|w| (w.connection.user_id, &w.meeting)).collect();

@@ -219,3 +219,46 @@ async fn a_delivery_postgresql_refuses_is_dead_lettered_alone_and_the_rest_of_it
     );
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_batch_never_writes_a_delivery_for_the_account_its_user_switched_away_from_even_beside_one_resolved_after_the_switch(
+    pool: PgPool,
+) {
+    let h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    let before_switch = connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
+    // Ada's app user links another Calendly account: same row, same user, another account.
+    let other_account = h.sim.sim.create_user(calendly_sim::NewUser::named("Ada's second account")).unwrap();
+    let row = h.store_tokens(ada.app_user, &other_account, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
+    assert_eq!(row, ada.connection_id, "the account switch reuses the row");
+    let after_switch = connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
+    let old = Delivery {
+        message: 1,
+        invitee: 0,
+        event_minute: 0,
+        event_canceled: false,
+        invitee_minute: 0,
+        invitee_canceled: false,
+        rescheduled: false,
+        old_invitee: None,
+        new_invitee: None,
+        no_show: false,
+        name: 0,
+    };
+    let new = Delivery { message: 2, invitee: 1, ..old.clone() };
+
+    let stale = write(&old, &before_switch, "switch:");
+    let fresh = write(&new, &after_switch, "switch:");
+    let applied = writer::apply(&h.pool, &[&stale, &fresh]).await.unwrap();
+
+    assert_eq!(applied, vec![writer::Applied::ConnectionChanged, writer::Applied::Written]);
+    let meetings = h.meetings(ada.app_user).await;
+    assert_eq!(
+        meetings.iter().map(|(uri, _)| uri.as_str()).collect::<Vec<_>>(),
+        vec![fresh.meeting.calendly_event_uri.as_str()],
+        "only the delivery resolved after the switch is written"
+    );
+    assert_eq!(h.inbox_status("switch:1").await, None, "the stale delivery is not marked processed");
+    assert_eq!(h.inbox_status("switch:2").await.as_deref(), Some("processed"));
+    h.stop().await;
+}

@@ -1,7 +1,5 @@
 //! `calendar_connections`: one row per app user and provider, with encrypted tokens.
 
-use std::collections::HashSet;
-
 use secrecy::SecretString;
 use sqlx::{PgConnection, PgPool};
 use time::OffsetDateTime;
@@ -319,14 +317,17 @@ pub async fn set_last_error(pool: &PgPool, id: Uuid, error: &str) -> sqlx::Resul
 /// account and is active. The share lock holds off a concurrent disconnect or reconnect until the
 /// transaction ends, so rows are never written for an account that changed hands meanwhile.
 pub async fn lock_if_linked(tx: &mut PgConnection, connection: &Connection) -> sqlx::Result<bool> {
-    Ok(!lock_linked(tx, &[connection]).await?.is_empty())
+    Ok(lock_linked(tx, &[connection]).await?.first().copied().unwrap_or(false))
 }
 
-/// [`lock_if_linked`] for many connections in one statement: the ids of those still linked.
-pub async fn lock_linked(tx: &mut PgConnection, connections: &[&Connection]) -> sqlx::Result<HashSet<Uuid>> {
-    let linked: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT c.id FROM calendar_connections c \
-         JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) AS k(id, user_id, uri) \
+/// [`lock_if_linked`] for many connections in one statement: for each of `connections`, in order,
+/// whether *its own* `(id, user_id, calendly_user_uri)` is still the active row. Answered per
+/// entry, not per row id: one batch may hold a delivery resolved before an account switch and one
+/// resolved after it (same row id, another Calendly account), and only the second may be written.
+pub async fn lock_linked(tx: &mut PgConnection, connections: &[&Connection]) -> sqlx::Result<Vec<bool>> {
+    let linked: Vec<i64> = sqlx::query_scalar(
+        "SELECT k.n FROM calendar_connections c \
+         JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(id, user_id, uri, n) \
            ON c.id = k.id AND c.user_id = k.user_id AND c.calendly_user_uri = k.uri \
          WHERE c.status = $4 ORDER BY c.id FOR SHARE OF c",
     )
@@ -336,7 +337,14 @@ pub async fn lock_linked(tx: &mut PgConnection, connections: &[&Connection]) -> 
     .bind(ConnectionStatus::Active)
     .fetch_all(tx)
     .await?;
-    Ok(linked.into_iter().collect())
+    let mut answer = vec![false; connections.len()];
+    for n in linked {
+        // WITH ORDINALITY counts from 1.
+        if let Some(slot) = usize::try_from(n - 1).ok().and_then(|i| answer.get_mut(i)) {
+            *slot = true;
+        }
+    }
+    Ok(answer)
 }
 
 /// True when `calendly_user_uri` is linked (`is_active`) to an app user other than `user_id`.
