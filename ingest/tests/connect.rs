@@ -767,3 +767,51 @@ async fn switching_to_another_calendly_account_deletes_the_old_subscription_and_
     assert_eq!(revocations(&env).await, before + 2, "Ada's access and refresh token revoked");
     env.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_disconnect_waiting_on_calendly_unlinks_at_once_and_stalls_no_one_s_deliveries(pool: PgPool) {
+    let mut env = Env::new(pool, &[]).await;
+    env.start_worker().await;
+    let (ada, bob) = (env.calendly_user("Ada", true), env.calendly_user("Bob", true));
+    let (ada_user, bob_user) = (Uuid::new_v4(), Uuid::new_v4());
+    assert_eq!(env.connect(ada_user, &ada).await.status(), 200);
+    assert_eq!(env.connect(bob_user, &bob).await.status(), 200);
+    // Calendly hangs on the disconnect's cleanup calls (until the client's own timeout).
+    let slow = [("revoke".to_owned(), 600_000), ("delete_subscription".to_owned(), 600_000)];
+    env.sim.sim.set_faults(calendly_sim::Faults { endpoint_latency_ms: slow.into(), ..Default::default() });
+    let disconnect = tokio::spawn(
+        env.http.delete(env.url(&format!("/connections/calendly/{ada_user}"))).bearer_auth(API_TOKEN).send(),
+    );
+
+    wait_until(Duration::from_secs(20), "Ada's row is unlinked before Calendly answers", || async {
+        let (status, access): (String, Option<String>) =
+            sqlx::query_as("SELECT status, access_token FROM calendar_connections WHERE user_id = $1")
+                .bind(ada_user)
+                .fetch_one(&env.pool)
+                .await
+                .unwrap();
+        status == "disconnected" && access.is_none()
+    })
+    .await;
+    // Both accounts book while the disconnect is still waiting on Calendly (Ada's subscription is
+    // not deleted yet, so her webhook still arrives).
+    env.book_one(&ada);
+    env.book_one(&bob);
+    let ids = env.deliver_captured().await;
+    assert_eq!(ids.len(), 2);
+    wait_until(Duration::from_secs(30), "both deliveries settle", || async {
+        let mut statuses = Vec::new();
+        for id in &ids {
+            statuses.push(calsync_common::db::inbox::status_of(&env.pool, id).await.unwrap().map(|s| s.as_str()));
+        }
+        statuses.contains(&Some("processed")) && statuses.contains(&Some("unmatched"))
+    })
+    .await;
+
+    assert!(!disconnect.is_finished(), "the disconnect is still waiting on Calendly meanwhile");
+    let bob_meetings: i64 = env.scalar("SELECT count(*) FROM meetings WHERE user_id = $1", bob_user).await;
+    let ada_meetings: i64 = env.scalar("SELECT count(*) FROM meetings WHERE user_id = $1", ada_user).await;
+    assert_eq!((bob_meetings, ada_meetings), (1, 0), "Bob's meeting is stored, none for the unlinked account");
+    disconnect.abort();
+    env.stop().await;
+}

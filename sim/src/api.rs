@@ -53,7 +53,9 @@ impl Sim {
     pub(crate) async fn enter(&self, endpoint: &str) -> Result<(), Response> {
         *self.counters().calls.entry(endpoint.to_owned()).or_default() += 1;
         let faults = self.faults();
-        let latency = faults.latency_ms + if endpoint == "token" { faults.token.latency_ms } else { 0 };
+        let latency = faults.latency_ms
+            + if endpoint == "token" { faults.token.latency_ms } else { 0 }
+            + faults.endpoint_latency_ms.get(endpoint).copied().unwrap_or(0);
         if latency > 0 {
             tokio::time::sleep(Duration::from_millis(latency)).await;
         }

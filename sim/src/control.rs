@@ -63,7 +63,7 @@ async fn help() -> Json<Value> {
             "POST /_sim/invitees/{id}/reschedule {start_time?}",
             "POST|DELETE /_sim/invitees/{id}/no_show",
             "GET /_sim/counters",
-            "GET|PUT /_sim/faults {latency_ms, error_rate, rate_429, rate_limit_per_minute, rate_limit_window_secs, token: {missing_scopes, latency_ms, expires_in}}",
+            "GET|PUT /_sim/faults {latency_ms, error_rate, rate_429, rate_limit_per_minute, rate_limit_window_secs, token: {missing_scopes, latency_ms, expires_in}, endpoint_latency_ms: {endpoint: ms}}",
             "POST /_sim/fail_next {endpoint, count, status?}",
             "PUT /_sim/delivery {mode: send|capture}",
             "GET /_sim/deliveries (captured signed bodies; empties the list)",

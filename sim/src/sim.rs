@@ -64,6 +64,9 @@ pub struct Faults {
     pub rate_limit_window_secs: Option<u64>,
     /// Faults of the tokens and the token endpoint.
     pub token: TokenFaults,
+    /// Added to the named endpoints only (`revoke`, `delete_subscription`, `get_event`, ...): one
+    /// slow call while the rest of Calendly is quick.
+    pub endpoint_latency_ms: std::collections::BTreeMap<String, u64>,
 }
 
 /// Injected failures of the tokens and of `POST /oauth/token`.

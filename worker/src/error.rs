@@ -34,6 +34,9 @@ impl ProcessError {
     }
 }
 
+/// SQLSTATE of a statement canceled by `statement_timeout` (or by an operator).
+const QUERY_CANCELED: &str = "57014";
+
 impl From<sqlx::Error> for ProcessError {
     fn from(error: sqlx::Error) -> Self {
         match error {
@@ -45,8 +48,13 @@ impl From<sqlx::Error> for ProcessError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed
             | sqlx::Error::Protocol(_) => Self::DatabaseDown(format!("database unreachable: {error}")),
-            // A server that is shutting down or restarting answers with these SQLSTATE classes.
-            sqlx::Error::Database(ref e) if e.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")) => {
+            // A server that is shutting down or restarting answers with these SQLSTATE classes —
+            // except 57014 (query_canceled: a statement or lock timeout of ours), which is this
+            // delivery's failure: taking it for an outage would requeue it forever and pause
+            // consumption for everyone. (55P03, lock_not_available, falls through to transient.)
+            sqlx::Error::Database(ref e)
+                if e.code().is_some_and(|c| (c.starts_with("57") && c != QUERY_CANCELED) || c.starts_with("08")) =>
+            {
                 Self::DatabaseDown(format!("database unavailable: {error}"))
             }
             other => Self::transient(format!("database: {other}")),

@@ -51,3 +51,31 @@ async fn a_database_outage_longer_than_the_whole_retry_ladder_dead_letters_nothi
     assert!(attempts.iter().all(|a| *a == 1), "the outage counted no attempt: {attempts:?}");
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_statement_or_lock_timeout_fails_the_delivery_instead_of_passing_for_a_database_outage(pool: PgPool) {
+    use calsync_worker::error::ProcessError;
+    // 57014: a statement canceled by its timeout.
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL statement_timeout = '50ms'").execute(&mut *tx).await.unwrap();
+    let canceled = sqlx::query("SELECT pg_sleep(30)").execute(&mut *tx).await.unwrap_err();
+    drop(tx);
+    // 55P03: a row lock not granted within lock_timeout.
+    sqlx::query("CREATE TABLE held (id int PRIMARY KEY)").execute(&pool).await.unwrap();
+    sqlx::query("INSERT INTO held VALUES (1)").execute(&pool).await.unwrap();
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM held FOR UPDATE").execute(&mut *holder).await.unwrap();
+    let mut waiter = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '50ms'").execute(&mut *waiter).await.unwrap();
+    let not_granted = sqlx::query("SELECT id FROM held FOR SHARE").execute(&mut *waiter).await.unwrap_err();
+
+    for (error, code) in [(canceled, "57014"), (not_granted, "55P03")] {
+        let sqlstate = error.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned());
+        assert_eq!(sqlstate.as_deref(), Some(code));
+        let disposition = ProcessError::from(error);
+        assert!(
+            matches!(disposition, ProcessError::Transient { .. }),
+            "{code} must count as a failed attempt of this delivery (never requeued forever): {disposition:?}"
+        );
+    }
+}

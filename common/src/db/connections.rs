@@ -469,6 +469,21 @@ pub async fn mark_disconnected(tx: &mut PgConnection, id: Uuid, problems: Option
     .map(|_| ())
 }
 
+/// Records what a disconnect could not clean up at Calendly, after the row was unlinked. Only while
+/// the row is still that disconnect's result: a reconnect since then owns `last_error`.
+pub async fn record_disconnect_problems(pool: &PgPool, id: Uuid, problems: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE calendar_connections SET last_error = $2, updated_at = now() \
+         WHERE id = $1 AND status = $3 AND access_token IS NULL",
+    )
+    .bind(id)
+    .bind(problems)
+    .bind(ConnectionStatus::Disconnected)
+    .execute(pool)
+    .await
+    .map(|_| ())
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The Calendly account is actively connected to a different app user.

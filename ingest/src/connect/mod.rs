@@ -376,43 +376,59 @@ impl ConnectService {
         Ok(Some(StatusReport { connected: c.status == ConnectionStatus::Active, connection: c }))
     }
 
-    /// Deletes our subscription (it needs the token), revokes the tokens at Calendly, wipes them
-    /// and marks the row `disconnected`. Returns false when the user never connected.
+    /// Unlinks `user_id`'s connection, then cleans up at Calendly: deletes our subscription (it needs
+    /// the token) and revokes the tokens. Returns false when the user never connected.
+    ///
+    /// The row is unlinked first, in a short transaction (tokens wiped, `disconnected`), and the
+    /// Calendly calls (up to four, each up to the client's timeout) happen after it with the tokens
+    /// held in memory only. Holding the row lock across them would stall every write batch that
+    /// holds a delivery of this connection — and with it every other user's deliveries in that batch.
+    /// Once the row is wiped no worker can refresh (and so resurrect) these tokens: a refresh lease
+    /// in flight loses its store, because `mark_disconnected` clears the lease.
     pub async fn disconnect(&self, user_id: Uuid) -> Result<bool, ConnectError> {
         let mut tx = self.pool.begin().await?;
         let Some(id) = connections::id_of_user(&mut tx, user_id).await? else { return Ok(false) };
-        // Held until the row is wiped: no worker can refresh (and so resurrect) these tokens meanwhile.
         let Some(c) = connections::lock(&mut tx, id).await? else { return Ok(false) };
-        let mut problems = Vec::new();
-        if let (Ok(mut access), Ok(mut refresh)) = (c.decrypt_access(&self.cipher), c.decrypt_refresh(&self.cipher)) {
-            let expiring =
-                c.token_expires_at.is_none_or(|t| t <= OffsetDateTime::now_utc() + time::Duration::minutes(1));
-            if expiring {
-                match self.calendly.refresh(&refresh).await {
-                    Ok(t) => {
-                        (access, refresh) = (SecretString::from(t.access_token), SecretString::from(t.refresh_token))
-                    }
-                    Err(error) => problems.push(format!("token refresh before disconnect failed: {error}")),
-                }
-            }
-            if let Some(uri) = &c.webhook_subscription_uri
-                && let Err(error) = self.calendly.delete_subscription(uri, &access).await
-            {
-                problems.push(format!("webhook subscription not deleted: {error}"));
-            }
-            for token in [&refresh, &access] {
-                if let Err(error) = self.calendly.revoke(token).await {
-                    problems.push(format!("token not revoked: {error}"));
-                }
-            }
-        }
-        for problem in &problems {
-            tracing::warn!(%user_id, %problem, "disconnect");
-        }
-        let problems = (!problems.is_empty()).then(|| problems.join("; "));
-        connections::mark_disconnected(&mut tx, id, problems.as_deref()).await?;
+        connections::mark_disconnected(&mut tx, id, None).await?;
         tx.commit().await?;
         tracing::info!(%user_id, "Calendly account disconnected");
+
+        let problems = self.release_at_calendly(&c).await;
+        if !problems.is_empty() {
+            for problem in &problems {
+                tracing::warn!(%user_id, %problem, "disconnect");
+            }
+            connections::record_disconnect_problems(&self.pool, id, &problems.join("; ")).await?;
+        }
         Ok(true)
+    }
+
+    /// Deletes `c`'s subscription and revokes its tokens at Calendly (refreshing first when the
+    /// access token is about to expire, since deleting the subscription needs a working one).
+    /// Returns what could not be done.
+    async fn release_at_calendly(&self, c: &Connection) -> Vec<String> {
+        let mut problems = Vec::new();
+        let (Ok(mut access), Ok(mut refresh)) = (c.decrypt_access(&self.cipher), c.decrypt_refresh(&self.cipher))
+        else {
+            return problems;
+        };
+        let expiring = c.token_expires_at.is_none_or(|t| t <= OffsetDateTime::now_utc() + time::Duration::minutes(1));
+        if expiring {
+            match self.calendly.refresh(&refresh).await {
+                Ok(t) => (access, refresh) = (SecretString::from(t.access_token), SecretString::from(t.refresh_token)),
+                Err(error) => problems.push(format!("token refresh before disconnect failed: {error}")),
+            }
+        }
+        if let Some(uri) = &c.webhook_subscription_uri
+            && let Err(error) = self.calendly.delete_subscription(uri, &access).await
+        {
+            problems.push(format!("webhook subscription not deleted: {error}"));
+        }
+        for token in [&refresh, &access] {
+            if let Err(error) = self.calendly.revoke(token).await {
+                problems.push(format!("token not revoked: {error}"));
+            }
+        }
+        problems
     }
 }
