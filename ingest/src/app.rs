@@ -52,9 +52,14 @@ pub fn router(state: AppState) -> Router {
         database_required: false,
         token_keys: None,
     };
+    let body_deadline = state.settings.request_timeout();
+    // Probes and scrapes carry no body.
+    let no_body = routes::body::BodyLimits { max_bytes: 0, deadline: body_deadline };
     Router::new()
-        .merge(routes::webhooks::router(state.settings.ingest_max_in_flight, state.settings.request_timeout()))
-        .merge(routes::connect::router())
-        .merge(health::router(probe))
+        .merge(routes::webhooks::router(state.settings.ingest_max_in_flight, body_deadline))
+        .merge(routes::connect::router(state.clone(), body_deadline))
+        .merge(
+            health::router(probe).route_layer(axum::middleware::from_fn_with_state(no_body, routes::body::read_whole)),
+        )
         .with_state(state)
 }

@@ -21,6 +21,9 @@ pub enum ApiError {
     /// 400
     #[error("{0}")]
     BadRequest(String),
+    /// 408: the body did not arrive within `INGEST_REQUEST_TIMEOUT_SECS`.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// 503 with Retry-After
     #[error("{message}")]
     Unavailable { code: &'static str, message: String },
@@ -57,6 +60,7 @@ impl ApiError {
             Self::Signature(e) => (StatusCode::UNAUTHORIZED, e.code()),
             Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Unavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),

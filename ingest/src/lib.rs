@@ -94,6 +94,10 @@ impl Application {
         let limits = serve::Limits {
             header_timeout: self.state.settings.request_timeout(),
             max_connections: self.state.settings.ingest_max_in_flight + 64,
+            // A body's deadline, a publish confirm, and one Calendly call of the connection API.
+            shutdown_grace: self.state.settings.request_timeout()
+                + self.state.settings.publish_timeout()
+                + SHUTDOWN_CALENDLY_ALLOWANCE,
         };
         serve::serve(self.listener, router, limits, shutdown).await;
         self.state.broker.close().await;
@@ -101,6 +105,9 @@ impl Application {
         Ok(())
     }
 }
+
+/// What a graceful shutdown allows a connection API request still talking to Calendly.
+const SHUTDOWN_CALENDLY_ALLOWANCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How often expired pending connects are discarded and their tokens revoked.
 const PENDING_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);

@@ -20,7 +20,15 @@ pub struct Limits {
     pub header_timeout: Duration,
     /// Open connections at once (an HTTP/1.1 connection carries one request at a time).
     pub max_connections: usize,
+    /// How long a graceful shutdown waits for requests in flight before it drops them. Bodies are
+    /// bounded by their deadline and publishes by their confirm timeout, but a connection API call
+    /// may still be talking to Calendly: a SIGTERM must end in bounded time all the same.
+    pub shutdown_grace: Duration,
 }
+
+/// Connections being refused at once (each a small task writing a fixed answer). Past this a
+/// connection is closed without an answer: a flood must not turn into unbounded tasks either.
+const MAX_REFUSING: usize = 256;
 
 /// The answer to a connection over the cap, written without reading the request: the same JSON
 /// error and Retry-After as a shed request.
@@ -70,10 +78,11 @@ async fn drain_request(stream: &mut TcpStream) -> std::io::Result<()> {
 }
 
 /// Serves `router` until `shutdown`, then stops accepting and waits for in-flight requests (whose
-/// bodies are themselves bounded in time by the router's layers).
+/// bodies are themselves bounded in time by the router's layers), at most `shutdown_grace`.
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: CancellationToken) {
-    let Limits { header_timeout, max_connections } = limits;
+    let Limits { header_timeout, max_connections, shutdown_grace } = limits;
     let connections = Arc::new(Semaphore::new(max_connections));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut http = hyper::server::conn::http1::Builder::new();
     // Headers must be complete within the timeout, or hyper closes the connection.
     http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
@@ -94,7 +103,14 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
         // Each open connection costs buffers and a task: past the cap, a connection gets a fixed
         // 503 at once and is closed, so a flood of clients cannot grow memory without bound.
         let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tokio::spawn(refuse(stream));
+            if let Ok(refusal) = refusing.clone().try_acquire_owned() {
+                tokio::spawn(async move {
+                    refuse(stream).await;
+                    drop(refusal);
+                });
+            } else {
+                metrics::counter!("calsync_ingest_requests_total", "outcome" => "overloaded").increment(1);
+            }
             continue;
         };
         let service = TowerToHyperService::new(router.clone());
@@ -107,5 +123,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(shutdown_grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(grace = ?shutdown_grace, "requests still in flight after the shutdown grace; dropping them");
+    }
 }

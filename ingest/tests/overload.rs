@@ -127,3 +127,87 @@ async fn connections_past_the_cap_get_a_503_at_once_so_a_flood_cannot_grow_memor
     .await;
     app.stop().await;
 }
+
+/// Sends `request`'s head announcing a 100-byte body, then the body one byte every 300 ms (30 s in
+/// all) until the server stops reading; returns what the server answered and whether the body was
+/// still being sent when it did.
+async fn trickle(app: &TestApp, head: &str) -> (String, bool) {
+    let stream = TcpStream::connect(app.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    writer.write_all(format!("{head}Host: {}\r\nContent-Length: 100\r\n\r\n", app.addr).as_bytes()).await.unwrap();
+    let sending = tokio::spawn(async move {
+        for _ in 0..100 {
+            if writer.write_all(b"x").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    let mut answer = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(25), reader.read(&mut answer))
+        .await
+        .expect("ingest answers before the trickled body is complete")
+        .unwrap();
+    let still_sending = !sending.is_finished();
+    sending.abort();
+    (String::from_utf8_lossy(&answer[..n]).into_owned(), still_sending)
+}
+
+#[tokio::test]
+async fn a_connection_api_request_without_the_bearer_token_is_refused_before_its_body_is_read() {
+    // A long body deadline: only a check made before reading the body can answer in time.
+    let app = spawn_app_with(Options {
+        extra: vec!["--ingest-request-timeout-secs=60".into(), "--internal-api-token=secret-token".into()],
+        ..Options::default()
+    })
+    .await;
+
+    let (answer, still_sending) =
+        trickle(&app, "POST /connections/calendly HTTP/1.1\r\nContent-Type: application/json\r\n").await;
+
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(still_sending, "answered while the body was still arriving");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_body_trickled_a_byte_at_a_time_is_cut_off_at_the_request_deadline_on_every_route(pool: sqlx::PgPool) {
+    let app = spawn_app_with(Options {
+        database_url: calsync_testkit::test_database_url(&pool),
+        extra: vec!["--ingest-request-timeout-secs=2".into(), "--internal-api-token=secret-token".into()],
+        ..Options::default()
+    })
+    .await;
+    let status_url = app.url("/connections/calendly/00000000-0000-0000-0000-000000000001");
+    calsync_testkit::wait_until(Duration::from_secs(30), "the connection API to have its database", || async {
+        app.http.get(&status_url).bearer_auth("secret-token").send().await.unwrap().status() == 404
+    })
+    .await;
+    let signature = signed(KEY, &[b'x'; 100]);
+    let timeouts = r#"calsync_ingest_requests_total{outcome="timeout"}"#;
+    let timeouts_before = metric(&app, timeouts).await;
+
+    let (webhook, webhook_sending) = trickle(
+        &app,
+        &format!(
+            "POST /webhooks/calendly HTTP/1.1\r\nContent-Type: application/json\r\n{}: {signature}\r\n",
+            signature::HEADER
+        ),
+    )
+    .await;
+    let (api, api_sending) = trickle(
+        &app,
+        "POST /connections/calendly/00000000-0000-0000-0000-000000000001/confirm HTTP/1.1\r\n\
+         Authorization: Bearer secret-token\r\nContent-Type: application/json\r\n",
+    )
+    .await;
+
+    for (answer, sending) in [(&webhook, webhook_sending), (&api, api_sending)] {
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(sending, "cut off while the body was still arriving");
+    }
+    assert_eq!(app.webhooks_depth().await, 0);
+    // (The recorder is shared by the tests of this binary: at least ours was counted.)
+    assert!(metric(&app, timeouts).await >= timeouts_before + 1.0);
+    app.stop().await;
+}

@@ -1,8 +1,10 @@
 //! The connection API (bearer `INTERNAL_API_TOKEN`) and the OAuth callback (a browser page).
 
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{Next, from_fn_with_state};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,13 +16,27 @@ use crate::connect::{CalendlyAccount, Callback, ConnectError, PendingConnect};
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::routes::body::{self, BodyLimits};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
+/// Bodies of the connection API are a few dozen bytes of JSON.
+const API_MAX_BODY_BYTES: usize = 4 * 1024;
+
+/// The connection API behind the bearer check, and the browser's OAuth callback. The bearer check
+/// is the outermost layer: a request without the token is answered `401` before a byte of its body
+/// is read, so nobody unauthenticated can hold a connection open by sending a body slowly.
+pub fn router(state: AppState, body_deadline: Duration) -> Router<AppState> {
+    let api_body = BodyLimits { max_bytes: API_MAX_BODY_BYTES, deadline: body_deadline };
+    let api = Router::new()
         .route("/connections/calendly", post(begin))
         .route("/connections/calendly/{user_id}", get(status).delete(disconnect))
         .route("/connections/calendly/{user_id}/confirm", post(confirm))
+        .route_layer(from_fn_with_state(api_body, body::read_whole))
+        .route_layer(from_fn_with_state(state, admit));
+    let browser_body = BodyLimits { max_bytes: 0, deadline: body_deadline };
+    let browser = Router::new()
         .route("/oauth/calendly/callback", get(callback))
+        .route_layer(from_fn_with_state(browser_body, body::read_whole));
+    api.merge(browser)
 }
 
 /// Constant-time bearer check; the API is closed (503) until a token is configured.
@@ -48,16 +64,11 @@ fn database_ready(state: &AppState) -> Result<(), ApiError> {
     if state.database.is_migrated() { Ok(()) } else { Err(ApiError::database("not migrated yet")) }
 }
 
-/// A connection API request that may proceed: the bearer token matched, then the database is there.
-struct Admitted;
-
-impl FromRequestParts<AppState> for Admitted {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authorize(state, &parts.headers)?;
-        database_ready(state)?;
-        Ok(Self)
+/// A connection API request may proceed once the bearer token matched, then the database is there.
+async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match authorize(&state, request.headers()).and_then(|()| database_ready(&state)) {
+        Ok(()) => next.run(request).await,
+        Err(error) => error.into_response(),
     }
 }
 
@@ -85,18 +96,15 @@ struct BeginRequest {
 
 async fn begin(
     State(state): State<AppState>,
-    headers: HeaderMap,
     body: Result<Json<BeginRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    authorize(&state, &headers)?;
     let Json(request) =
         body.map_err(|e| ApiError::BadRequest(format!("expected {{\"user_id\": \"<uuid>\"}}: {}", e.body_text())))?;
-    database_ready(&state)?;
     let url = state.connect.begin(request.user_id).await.map_err(api_error)?;
     Ok(Json(serde_json::json!({ "authorize_url": url.as_str() })))
 }
 
-async fn status(_: Admitted, State(state): State<AppState>, Path(user_id): Path<Uuid>) -> Result<Response, ApiError> {
+async fn status(State(state): State<AppState>, Path(user_id): Path<Uuid>) -> Result<Response, ApiError> {
     match state.connect.status(user_id).await.map_err(api_error)? {
         Some(status) => Ok(Json(status).into_response()),
         None => Err(ApiError::NotFound(format!("user {user_id} never connected Calendly"))),
@@ -110,7 +118,6 @@ struct ConfirmRequest {
 
 /// The app finishes a connect for the user its browser session belongs to.
 async fn confirm(
-    _: Admitted,
     State(state): State<AppState>,
     Path(user_id): Path<Uuid>,
     body: Result<Json<ConfirmRequest>, axum::extract::rejection::JsonRejection>,
@@ -120,11 +127,7 @@ async fn confirm(
     Ok(Json(state.connect.confirm(user_id, &request.connect_id).await.map_err(api_error)?))
 }
 
-async fn disconnect(
-    _: Admitted,
-    State(state): State<AppState>,
-    Path(user_id): Path<Uuid>,
-) -> Result<StatusCode, ApiError> {
+async fn disconnect(State(state): State<AppState>, Path(user_id): Path<Uuid>) -> Result<StatusCode, ApiError> {
     if state.connect.disconnect(user_id).await.map_err(api_error)? {
         Ok(StatusCode::NO_CONTENT)
     } else {

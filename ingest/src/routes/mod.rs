@@ -1,2 +1,3 @@
+pub mod body;
 pub mod connect;
 pub mod webhooks;

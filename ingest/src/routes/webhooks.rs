@@ -4,37 +4,35 @@
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{BoxError, Json, Router};
 use time::OffsetDateTime;
 use tower::ServiceBuilder;
-use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use calsync_common::calendly::signature;
 use calsync_common::queue::{PublishError, message};
 
 use crate::AppState;
 use crate::error::ApiError;
+use crate::routes::body::{self, BodyLimits};
 
 /// Calendly's payloads are a few KiB; anything this large is not a webhook.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// Intake, bounded: at most `max_in_flight` requests at once (more are shed with 503 at once, never
-/// queued in memory), and a body must arrive within `body_timeout`.
-pub fn router(max_in_flight: usize, body_timeout: Duration) -> Router<AppState> {
-    let bounded = ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(overloaded))
-        .load_shed()
-        .concurrency_limit(max_in_flight)
-        .layer(RequestBodyTimeoutLayer::new(body_timeout));
+/// queued in memory); the whole body must arrive within `body_deadline` (the handler reads it, see
+/// [`body::read`], so a slow body still holds its in-flight slot only that long).
+pub fn router(max_in_flight: usize, body_deadline: Duration) -> Router<AppState> {
+    let bounded =
+        ServiceBuilder::new().layer(HandleErrorLayer::new(overloaded)).load_shed().concurrency_limit(max_in_flight);
+    let limits = BodyLimits { max_bytes: MAX_BODY_BYTES, deadline: body_deadline };
     let intake =
-        post(receive).layer::<_, Infallible>(DefaultBodyLimit::max(MAX_BODY_BYTES)).layer::<_, Infallible>(bounded);
+        post(move |state, headers, body| receive(state, headers, body, limits)).layer::<_, Infallible>(bounded);
     Router::new().route("/webhooks/calendly", intake)
 }
 
@@ -62,15 +60,17 @@ impl Drop for InFlight {
 async fn receive(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
+    limits: BodyLimits,
 ) -> Result<impl IntoResponse, ApiError> {
     let _in_flight = InFlight::enter();
-    let result = accept(&state, &headers, body).await;
+    let result = accept(&state, &headers, body, limits).await;
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(ApiError::Signature(_)) => "unauthorized",
         Err(ApiError::PayloadTooLarge { .. }) => "too_large",
         Err(ApiError::BadRequest(_)) => "bad_request",
+        Err(ApiError::RequestTimeout) => "timeout",
         Err(ApiError::Unavailable { .. }) => "unavailable",
         Err(_) => "error",
     };
@@ -81,13 +81,11 @@ async fn receive(
 async fn accept(
     state: &AppState,
     headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
+    limits: BodyLimits,
 ) -> Result<impl IntoResponse + use<>, ApiError> {
+    let body = body::read(body, limits).await?;
     let received_at = OffsetDateTime::now_utc();
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: MAX_BODY_BYTES },
-        _ => ApiError::BadRequest(rejection.body_text()),
-    })?;
     // A header that is not even visible ASCII cannot be a valid signature.
     let header = match headers.get(signature::HEADER) {
         None => None,
