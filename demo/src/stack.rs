@@ -25,6 +25,8 @@ pub struct Stack {
     /// Our own processes (empty when attached); stopped with SIGTERM in reverse order.
     children: Vec<(String, Child)>,
     pub log_dir: Option<PathBuf>,
+    /// The key ingest verifies webhooks with, when we started it (tests sign their own).
+    pub webhook_signing_key: Option<String>,
 }
 
 pub struct LaunchOptions {
@@ -108,7 +110,7 @@ fn random_secret() -> String {
 impl Stack {
     /// Attaches to an already running stack (docker-compose).
     pub fn attach(endpoints: Endpoints) -> Self {
-        Self { endpoints, http: http_client(), children: Vec::new(), log_dir: None }
+        Self { endpoints, http: http_client(), children: Vec::new(), log_dir: None, webhook_signing_key: None }
     }
 
     /// Starts the simulator, ingest and `workers` workers as processes with generated secrets.
@@ -137,6 +139,7 @@ impl Stack {
             http: http_client(),
             children: Vec::new(),
             log_dir: Some(options.log_dir.clone()),
+            webhook_signing_key: Some(signing_key.clone()),
         };
 
         let mut sim = Command::new(binary(&bins, "calendly-sim")?);

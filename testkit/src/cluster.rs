@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 const SERVER: &str = "/usr/lib/rabbitmq/bin/rabbitmq-server";
 const CTL: &str = "/usr/lib/rabbitmq/bin/rabbitmqctl";
+const QUEUES: &str = "/usr/lib/rabbitmq/bin/rabbitmq-queues";
 
 pub struct RabbitCluster {
     dir: PathBuf,
@@ -131,7 +132,11 @@ impl RabbitCluster {
     }
 
     fn ctl_output(&self, n: usize, args: &[&str]) -> std::process::Output {
-        Command::new(CTL)
+        self.tool_output(CTL, n, args)
+    }
+
+    fn tool_output(&self, tool: &str, n: usize, args: &[&str]) -> std::process::Output {
+        Command::new(tool)
             .arg("-n")
             .arg(&self.nodes[n].name)
             .args(args)
@@ -143,6 +148,44 @@ impl RabbitCluster {
     fn ctl(&self, n: usize, args: &[&str]) {
         let out = self.ctl_output(n, args);
         assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// The node leading quorum queue `queue` (of vhost `/`), asked of node `via`.
+    pub fn leader_of(&self, queue: &str, via: usize) -> Option<usize> {
+        let out = self.ctl_output(via, &["-q", "list_queues", "--no-table-headers", "name", "leader"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let leader = text.lines().find_map(|line| {
+            let mut columns = line.split_whitespace();
+            (columns.next() == Some(queue)).then(|| columns.next().unwrap_or_default().to_owned())
+        })?;
+        self.nodes.iter().position(|node| node.name == leader)
+    }
+
+    /// Makes node `n` the leader of quorum queue `queue`, which has a member on every node: the
+    /// other members are removed (a leader is elected among who is left, so at the end that is
+    /// `n`) and added back (adding members never moves the leadership). Every node must be up.
+    pub fn make_leader(&self, queue: &str, n: usize) {
+        let others: Vec<usize> = (0..self.nodes.len()).filter(|m| *m != n).collect();
+        for &m in &others {
+            self.queues(n, &["delete_member", queue, &self.nodes[m].name]);
+        }
+        for &m in &others {
+            self.queues(n, &["add_member", queue, &self.nodes[m].name]);
+        }
+        let started = Instant::now();
+        while self.leader_of(queue, n) != Some(n) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{} did not become the leader of {queue}",
+                self.nodes[n].name
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn queues(&self, n: usize, args: &[&str]) {
+        let out = self.tool_output(QUEUES, n, args);
+        assert!(out.status.success(), "rabbitmq-queues {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     /// `AMQP_URL` for the whole cluster (every node, comma-separated).

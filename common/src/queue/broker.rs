@@ -13,7 +13,7 @@
 //! Callers never wait for a reconnect: while the link is down `publish` fails at once, which
 //! ingest turns into a fast 503 so Calendly retries later.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,6 +31,10 @@ use crate::retry;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the supervisor checks that the connection is still up.
 const HEALTH_POLL: Duration = Duration::from_millis(100);
+/// A publish channel is replaced at most this often, however many of its publishes are nacked.
+const REOPEN_SPACING: Duration = Duration::from_millis(500);
+/// Confirm waits that time out in a row before the node counts as wedged and we move to the next.
+const TIMEOUTS_BEFORE_FAILOVER: usize = 3;
 
 #[derive(Clone)]
 pub struct BrokerConfig {
@@ -79,10 +83,37 @@ struct Link {
     conn: Connection,
     /// `host:port` of the node this link is to (for readiness and logs).
     node: String,
-    publish: Vec<Channel>,
+    publish: Vec<PublishChannel>,
     /// Wakes the supervisor when a publish saw this link fail before its health poll did. Per
     /// link, so a wake-up meant for a dead link can never tear down its replacement.
     broken: Notify,
+    /// Confirm waits that timed out in a row on this link (reset by any ack).
+    timeouts_in_a_row: AtomicUsize,
+}
+
+/// One confirm-mode channel of the publish pool, replaceable in place.
+///
+/// Why replaceable: on RabbitMQ 3.10 a channel opened while a quorum queue has no leader (right
+/// after the leader's node died, before the election ends) keeps addressing the dead leader, and
+/// every publish on it is nacked until that node comes back (20 s and more; RABBITMQ-NOTES.md).
+/// Ingest reconnects within milliseconds of losing its node, so its new channels are exactly those.
+/// A channel that sees a nack is therefore replaced by a fresh one; the nacked publish itself was
+/// never acknowledged to Calendly (503), so nothing is lost either way.
+struct PublishChannel {
+    channel: RwLock<Channel>,
+    /// Set while a replacement is under way and for [`REOPEN_SPACING`] after it, so a burst of
+    /// nacks replaces the channel once.
+    reopening: AtomicBool,
+}
+
+impl PublishChannel {
+    fn new(channel: Channel) -> Self {
+        Self { channel: RwLock::new(channel), reopening: AtomicBool::new(false) }
+    }
+
+    fn current(&self) -> Channel {
+        self.channel.read().expect("publish channel lock poisoned").clone()
+    }
 }
 
 struct Inner {
@@ -179,7 +210,8 @@ impl Broker {
         if link.conn.status().blocked() {
             return Err(PublishError::Blocked);
         }
-        let channel = &link.publish[self.inner.next.fetch_add(1, Ordering::Relaxed) % link.publish.len()];
+        let slot = self.inner.next.fetch_add(1, Ordering::Relaxed) % link.publish.len();
+        let channel = link.publish[slot].current();
         // mandatory: an unroutable message comes back to us (and becomes a 503) instead of being
         // silently dropped by the exchange.
         let options = BasicPublishOptions { mandatory: true, ..Default::default() };
@@ -196,17 +228,31 @@ impl Broker {
                 .await?
                 .await
         };
-        match tokio::time::timeout(timeout, confirm).await {
-            Err(_) => Err(PublishError::Timeout(timeout)),
+        let outcome = match tokio::time::timeout(timeout, confirm).await {
+            Err(_) => {
+                // One slow confirm is a 503; several in a row mean the node is wedged: move on.
+                if link.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_FAILOVER {
+                    tracing::warn!(node = %link.node, "RabbitMQ stopped confirming; moving to the next node");
+                    self.mark_broken(&link);
+                }
+                return Err(PublishError::Timeout(timeout));
+            }
             Ok(Err(e)) => {
                 self.mark_broken(&link);
-                Err(PublishError::Channel(e))
+                return Err(PublishError::Channel(e));
             }
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
-            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(PublishError::Unroutable),
-            Ok(Ok(Confirmation::Nack(_))) => Err(PublishError::Nacked),
+            Ok(Ok(confirmation)) => confirmation,
+        };
+        link.timeouts_in_a_row.store(0, Ordering::Relaxed);
+        match outcome {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
+            Confirmation::Nack(_) => {
+                reopen(&link, slot, &channel, timeout);
+                Err(PublishError::Nacked)
+            }
             // Every pool channel is put in confirm mode before it is shared.
-            Ok(Ok(Confirmation::NotRequested)) => Err(PublishError::Nacked),
+            Confirmation::NotRequested => Err(PublishError::Nacked),
         }
     }
 
@@ -252,11 +298,47 @@ async fn connect(config: &BrokerConfig, node: &SecretString) -> lapin::Result<Li
     let _ = setup.close(200, "topology declared".into()).await;
     let mut publish = Vec::with_capacity(config.publish_channels);
     for _ in 0..config.publish_channels {
-        let channel = conn.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
-        publish.push(channel);
+        publish.push(PublishChannel::new(confirm_channel(&conn).await?));
     }
-    Ok(Link { conn, node: node_name(node), publish, broken: Notify::new() })
+    Ok(Link { conn, node: node_name(node), publish, broken: Notify::new(), timeouts_in_a_row: AtomicUsize::new(0) })
+}
+
+async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(channel)
+}
+
+/// Replaces publish channel `slot` of `link`, which nacked a publish on `nacked` (see
+/// [`PublishChannel`]), unless it was replaced already or is being replaced. The old channel is
+/// closed only after `confirm_wait`, so publishes still waiting on it get their own answer instead
+/// of a closed channel (which would count as a lost link).
+fn reopen(link: &Arc<Link>, slot: usize, nacked: &Channel, confirm_wait: Duration) {
+    let publish = &link.publish[slot];
+    if publish.current().id() != nacked.id() || publish.reopening.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let link = link.clone();
+    tokio::spawn(async move {
+        let publish = &link.publish[slot];
+        match confirm_channel(&link.conn).await {
+            Ok(fresh) => {
+                let old =
+                    std::mem::replace(&mut *publish.channel.write().expect("publish channel lock poisoned"), fresh);
+                tracing::info!(node = %link.node, "a publish was nacked; replaced its channel");
+                tokio::spawn(async move {
+                    tokio::time::sleep(confirm_wait).await;
+                    let _ = old.close(200, "replaced after a nack".into()).await;
+                });
+            }
+            Err(error) => {
+                tracing::warn!(node = %link.node, %error, "could not replace a nacking channel; reconnecting");
+                link.broken.notify_one();
+            }
+        }
+        tokio::time::sleep(REOPEN_SPACING).await;
+        publish.reopening.store(false, Ordering::Release);
+    });
 }
 
 async fn supervise(inner: Arc<Inner>) {
@@ -318,7 +400,7 @@ async fn watch_link(inner: &Inner, link: &Link) {
             _ = inner.stop.cancelled() => return,
             _ = link.broken.notified() => return,
             _ = tokio::time::sleep(HEALTH_POLL) => {
-                let channels_ok = link.publish.iter().all(|c| c.status().connected());
+                let channels_ok = link.publish.iter().all(|c| c.current().status().connected());
                 if !link.conn.status().connected() || !channels_ok {
                     return;
                 }
