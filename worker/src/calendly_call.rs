@@ -20,9 +20,39 @@ use crate::tokens;
 /// delayed-retry path so the worker slot is freed.
 const MAX_IN_PROCESS_RATE_WAIT: Duration = Duration::from_secs(2);
 
+/// What a call is for, which decides what a token lacking a scope means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Reading the user's events: without it calsync cannot do its job, so a missing scope makes
+    /// the connection `needs_reauth` and parks its deliveries.
+    Essential,
+    /// A check around the job (the subscription's health): a missing scope is reported on the
+    /// connection and the check skipped. Grants made before calsync asked for `webhooks:read` lack
+    /// it; parking every such connection on the first check after a deploy would stop all of them.
+    Auxiliary,
+}
+
 /// Runs `call` with `connection`'s token: refreshes once after a 401, waits out short rate limits,
 /// retries transient failures for a few seconds, and turns everything else into a typed error.
-pub async fn call<T, F, Fut>(deps: &Deps, connection: &Connection, mut call: F) -> Result<T, ProcessError>
+pub async fn call<T, F, Fut>(deps: &Deps, connection: &Connection, call: F) -> Result<T, ProcessError>
+where
+    F: FnMut(SecretString) -> Fut,
+    Fut: Future<Output = Result<T, CalendlyError>>,
+{
+    call_for(Need::Essential, deps, connection, call).await
+}
+
+/// [`call`] for a check around the job: a token lacking a scope is a [`ProcessError::Permanent`]
+/// saying the user should reconnect to enable it, and never touches the connection's status.
+pub async fn call_auxiliary<T, F, Fut>(deps: &Deps, connection: &Connection, call: F) -> Result<T, ProcessError>
+where
+    F: FnMut(SecretString) -> Fut,
+    Fut: Future<Output = Result<T, CalendlyError>>,
+{
+    call_for(Need::Auxiliary, deps, connection, call).await
+}
+
+async fn call_for<T, F, Fut>(need: Need, deps: &Deps, connection: &Connection, mut call: F) -> Result<T, ProcessError>
 where
     F: FnMut(SecretString) -> Fut,
     Fut: Future<Output = Result<T, CalendlyError>>,
@@ -65,6 +95,11 @@ where
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => return Err(error.into()),
             },
+            CalendlyError::InsufficientScope { .. } if need == Need::Auxiliary => {
+                return Err(ProcessError::Permanent(format!(
+                    "{error}; reconnect Calendly to enable subscription health (the connection keeps working)"
+                )));
+            }
             CalendlyError::InsufficientScope { .. } => {
                 // Not someone else's resource: this grant can never read ours. The user must
                 // reconnect (with the scopes); the connection says which ones are missing.

@@ -3,6 +3,9 @@
 //! periodically: `failing` (Calendly is retrying) is recorded with since when, and a `disabled` or
 //! vanished one is replaced — the new one first, so there is never a moment with none, then the old
 //! one deleted — and the connection resynced, which brings back what was missed meanwhile.
+//!
+//! Every Calendly call here is auxiliary: a grant without `webhooks:read` (made before calsync
+//! asked for it) is reported on the connection, never parked as `needs_reauth`.
 
 use calsync_common::calendly::CalendlyError;
 use calsync_common::calendly::subscription::{self, SubscriptionError};
@@ -47,7 +50,7 @@ pub async fn check(deps: &Deps, connection_id: uuid::Uuid) -> Result<Option<Sync
 
 /// The subscription at `uri`, or `None` when Calendly no longer has it.
 async fn read(deps: &Deps, connection: &Connection, uri: &str) -> Result<Option<Subscription>, ProcessError> {
-    calendly_call::call(deps, connection, |token| async move {
+    calendly_call::call_auxiliary(deps, connection, |token| async move {
         match deps.calendly.get_subscription(uri, &token).await {
             Ok(found) => Ok(Some(found)),
             Err(CalendlyError::NotFound) => Ok(None),
@@ -86,7 +89,7 @@ async fn replace(
             "the webhook subscription is gone and cannot be replaced: set CALENDLY_WEBHOOK_CALLBACK_URL on the worker";
         return Err(ProcessError::Permanent(reason.into()));
     };
-    let new_uri = calendly_call::call(deps, connection, |token| {
+    let new_uri = calendly_call::call_auxiliary(deps, connection, |token| {
         let callback_url = callback_url.clone();
         async move {
             subscription::ensure(&deps.calendly, &callback_url, organization, user, &token).await.map_err(|e| match e {
@@ -110,13 +113,10 @@ async fn replace(
 }
 
 async fn delete_quietly(deps: &Deps, connection: &Connection, uri: &str) {
-    let deleted =
-        calendly_call::call(
-            deps,
-            connection,
-            |token| async move { deps.calendly.delete_subscription(uri, &token).await },
-        )
-        .await;
+    let deleted = calendly_call::call_auxiliary(deps, connection, |token| async move {
+        deps.calendly.delete_subscription(uri, &token).await
+    })
+    .await;
     if let Err(error) = deleted {
         tracing::warn!(connection_id = %connection.id, %error, "could not delete a webhook subscription at Calendly");
     }

@@ -300,3 +300,35 @@ async fn a_replacement_subscription_is_in_place_before_the_old_one_goes_even_whe
     assert_eq!(h.captured().len(), 1, "webhooks flow through the replacement");
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_grant_from_before_webhooks_read_was_asked_for_is_told_to_reconnect_and_keeps_syncing(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    // Every token lacks webhooks:read, as grants made before calsync asked for it do.
+    h.sim.sim.set_faults(Faults {
+        token: calendly_sim::TokenFaults { missing_scopes: vec!["webhooks:read".into()], ..Default::default() },
+        ..Faults::default()
+    });
+
+    h.start_worker(CHECK_EVERY_SECOND).await;
+    wait_until(DEADLINE, "the missing scope said on the connection", || async {
+        let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM calendar_connections WHERE id = $1")
+            .bind(ada.connection_id)
+            .fetch_one(&h.pool)
+            .await
+            .unwrap();
+        error.is_some_and(|e| {
+            e.contains("webhooks:read") && e.contains("reconnect Calendly to enable subscription health")
+        })
+    })
+    .await;
+    h.book(&ada, 1);
+    let ids = h.publish_all(&h.captured()).await;
+
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    assert_eq!(h.connection_status(&ada).await, "active", "an auxiliary check never parks a connection");
+    assert_eq!(h.meetings(ada.app_user).await.len(), 1);
+    assert!(h.dead_letters().await.is_empty());
+    h.stop().await;
+}
