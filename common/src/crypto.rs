@@ -33,6 +33,15 @@ pub enum CryptoError {
     Decrypt,
 }
 
+impl CryptoError {
+    /// True when the stored value itself is wrong for where it is (copied from another row, or
+    /// corrupted): that row's problem, not the process's configuration. Only a key the process
+    /// does not hold ([`CryptoError::UnknownKey`]) is a configuration error.
+    pub fn is_integrity(&self) -> bool {
+        matches!(self, Self::Format | Self::Decrypt)
+    }
+}
+
 /// What a ciphertext is bound to (table, row key, column). Decrypting with any other binding fails.
 #[derive(Debug, Clone)]
 pub struct Binding {
@@ -71,16 +80,20 @@ pub struct TokenCipher {
     failures: KeyFailures,
 }
 
-/// The last time a stored value failed to decrypt, and why. A value that does not decrypt means the
-/// process lacks the key it was written with (a rotation rolled out half-way): an operator's
-/// configuration error, which readiness reports until it has stopped happening for a while.
+/// The last time a stored value named a key this process does not hold, and why: the process
+/// lacks the key it was written with (a rotation rolled out half-way), an operator's configuration
+/// error, which readiness reports until it has stopped happening for a while. A value that fails
+/// its integrity check is one row's problem and never makes the process unready.
 #[derive(Clone, Default)]
 pub struct KeyFailures(Arc<Mutex<Option<(Instant, String)>>>);
 
 impl KeyFailures {
     fn record(&self, error: &CryptoError) {
-        metrics::counter!("calsync_token_decrypt_failures_total").increment(1);
-        *self.0.lock().expect("key failures lock") = Some((Instant::now(), error.to_string()));
+        let reason = if error.is_integrity() { "integrity" } else { "unknown_key" };
+        metrics::counter!("calsync_token_decrypt_failures_total", "reason" => reason).increment(1);
+        if !error.is_integrity() {
+            *self.0.lock().expect("key failures lock") = Some((Instant::now(), error.to_string()));
+        }
     }
 
     /// Why a value last failed to decrypt, if that was less than `within` ago.

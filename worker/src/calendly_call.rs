@@ -105,7 +105,10 @@ where
                 // reconnect (with the scopes); the connection says which ones are missing.
                 let reason = format!("{error}; the user must reconnect Calendly to grant it");
                 let mut db = deps.pool.acquire().await?;
-                connections::mark_needs_reauth(&mut db, connection.id, &reason).await?;
+                if !connections::mark_needs_reauth(&mut db, connection, Some(&token.ciphertext), &reason).await? {
+                    // Refreshed, reconnected or disconnected meanwhile: resolve the delivery again.
+                    return Err(ProcessError::transient("the connection changed while calling Calendly"));
+                }
                 tracing::warn!(connection_id = %connection.id, %reason, "connection needs reauth");
                 return Err(ProcessError::NeedsReauth(reason));
             }

@@ -63,9 +63,10 @@ impl From<sqlx::Error> for ProcessError {
 }
 
 impl From<CryptoError> for ProcessError {
-    /// A token that does not decrypt means this process lacks a key (a rotation half rolled out),
+    /// A token written with a key this process does not hold means a rotation rolled out half-way,
     /// not that the user must reconnect: retried through the delay queues until the operator fixes
-    /// the configuration, never parked for reauth.
+    /// the configuration, never parked. (A token failing its integrity check is parked by
+    /// `tokens`, which knows whose it is.)
     fn from(error: CryptoError) -> Self {
         Self::transient(format!(
             "stored token cannot be decrypted ({error}): configuration error, check TOKEN_ENCRYPTION_KEY and \

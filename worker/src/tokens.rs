@@ -35,7 +35,8 @@ pub async fn access_token(deps: &Deps, connection: &Connection) -> Result<Access
     if fresh(connection.token_expires_at)
         && let Some(ciphertext) = &connection.access_token
     {
-        return Ok(AccessToken { secret: connection.decrypt_access(&deps.cipher)?, ciphertext: ciphertext.clone() });
+        let secret = open(deps, connection, connection.decrypt_access(&deps.cipher)).await?;
+        return Ok(AccessToken { secret, ciphertext: ciphertext.clone() });
     }
     refresh(deps, connection, None).await
 }
@@ -100,7 +101,7 @@ async fn refresh_across_processes(
             Some(rejected) => row.access_token.as_deref() != Some(rejected),
         };
         if someone_refreshed && let Some(ciphertext) = row.access_token.clone() {
-            return Ok(AccessToken { secret: row.decrypt_access(&deps.cipher)?, ciphertext });
+            return Ok(AccessToken { secret: open(deps, &row, row.decrypt_access(&deps.cipher)).await?, ciphertext });
         }
         // Another worker holds the lease and is talking to Calendly.
         if started.elapsed() > REFRESH_LEASE + Duration::from_secs(5) {
@@ -114,6 +115,8 @@ async fn refresh_across_processes(
 async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<AccessToken, ProcessError> {
     let refresh_token = match row.decrypt_refresh(&deps.cipher) {
         Ok(token) => token,
+        // Parking the connection ends the lease too.
+        Err(error) if error.is_integrity() => return Err(open(deps, &row, Err(error)).await.unwrap_err()),
         Err(error) => {
             connections::release_refresh(&deps.pool, row.id, owner).await?;
             return Err(error.into());
@@ -152,7 +155,8 @@ async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<Acc
         Err(CalendlyError::InvalidGrant(detail)) => {
             let reason = format!("refresh token rejected by Calendly (invalid_grant): {detail}");
             let mut db = deps.pool.acquire().await?;
-            connections::mark_needs_reauth(&mut db, row.id, &reason).await?;
+            // We hold the lease: the row is as we claimed it unless a disconnect cleared it.
+            connections::mark_needs_reauth(&mut db, &row, row.access_token.as_deref(), &reason).await?;
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "invalid_grant").increment(1);
             tracing::warn!(connection_id = %row.id, "refresh token rejected; connection needs reauth");
             Err(ProcessError::NeedsReauth(reason))
@@ -163,6 +167,30 @@ async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<Acc
             Err(error.into())
         }
     }
+}
+
+/// A stored token of `row`, decrypted. A value that fails its integrity check for this row (copied
+/// from another row, or corrupted) is this connection's problem: it becomes `needs_reauth` with
+/// reason `integrity` and its deliveries are parked, while every other connection carries on and
+/// the worker stays ready. Only a key this worker does not hold is a configuration error (retried,
+/// reported by readiness).
+async fn open(
+    deps: &Deps,
+    row: &Connection,
+    opened: Result<SecretString, calsync_common::crypto::CryptoError>,
+) -> Result<SecretString, ProcessError> {
+    let error = match opened {
+        Ok(secret) => return Ok(secret),
+        Err(error) if error.is_integrity() => error,
+        Err(error) => return Err(error.into()),
+    };
+    let reason = format!("integrity: {error}; the user must reconnect Calendly");
+    let mut db = deps.pool.acquire().await?;
+    if !connections::mark_needs_reauth(&mut db, row, row.access_token.as_deref(), &reason).await? {
+        return Err(ProcessError::transient("the connection changed while its token was read"));
+    }
+    tracing::warn!(connection_id = %row.id, "a stored token failed its integrity check; the connection needs reauth");
+    Err(ProcessError::NeedsReauth(reason))
 }
 
 /// A refreshed pair, encrypted for its row.

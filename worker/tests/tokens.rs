@@ -163,3 +163,66 @@ async fn a_delivery_resolved_before_its_connection_changed_hands_never_refreshes
     assert_eq!(h.sim.sim.token_grants("refresh_token"), before, "the new account's refresh token was not used");
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_token_copied_from_another_row_parks_only_that_connection_and_the_worker_stays_ready(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let addr = h.start_worker(&[]).await;
+    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
+    // Ada's access token replaced by Bob's ciphertext, which is bound to Bob's row only.
+    sqlx::query(
+        "UPDATE calendar_connections a SET access_token = b.access_token FROM calendar_connections b \
+         WHERE a.id = $1 AND b.id = $2",
+    )
+    .bind(ada.connection_id)
+    .bind(bob.connection_id)
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    h.book(&ada, 1);
+    h.book(&bob, 1);
+
+    let ids = h.publish_all(&h.captured()).await;
+    h.wait_for_inbox(&ids, &["processed", "awaiting_reauth"]).await;
+
+    assert_eq!(h.inbox_status(&ids[0]).await.as_deref(), Some("awaiting_reauth"), "Ada's delivery is parked");
+    assert_eq!(h.inbox_status(&ids[1]).await.as_deref(), Some("processed"), "Bob's goes through");
+    assert_eq!(h.connection_status(&ada).await, "needs_reauth");
+    assert_eq!(h.connection_status(&bob).await, "active");
+    let error: String = sqlx::query_scalar("SELECT last_error FROM calendar_connections WHERE id = $1")
+        .bind(ada.connection_id)
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert!(error.starts_with("integrity:"), "{error}");
+    assert_eq!((h.meetings(ada.app_user).await.len(), h.meetings(bob.app_user).await.len()), (0, 1));
+    let http = calsync_common::http::client_builder().build().unwrap();
+    let ready = http.get(format!("http://{addr}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "one row's bad token is not the worker's problem");
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["token_keys"], "ok");
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_reauth_verdict_about_a_token_the_row_no_longer_holds_leaves_the_row_active(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    let seen = calsync_common::db::connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
+    // The row got a new pair meanwhile (a refresh, or the user reconnecting).
+    h.store_tokens(ada.app_user, &ada.calendly, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
+
+    let mut db = h.pool.acquire().await.unwrap();
+    let moved = calsync_common::db::connections::mark_needs_reauth(
+        &mut db,
+        &seen,
+        seen.access_token.as_deref(),
+        "refresh token rejected",
+    )
+    .await
+    .unwrap();
+
+    assert!(!moved);
+    assert_eq!(h.connection_status(&ada).await, "active", "the new pair is not condemned by the old one's verdict");
+    h.stop().await;
+}

@@ -279,20 +279,33 @@ pub async fn store_refreshed(
 
 /// The user has to reconnect. The account stays linked to the user (`is_active`), so its webhooks
 /// are parked as `awaiting_reauth` instead of becoming `unmatched`.
-pub async fn mark_needs_reauth(tx: &mut PgConnection, id: Uuid, reason: &str) -> sqlx::Result<()> {
-    // Only an active row moves to needs_reauth: a disconnect that raced us must stay disconnected.
-    sqlx::query(
+///
+/// Only the row as `seen` moves: still active (a disconnect that raced us stays disconnected), the
+/// same user and Calendly account (a reconnect of another account is not its problem), and still
+/// holding `access_seen`, the access token the failure was about (a refresh or reconnect since
+/// then replaced it, so the failure no longer describes the row). Returns whether it moved.
+pub async fn mark_needs_reauth(
+    tx: &mut PgConnection,
+    seen: &Connection,
+    access_seen: Option<&str>,
+    reason: &str,
+) -> sqlx::Result<bool> {
+    let moved = sqlx::query(
         "UPDATE calendar_connections SET status = $3, last_error = $2, refresh_lease_owner = NULL, \
              refresh_lease_until = NULL, updated_at = now() \
-         WHERE id = $1 AND status = $4",
+         WHERE id = $1 AND status = $4 AND user_id = $5 AND calendly_user_uri IS NOT DISTINCT FROM $6 \
+           AND access_token IS NOT DISTINCT FROM $7",
     )
-    .bind(id)
+    .bind(seen.id)
     .bind(reason)
     .bind(ConnectionStatus::NeedsReauth)
     .bind(ConnectionStatus::Active)
+    .bind(seen.user_id)
+    .bind(seen.calendly_user_uri.as_deref())
+    .bind(access_seen)
     .execute(tx)
-    .await
-    .map(|_| ())
+    .await?;
+    Ok(moved.rows_affected() == 1)
 }
 
 pub async fn set_synced(pool: &PgPool, id: Uuid, at: OffsetDateTime) -> sqlx::Result<()> {
