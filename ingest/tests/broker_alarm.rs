@@ -8,7 +8,7 @@
 mod support;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use calsync_testkit::wait_until;
 use support::*;
@@ -49,21 +49,19 @@ async fn while_rabbitmq_blocks_publishers_webhooks_get_fast_503s_and_are_accepte
         return;
     };
 
-    // The first publish meets the alarm: no confirm comes, so it times out (bounded) with a 503.
+    // The first publish meets the alarm: no confirm comes, so the bounded confirm wait answers 503
+    // (or RabbitMQ's "blocked" arrived first, and ingest did not publish at all).
     let first = sample_body(1);
-    let started = Instant::now();
     let response = app.post_webhook(&first, Some(signed(KEY, &first))).await;
     assert_eq!(response.status(), 503);
-    assert!(started.elapsed() < Duration::from_secs(3), "bounded by the publish timeout");
-    // Once RabbitMQ has said "blocked", answers are immediate.
+    let code = response.json::<serde_json::Value>().await.unwrap()["error"].clone();
+    assert!(code == "broker_timeout" || code == "broker_blocked", "{code}");
+    // Once RabbitMQ has said "blocked", ingest answers without publishing (no confirm to wait for:
+    // the code says which path answered, whatever the machine's speed).
     wait_until(Duration::from_secs(10), "ingest knows the connection is blocked", || async {
         let body = sample_body(2);
-        let started = Instant::now();
         let response = app.post_webhook(&body, Some(signed(KEY, &body))).await;
-        let fast = started.elapsed() < Duration::from_millis(200);
-        let blocked = response.status() == 503
-            && response.json::<serde_json::Value>().await.unwrap()["error"] == "broker_blocked";
-        fast && blocked
+        response.status() == 503 && response.json::<serde_json::Value>().await.unwrap()["error"] == "broker_blocked"
     })
     .await;
     assert_eq!(app.http.get(app.url("/readyz")).send().await.unwrap().status(), 503);
