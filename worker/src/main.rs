@@ -26,10 +26,18 @@ enum Command {
     Connections,
     /// Queue a full resync of one user's connection now.
     Resync { user_id: uuid::Uuid },
-    /// List dead letters (age, event, attempts, reason) without their bodies or consuming them.
+    /// List dead webhooks (age, event, attempts, reason) without their bodies, and count
+    /// calsync.dead, without taking a single message out of it.
     Dead,
-    /// Erase an invitee's personal data (a deletion request) from invitees, meetings and inbox bodies.
-    Forget { email: String },
+    /// Erase one invitee's personal data (a deletion request): invitee rows, their meetings'
+    /// locations and cancel reasons, kept and queued webhook bodies; later writes honour it.
+    Forget {
+        /// The invitee's exact email address (case-insensitive; never a substring).
+        email: String,
+        /// Report what would be erased, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[tokio::main]
@@ -43,7 +51,7 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Connections) => list_connections(&cli.settings).await,
         Some(Command::Resync { user_id }) => resync(&cli.settings, user_id).await,
         Some(Command::Dead) => list_dead(&cli.settings).await,
-        Some(Command::Forget { email }) => forget(&cli.settings, &email).await,
+        Some(Command::Forget { email, dry_run }) => forget(&cli.settings, &email, dry_run).await,
         None => run(cli.settings).await,
     };
     match result {
@@ -127,22 +135,34 @@ async fn resync(settings: &WorkerSettings, user_id: uuid::Uuid) -> anyhow::Resul
 }
 
 async fn list_dead(settings: &WorkerSettings) -> anyhow::Result<()> {
-    let broker = broker(settings, "calsync-worker dead").await?;
-    let lines = report::dead(&broker).await;
+    let (pool, broker) = (pool(settings).await?, broker(settings, "calsync-worker dead").await?);
+    let report = calsync_worker::admin::dead::dead(&pool, &broker).await;
     broker.close().await;
-    let lines = lines?;
-    for line in &lines {
+    let report = report?;
+    for line in &report.webhooks {
         println!("{line}");
     }
-    println!("{} dead letter(s)", lines.len());
+    println!(
+        "{} dead webhook(s) recorded; {} message(s) in calsync.dead (the rest are sync jobs or letters the broker \
+         dead-lettered itself)",
+        report.webhooks.len(),
+        report.in_queue
+    );
     Ok(())
 }
 
-async fn forget(settings: &WorkerSettings, email: &str) -> anyhow::Result<()> {
-    let forgotten = report::forget(&pool(settings).await?, email).await?;
-    println!(
-        "erased {email} from {} invitee row(s), {} meeting location(s) and {} kept webhook body(ies)",
-        forgotten.invitees, forgotten.meetings, forgotten.inbox_bodies
-    );
+async fn forget(settings: &WorkerSettings, email: &str, dry_run: bool) -> anyhow::Result<()> {
+    use calsync_worker::admin::forget;
+    // Refused before anything is opened: an empty or partial address must never match anyone.
+    let email = forget::EmailAddress::parse(email)?;
+    let (pool, broker) = (pool(settings).await?, broker(settings, "calsync-worker forget").await?);
+    let forgotten = forget::forget(&pool, Some(&broker), &email, dry_run).await;
+    broker.close().await;
+    let forgotten = forgotten?;
+    if dry_run {
+        println!("dry run: would erase {email} from {forgotten}; nothing was changed");
+    } else {
+        println!("erased {email} from {forgotten}; later writes about {email} are erased too");
+    }
     Ok(())
 }

@@ -8,7 +8,7 @@ use calsync_common::calendly::webhook::{Change, InviteeChange, Webhook};
 use calsync_common::db::connections::{self, Connection, ConnectionStatus};
 use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
 use calsync_common::meeting::{Meeting, MeetingInvitee};
-use calsync_common::queue::message::Incoming;
+use calsync_common::queue::message::{self, Incoming};
 
 use crate::deps::Deps;
 use crate::error::ProcessError;
@@ -111,9 +111,13 @@ async fn apply(
 /// in the same transaction as the rows (or already did, for a duplicate). A parked delivery whose
 /// inbox row cannot be written is not acked: it is retried like any database failure.
 async fn record(deps: &Deps, delivery: &Incoming, webhook: Option<&Webhook>, outcome: Outcome) -> Outcome {
+    // A body that is not a whole envelope may still name its event: operators listing dead
+    // letters (`calsync-worker dead`, which reads the inbox) should see it.
+    let routing_key = if webhook.is_none() { message::webhook_routing_key(&delivery.body) } else { String::new() };
+    let event = webhook.map(|w| w.event.as_str()).or_else(|| routing_key.strip_prefix("webhook.calendly."));
     let outcome = match outcome {
         Outcome::Ack { status, note } if status != InboxStatus::Processed => {
-            match inbox::record(&deps.pool, &inbox_row(delivery, webhook, status, note.as_deref())).await {
+            match inbox::record(&deps.pool, &inbox_row(delivery, webhook, event, status, note.as_deref())).await {
                 Ok(()) => Outcome::Ack { status, note },
                 Err(error) => outcome::decide(error.into(), delivery.attempt, deps.max_attempts),
             }
@@ -122,7 +126,7 @@ async fn record(deps: &Deps, delivery: &Incoming, webhook: Option<&Webhook>, out
     };
     if let Outcome::Dead { reason } = &outcome {
         // Best effort: the dead letter itself carries the reason even when the database is what failed.
-        let row = inbox_row(delivery, webhook, InboxStatus::Dead, Some(reason));
+        let row = inbox_row(delivery, webhook, event, InboxStatus::Dead, Some(reason));
         if let Err(error) = inbox::record(&deps.pool, &row).await {
             tracing::warn!(%error, "could not record a dead delivery in the inbox");
         }
@@ -133,12 +137,13 @@ async fn record(deps: &Deps, delivery: &Incoming, webhook: Option<&Webhook>, out
 fn inbox_row<'a>(
     delivery: &'a Incoming,
     webhook: Option<&'a Webhook>,
+    event: Option<&'a str>,
     status: InboxStatus,
     last_error: Option<&'a str>,
 ) -> InboxRecord<'a> {
     InboxRecord {
         message_id: &delivery.message_id,
-        event: webhook.map(|w| w.event.as_str()),
+        event,
         created_by: webhook.map(|w| w.created_by.as_str()),
         received_at: delivery.received_at,
         status,

@@ -83,12 +83,37 @@ pub async fn upsert_meeting(tx: &mut PgConnection, user_id: Uuid, meeting: &Meet
 pub async fn upsert_invitees(tx: &mut PgConnection, invitees: &[(Uuid, &MeetingInvitee)]) -> sqlx::Result<()> {
     for round in rounds(invitees.to_vec(), |(meeting, i)| (*meeting, i.calendly_invitee_uri.clone())) {
         sqlx::query(
-            "INSERT INTO meeting_invitees (id, meeting_id, calendly_invitee_uri, email, name, status, rescheduled, \
+            "WITH k AS ( \
+                 SELECT k.*, f.email_hash IS NOT NULL AS erased \
+                 FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
+                     $7::bool[], $8::text[], $9::text[], $10::bool[], $11::timestamptz[], $12::text[], $13::text[], \
+                     $14::text[], $15::timestamptz[]) \
+                     AS k(id, meeting_id, uri, email, name, status, rescheduled, old_uri, new_uri, no_show, \
+                          canceled_at, cancel_reason, canceled_by, canceler_type, source_updated_at) \
+                 LEFT JOIN forgotten_people f ON f.email_hash = CASE \
+                     WHEN starts_with(k.email, 'forgotten:') THEN substr(k.email, 11) \
+                     ELSE encode(sha256(convert_to(lower(k.email), 'UTF8')), 'hex') END \
+             ), \
+             -- A person erased by `forget` stays erased (db::forgotten; a rewritten body carries the
+             -- marker 'forgotten:<hash>' instead of the email): neither their name and email, nor a
+             -- location they gave (their phone, what they typed), nor a cancel reason they wrote.
+             erased_from_meetings AS ( \
+                 UPDATE meetings m SET \
+                     location = CASE WHEN m.location->>'type' IN ('outbound_call', 'ask_invitee') \
+                                     THEN NULL ELSE m.location END, \
+                     cancel_reason = CASE WHEN k.canceler_type = 'invitee' THEN NULL ELSE m.cancel_reason END \
+                 FROM k \
+                 WHERE k.erased AND m.id = k.meeting_id \
+                   AND (m.location->>'type' IN ('outbound_call', 'ask_invitee') \
+                        OR (k.canceler_type = 'invitee' AND m.cancel_reason IS NOT NULL)) \
+             ) \
+             INSERT INTO meeting_invitees (id, meeting_id, calendly_invitee_uri, email, name, status, rescheduled, \
                  old_invitee_uri, new_invitee_uri, no_show, canceled_at, cancel_reason, canceled_by, canceler_type, \
                  source_updated_at) \
-             SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[], \
-                 $7::bool[], $8::text[], $9::text[], $10::bool[], $11::timestamptz[], $12::text[], $13::text[], \
-                 $14::text[], $15::timestamptz[]) \
+             SELECT id, meeting_id, uri, CASE WHEN erased THEN NULL ELSE email END, \
+                 CASE WHEN erased THEN NULL ELSE name END, status, rescheduled, old_uri, new_uri, no_show, \
+                 canceled_at, CASE WHEN erased THEN NULL ELSE cancel_reason END, \
+                 CASE WHEN erased THEN NULL ELSE canceled_by END, canceler_type, source_updated_at FROM k \
              ON CONFLICT (meeting_id, calendly_invitee_uri) DO UPDATE SET \
                  email = EXCLUDED.email, name = EXCLUDED.name, \
                  status = EXCLUDED.status, rescheduled = EXCLUDED.rescheduled, \

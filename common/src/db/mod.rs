@@ -5,8 +5,10 @@
 //! - [`inbox`]: `webhook_inbox`, what became of every delivery.
 //! - [`oauth_states`]: single-use OAuth state for the connect flow.
 //! - [`pending`]: what a callback was granted, until the app confirms it for the right user.
+//! - [`forgotten`]: tombstones of people erased on request, which later writes honour.
 
 pub mod connections;
+pub mod forgotten;
 pub mod inbox;
 pub mod meetings;
 pub mod oauth_states;

@@ -1,9 +1,14 @@
-//! Operator subcommands' work, beside the `calsync-worker` subcommands that call it.
+//! Operator subcommands' work, one command per file, beside the `calsync-worker` subcommands
+//! that call it.
 //!
 //! - [`rotate_key`]: re-encrypt every stored token with the current key.
 //! - [`replay_dead`]: move dead letters back to their work queues.
-//! - [`report`]: `connections`, `resync`, `dead`, `forget`.
+//! - [`report`]: `connections`, `resync`.
+//! - [`dead`]: list dead letters without touching them.
+//! - [`forget`]: erase one invitee's personal data.
 
+pub mod dead;
+pub mod forget;
 pub mod replay_dead;
 pub mod report;
 pub mod rotate_key;

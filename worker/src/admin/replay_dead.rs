@@ -32,7 +32,9 @@ pub async fn replay_dead(pool: &sqlx::PgPool, broker: &Broker) -> anyhow::Result
         let delivery = &message.delivery;
         let (target, copy) = message::revived(delivery);
         if target == RetryTarget::Webhooks {
-            let message_id = message::message_id(&delivery.data);
+            // The delivery's identity travels in its properties: a body `forget` rewrote keeps the
+            // id of the webhook it was (its hash no longer matches).
+            let message_id = message::Incoming::read(delivery).message_id;
             calsync_common::db::inbox::forget_dead(pool, &message_id).await.context("clearing the inbox row")?;
         }
         broker.publish(&copy).await.context("republishing a dead letter")?;
