@@ -77,7 +77,10 @@ impl Permit<'_> {
         if let Some(window) = users.get_mut(&self.user) {
             window.remaining = Some(rate.remaining);
             window.limit = rate.limit;
-            window.resets_at = Instant::now() + rate.reset;
+            // checked: a reset no clock can represent must not panic while the lock is held
+            // (the client caps it already; this is the last line).
+            let now = Instant::now();
+            window.resets_at = now.checked_add(rate.reset).unwrap_or(now + WINDOW);
         }
     }
 }
@@ -119,6 +122,15 @@ mod tests {
         drop(first); // cancelled: its slot comes back
         assert!(budgets.reserve("ada").is_ok());
         drop(second);
+    }
+
+    #[test]
+    fn an_answer_with_an_unrepresentable_reset_does_not_panic_under_the_lock() {
+        let budgets = Budgets::default();
+        let permit = budgets.reserve("ada").unwrap();
+        permit.settle(Some(RateLimit { limit: 50, remaining: 0, reset: Duration::MAX }));
+        assert!(budgets.reserve("ada").is_err(), "spent, and still usable");
+        assert!(budgets.reserve("bob").is_ok());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use calsync_common::calendly::CalendlyError;
 use calsync_common::calendly::types::ScheduledEvent;
 use calsync_common::db::connections::{self, Connection, ConnectionStatus};
 use calsync_common::db::inbox::InboxStatus;
@@ -136,11 +137,14 @@ async fn pass(deps: &Deps, job: &SyncJob) -> Result<Pass, ProcessError> {
             .increment((events.collection.len() - differing.len()) as u64);
         for event in differing {
             match write_event(deps, &connection, event).await {
-                Ok(true) => {
+                Ok(EventWrite::Stored) => {
                     counts.fetched += 1;
                     metrics::counter!("calsync_sync_events_total", "result" => "fetched").increment(1);
                 }
-                Ok(false) => return Ok(Pass::NotActive),
+                Ok(EventWrite::Vanished) => {
+                    metrics::counter!("calsync_sync_events_total", "result" => "vanished").increment(1);
+                }
+                Ok(EventWrite::ConnectionChanged) => return Ok(Pass::NotActive),
                 // The page is redone whole: what it wrote so far now matches and costs nothing.
                 Err(error) => return paused(page, error),
             }
@@ -175,17 +179,36 @@ fn differs(event: &ScheduledEvent, stored: Option<&Stored>) -> bool {
     newer || status_differs || counts_differ
 }
 
-/// Lists `event`'s invitees and writes the meeting with them. False when the connection changed
-/// hands or was disconnected meanwhile (nothing written).
-async fn write_event(deps: &Deps, connection: &Connection, event: &ScheduledEvent) -> Result<bool, ProcessError> {
+/// What became of one listed event.
+enum EventWrite {
+    Stored,
+    /// Calendly no longer has it (deleted between the list and the fetch): skipped, not a
+    /// failure of the whole pass.
+    Vanished,
+    /// The connection changed hands or was disconnected meanwhile: nothing written.
+    ConnectionChanged,
+}
+
+/// Lists `event`'s invitees and writes the meeting with them.
+async fn write_event(deps: &Deps, connection: &Connection, event: &ScheduledEvent) -> Result<EventWrite, ProcessError> {
     let mut invitees = Vec::new();
     let mut invitee_page: Option<String> = None;
     loop {
         let batch = calendly_call::call(deps, connection, |token| {
             let page = invitee_page.clone();
-            async move { deps.calendly.list_invitees(&event.uri, page.as_deref(), &token).await }
+            async move {
+                match deps.calendly.list_invitees(&event.uri, page.as_deref(), &token).await {
+                    Ok(batch) => Ok(Some(batch)),
+                    Err(CalendlyError::NotFound) => Ok(None),
+                    Err(other) => Err(other),
+                }
+            }
         })
         .await?;
+        let Some(batch) = batch else {
+            tracing::info!(event = %event.uri, "a listed event is gone at Calendly; skipped");
+            return Ok(EventWrite::Vanished);
+        };
         invitees.extend(batch.collection);
         match batch.pagination.next_page_token {
             Some(t) => invitee_page = Some(t),
@@ -199,13 +222,13 @@ async fn write_event(deps: &Deps, connection: &Connection, event: &ScheduledEven
         .map_err(|e| ProcessError::Permanent(format!("Calendly listed {e}")))?;
     let mut tx = deps.pool.begin().await?;
     if !connections::lock_if_linked(&mut tx, connection).await? {
-        return Ok(false);
+        return Ok(EventWrite::ConnectionChanged);
     }
     let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(event)).await?;
     let invitees: Vec<_> = rows.iter().map(|row| (meeting_id, row)).collect();
     meetings::upsert_invitees(&mut tx, &invitees).await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(EventWrite::Stored)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -124,8 +124,8 @@ async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<Acc
     };
     match deps.calendly.refresh(&refresh_token).await {
         Ok(tokens) => {
-            let access = deps.cipher.encrypt(&tokens.access_token, binding(row.id, ACCESS_TOKEN));
-            let refresh = deps.cipher.encrypt(&tokens.refresh_token, binding(row.id, REFRESH_TOKEN));
+            let access = deps.cipher.encrypt(tokens.access_token.expose_secret(), binding(row.id, ACCESS_TOKEN));
+            let refresh = deps.cipher.encrypt(tokens.refresh_token.expose_secret(), binding(row.id, REFRESH_TOKEN));
             let pair = Refreshed {
                 access: &access,
                 refresh: &refresh,
@@ -143,14 +143,14 @@ async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<Acc
             if !kept {
                 // Disconnected meanwhile: a pair nobody will use must not stay valid at Calendly.
                 for token in [&tokens.refresh_token, &tokens.access_token] {
-                    let _ = deps.calendly.revoke(&SecretString::from(token.clone())).await;
+                    let _ = deps.calendly.revoke(token).await;
                 }
                 return Err(ProcessError::transient("the connection changed while refreshing its token"));
             }
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "refreshed").increment(1);
             tracing::info!(connection_id = %row.id, "access token refreshed");
             // The work at hand uses the new token.
-            Ok(AccessToken { secret: SecretString::from(tokens.access_token), ciphertext: access })
+            Ok(AccessToken { secret: tokens.access_token, ciphertext: access })
         }
         Err(CalendlyError::InvalidGrant(detail)) => {
             let reason = format!("refresh token rejected by Calendly (invalid_grant): {detail}");

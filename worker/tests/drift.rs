@@ -332,3 +332,31 @@ async fn a_grant_from_before_webhooks_read_was_asked_for_is_told_to_reconnect_an
     assert!(h.dead_letters().await.is_empty());
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn an_event_gone_between_the_list_and_its_invitees_is_skipped_and_the_pass_finishes(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    for _ in 0..3 {
+        h.book_unannounced(&ada, 1);
+    }
+    // An earlier pass died: the connection says so until a pass finishes.
+    calsync_common::db::connections::set_last_error(&h.pool, ada.connection_id, "backfill failed: earlier")
+        .await
+        .unwrap();
+    h.start_worker(&["--subscription-check-interval-secs=0", "--reconcile-interval-secs=0"]).await;
+    // The first event's invitee list answers 404: Calendly deleted it after listing it.
+    h.sim.sim.fail_next(FailNext { endpoint: "list_invitees".into(), count: 1, status: 404 });
+
+    run_sync(&h, &ada, SyncKind::Backfill).await;
+
+    assert_eq!(h.meetings(ada.app_user).await.len(), 2, "the other events are written");
+    assert!(h.dead_letters().await.is_empty(), "one vanished event does not kill the pass");
+    let error: Option<String> = sqlx::query_scalar("SELECT last_error FROM calendar_connections WHERE id = $1")
+        .bind(ada.connection_id)
+        .fetch_one(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(error, None, "a finished pass clears the failure of the one before it");
+    h.stop().await;
+}

@@ -159,10 +159,14 @@ impl CalendlyClient {
         let tokens: TokenResponse =
             response.json().await.map_err(|e| CalendlyError::Unexpected(format!("{endpoint}: {}", without_url(&e))))?;
         if !(1..=MAX_TOKEN_LIFETIME_SECS).contains(&tokens.expires_in) {
-            return Err(CalendlyError::Unexpected(format!(
-                "{endpoint}: Calendly answered expires_in = {} s, not a token lifetime (1 s to {MAX_TOKEN_LIFETIME_SECS} s)",
-                tokens.expires_in
-            )));
+            // Kept, never discarded: a refresh answer holds the only refresh token left.
+            tracing::warn!(
+                endpoint,
+                expires_in = tokens.expires_in,
+                believed = tokens.believed_lifetime_secs(),
+                "Calendly answered a token lifetime that is not one (1 s to {MAX_TOKEN_LIFETIME_SECS} s); keeping the tokens"
+            );
+            metrics::counter!("calsync_token_absurd_lifetimes_total").increment(1);
         }
         Ok(tokens)
     }
@@ -315,12 +319,7 @@ async fn classify(response: Response) -> Result<Response, CalendlyError> {
     if status.is_success() {
         return Ok(response);
     }
-    let reset = response
-        .headers()
-        .get("x-ratelimit-reset")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
+    let reset = super::rate::reset_of(response.headers());
     let body = response.text().await.unwrap_or_default();
     let snippet: String = body.chars().take(300).collect();
     Err(match status {

@@ -9,6 +9,16 @@ use std::time::Duration;
 
 use reqwest::header::HeaderMap;
 
+/// The longest reset we believe. Calendly's windows are a minute; a larger value is a broken
+/// answer, and taken at face value it would overflow the clock arithmetic of whoever waits on it.
+pub const MAX_RESET: Duration = Duration::from_secs(3600);
+
+/// `X-RateLimit-Reset` as a wait: seconds until the window resets, at most [`MAX_RESET`].
+pub fn reset_of(headers: &HeaderMap) -> Option<Duration> {
+    let secs = headers.get("x-ratelimit-reset")?.to_str().ok()?.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RESET))
+}
+
 /// One answer's view of its caller's rate-limit window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
@@ -25,7 +35,7 @@ impl RateLimit {
         Some(Self {
             limit: u32::try_from(number("x-ratelimit-limit")?).ok()?,
             remaining: u32::try_from(number("x-ratelimit-remaining")?).ok()?,
-            reset: Duration::from_secs(number("x-ratelimit-reset")?),
+            reset: reset_of(headers)?,
         })
     }
 }
@@ -65,5 +75,15 @@ mod tests {
         assert_eq!(seen, Some(RateLimit { limit: 50, remaining: 7, reset: Duration::from_secs(41) }));
         record(&headers); // outside observe: nowhere to go, and no panic
         assert_eq!(observe(async {}).await.1, None);
+    }
+
+    #[test]
+    fn an_absurd_reset_is_capped_at_an_hour() {
+        let mut headers = HeaderMap::new();
+        headers.insert("X-RateLimit-Limit", "50".parse().unwrap());
+        headers.insert("X-RateLimit-Remaining", "0".parse().unwrap());
+        headers.insert("X-RateLimit-Reset", u64::MAX.to_string().parse().unwrap());
+        assert_eq!(RateLimit::from_headers(&headers).unwrap().reset, MAX_RESET);
+        assert_eq!(reset_of(&headers), Some(MAX_RESET));
     }
 }

@@ -1,5 +1,6 @@
 //! Calendly payloads, parsed leniently: unknown fields are ignored, optional ones may be missing.
 
+use secrecy::SecretString;
 use serde::Deserialize;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -140,15 +141,20 @@ pub struct CalendlyUser {
 }
 
 /// The longest token lifetime we believe (Calendly's are two hours). A lifetime outside
-/// `1..=MAX_TOKEN_LIFETIME_SECS` is a broken answer: refused with a clear error rather than turned
-/// into an expiry that overflows or never comes.
+/// `1..=MAX_TOKEN_LIFETIME_SECS` is a broken answer — but the tokens in it are real, and for a
+/// refresh the only ones left (Calendly consumed the old refresh token), so the answer is kept with
+/// [`BELIEVED_TOKEN_LIFETIME_SECS`] instead of an expiry that overflows or never comes.
 pub const MAX_TOKEN_LIFETIME_SECS: i64 = 366 * 86_400;
 
-/// `POST /oauth/token` answer.
+/// The lifetime assumed when Calendly's `expires_in` is absurd: Calendly's documented two hours. If
+/// the token dies sooner, the next call's 401 refreshes it.
+pub const BELIEVED_TOKEN_LIFETIME_SECS: i64 = 7_200;
+
+/// `POST /oauth/token` answer. The tokens are secrets: never printed, not even by `Debug`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct TokenResponse {
-    pub access_token: String,
-    pub refresh_token: String,
+    pub access_token: SecretString,
+    pub refresh_token: SecretString,
     pub expires_in: i64,
     #[serde(default)]
     pub owner: Option<String>,
@@ -157,10 +163,19 @@ pub struct TokenResponse {
 }
 
 impl TokenResponse {
-    /// When the access token expires, counted from `now`. Only for answers that passed the token
-    /// endpoint's lifetime check.
+    /// When the access token expires, counted from `now` (an absurd lifetime counts as
+    /// [`BELIEVED_TOKEN_LIFETIME_SECS`]).
     pub fn expires_at(&self, now: OffsetDateTime) -> OffsetDateTime {
-        now + time::Duration::seconds(self.expires_in.clamp(0, MAX_TOKEN_LIFETIME_SECS))
+        now + time::Duration::seconds(self.believed_lifetime_secs())
+    }
+
+    /// `expires_in` when it is a lifetime at all, else [`BELIEVED_TOKEN_LIFETIME_SECS`].
+    pub fn believed_lifetime_secs(&self) -> i64 {
+        if (1..=MAX_TOKEN_LIFETIME_SECS).contains(&self.expires_in) {
+            self.expires_in
+        } else {
+            BELIEVED_TOKEN_LIFETIME_SECS
+        }
     }
 }
 

@@ -308,13 +308,21 @@ pub async fn mark_needs_reauth(
     Ok(moved.rows_affected() == 1)
 }
 
+/// A sync pass finished: records when it started, and clears a sync failure it supersedes
+/// (`<kind> failed: ...`, written when an earlier pass was dead-lettered). Other problems (a
+/// subscription that cannot be checked, a refused disconnect cleanup) stay until their own
+/// cause is resolved.
 pub async fn set_synced(pool: &PgPool, id: Uuid, at: OffsetDateTime) -> sqlx::Result<()> {
-    sqlx::query("UPDATE calendar_connections SET last_synced_at = $2, updated_at = now() WHERE id = $1")
-        .bind(id)
-        .bind(at)
-        .execute(pool)
-        .await
-        .map(|_| ())
+    sqlx::query(
+        "UPDATE calendar_connections SET last_synced_at = $2, updated_at = now(), \
+             last_error = CASE WHEN last_error ~ '^(backfill|resync|reconcile) failed: ' THEN NULL ELSE last_error END \
+         WHERE id = $1",
+    )
+    .bind(id)
+    .bind(at)
+    .execute(pool)
+    .await
+    .map(|_| ())
 }
 
 pub async fn set_last_error(pool: &PgPool, id: Uuid, error: &str) -> sqlx::Result<()> {

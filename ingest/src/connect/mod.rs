@@ -17,6 +17,7 @@ use url::Url;
 use uuid::Uuid;
 
 use calsync_common::calendly::subscription::{self, SubscriptionError};
+use calsync_common::calendly::types::TokenResponse;
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::crypto::{CryptoError, TokenCipher};
 use calsync_common::db::connections::{self, Connected, Connection, ConnectionStatus, StoreError};
@@ -186,24 +187,30 @@ impl ConnectService {
 
         let tokens =
             self.calendly.exchange_code(&code, self.options.redirect_uri.as_str(), verifier.expose_secret()).await?;
-        let access = SecretString::from(tokens.access_token.clone());
-        // The identity comes from Calendly, asked with the token just issued for this consent.
-        let me = match self.calendly.users_me(&access).await {
-            Ok(me) => me,
+        // The one place this consent's tokens are revoked: every way `hold` can fail (Calendly,
+        // the database, an account taken) leaves no live grant behind.
+        match self.hold(user_id, &tokens).await {
+            Ok(pending) => Ok(pending),
             Err(error) => {
                 self.revoke_quietly(&tokens.access_token, &tokens.refresh_token).await;
-                return Err(error.into());
+                Err(error)
             }
-        };
+        }
+    }
+
+    /// Asks Calendly who consented and stores the consent as pending under a one-time id.
+    async fn hold(&self, user_id: Uuid, tokens: &TokenResponse) -> Result<PendingConnect, ConnectError> {
+        // The identity comes from Calendly, asked with the token just issued for this consent.
+        let me = self.calendly.users_me(&tokens.access_token).await?;
         if connections::is_linked_to_another_user(&self.pool, &me.uri, user_id).await? {
             tracing::warn!(%user_id, "Calendly account already connected to another user; revoking the new token");
-            self.revoke_quietly(&tokens.access_token, &tokens.refresh_token).await;
             return Err(ConnectError::AccountTaken);
         }
         let connect_id = random_url_safe();
         let hash = hash_state(&connect_id);
         let now = OffsetDateTime::now_utc();
-        let seal = |token: &str, column| self.cipher.encrypt(token, pending::binding(&hash, column));
+        let seal =
+            |token: &SecretString, column| self.cipher.encrypt(token.expose_secret(), pending::binding(&hash, column));
         let held = Pending {
             connect_id_hash: hash.clone(),
             user_id,
@@ -216,10 +223,7 @@ impl ConnectService {
             token_expires_at: tokens.expires_at(now),
             expires_at: now + PENDING_TTL,
         };
-        if let Err(error) = pending::insert(&self.pool, &held).await {
-            self.revoke_quietly(&tokens.access_token, &tokens.refresh_token).await;
-            return Err(error.into());
-        }
+        pending::insert(&self.pool, &held).await?;
         tracing::info!(%user_id, "Calendly consent received; waiting for the app to confirm it");
         Ok(PendingConnect { connect_id, account: CalendlyAccount::of(&held) })
     }
@@ -234,13 +238,33 @@ impl ConnectService {
             return Err(ConnectError::PendingNotFound);
         };
         let (access, refresh) = self.open_pending(&held)?;
+        // The pending result is gone (taken above): the one place its tokens are revoked when they
+        // do not become a connection, whichever way `link` fails.
+        let connection = match self.link(user_id, &held, &access, &refresh).await {
+            Ok(connection) => connection,
+            Err(error) => {
+                self.revoke_quietly(&access, &refresh).await;
+                return Err(error);
+            }
+        };
+        tracing::info!(%user_id, connection_id = %connection.id, "Calendly account connected");
+        self.start_syncing(&connection, &held, &access).await?;
+        Ok(CalendlyAccount::of(&held))
+    }
+
+    /// Turns a pending consent into `user_id`'s connection, if it is theirs and still valid.
+    async fn link(
+        &self,
+        user_id: Uuid,
+        held: &Pending,
+        access: &SecretString,
+        refresh: &SecretString,
+    ) -> Result<Connection, ConnectError> {
         if held.is_expired() {
-            self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
             return Err(ConnectError::PendingNotFound);
         }
         if held.user_id != user_id {
             tracing::warn!(%user_id, started_by = %held.user_id, "connect confirmed by another user; discarding it");
-            self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
             return Err(ConnectError::WrongUser);
         }
         if let Some(previous) = connections::find_by_user(&self.pool, user_id).await?
@@ -248,13 +272,9 @@ impl ConnectService {
             && previous.status != ConnectionStatus::Disconnected
         {
             // Switching to another Calendly account: exactly a disconnect of the old one first (its
-            // subscription deleted, our grant revoked, under the row lock), then the row is reused.
+            // row unlinked, then its subscription deleted and our grant revoked), then the row is reused.
             tracing::info!(%user_id, "switching Calendly accounts; disconnecting the previous one");
-            if let Err(error) = self.disconnect(user_id).await {
-                // The pending result is gone (taken above): its tokens must not outlive it.
-                self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
-                return Err(error);
-            }
+            self.disconnect(user_id).await?;
         }
         let connected = Connected {
             user_id,
@@ -264,21 +284,14 @@ impl ConnectService {
             refresh_token: refresh.expose_secret(),
             expires_at: held.token_expires_at,
         };
-        let connection = match connections::store_connected(&self.pool, &self.cipher, &connected).await {
-            Ok(connection) => connection,
+        match connections::store_connected(&self.pool, &self.cipher, &connected).await {
+            Ok(connection) => Ok(connection),
             Err(StoreError::AccountTaken) => {
                 tracing::warn!(%user_id, "Calendly account already connected to another user; revoking the new token");
-                self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
-                return Err(ConnectError::AccountTaken);
+                Err(ConnectError::AccountTaken)
             }
-            Err(StoreError::Database(e)) => {
-                self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await;
-                return Err(e.into());
-            }
-        };
-        tracing::info!(%user_id, connection_id = %connection.id, "Calendly account connected");
-        self.start_syncing(&connection, &held, &access).await?;
-        Ok(CalendlyAccount::of(&held))
+            Err(StoreError::Database(e)) => Err(e.into()),
+        }
     }
 
     /// Deletes expired pending results and revokes their tokens; returns how many.
@@ -286,7 +299,7 @@ impl ConnectService {
         let expired = pending::take_expired(&self.pool).await?;
         for held in &expired {
             match self.open_pending(held) {
-                Ok((access, refresh)) => self.revoke_quietly(access.expose_secret(), refresh.expose_secret()).await,
+                Ok((access, refresh)) => self.revoke_quietly(&access, &refresh).await,
                 Err(error) => tracing::warn!(%error, "expired pending connection unreadable; its tokens expire alone"),
             }
         }
@@ -363,9 +376,9 @@ impl ConnectService {
         })
     }
 
-    async fn revoke_quietly(&self, access: &str, refresh: &str) {
+    async fn revoke_quietly(&self, access: &SecretString, refresh: &SecretString) {
         for token in [refresh, access] {
-            if let Err(error) = self.calendly.revoke(&SecretString::from(token.to_owned())).await {
+            if let Err(error) = self.calendly.revoke(token).await {
                 tracing::warn!(%error, "could not revoke a token at Calendly");
             }
         }
@@ -415,7 +428,7 @@ impl ConnectService {
         let expiring = c.token_expires_at.is_none_or(|t| t <= OffsetDateTime::now_utc() + time::Duration::minutes(1));
         if expiring {
             match self.calendly.refresh(&refresh).await {
-                Ok(t) => (access, refresh) = (SecretString::from(t.access_token), SecretString::from(t.refresh_token)),
+                Ok(t) => (access, refresh) = (t.access_token, t.refresh_token),
                 Err(error) => problems.push(format!("token refresh before disconnect failed: {error}")),
             }
         }
