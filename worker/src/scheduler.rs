@@ -25,6 +25,10 @@ use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 const SCHEDULER_LOCK: i64 = 0x6361_6c73_796e_6301;
 /// How often a worker that is not the scheduler tries to become it.
 const TAKEOVER_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the scheduler checks that its lock connection is alive between (hour-long) ticks,
+/// and how long that check may take.
+const LOCK_PING_INTERVAL: Duration = Duration::from_secs(30);
+const LOCK_PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often every worker refreshes `calsync_subscriptions{state}` from the table.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -69,6 +73,14 @@ pub async fn run(schedule: Schedule, shutdown: CancellationToken) {
 /// A connection holding the scheduler lock, or `None` when another worker holds it.
 async fn become_scheduler(database_url: &str) -> Option<PgConnection> {
     let mut connection = PgConnection::connect(database_url).await.ok()?;
+    // The connection idles between ticks. If the network to it dies without a word, PostgreSQL
+    // would keep the session (and the lock) until its TCP keepalives give up — two hours by
+    // default, with nobody scheduling meanwhile. These make the server drop a dead peer within
+    // about a minute, so the lock is free for another worker.
+    sqlx::raw_sql("SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3")
+        .execute(&mut connection)
+        .await
+        .ok()?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
         .bind(SCHEDULER_LOCK)
         .fetch_one(&mut connection)
@@ -93,6 +105,8 @@ async fn schedule_while_holding(
             (*kind, tick)
         })
         .collect();
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + LOCK_PING_INTERVAL, LOCK_PING_INTERVAL);
+    ping.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
         let due = {
             let next = futures_util::future::select_all(ticks.iter_mut().map(|(kind, tick)| {
@@ -104,14 +118,18 @@ async fn schedule_while_holding(
             }));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                (kind, _, _) = next => kind,
+                (kind, _, _) = next => Some(kind),
+                _ = ping.tick() => None,
             }
         };
         // Still the scheduler? If this connection died, so did the lock: let someone take over.
-        if sqlx::query("SELECT 1").execute(&mut lock).await.is_err() {
+        // Checked between ticks too, so a dead session is noticed in seconds, not at the next tick.
+        let alive = tokio::time::timeout(LOCK_PING_TIMEOUT, sqlx::query("SELECT 1").execute(&mut lock)).await;
+        if !matches!(alive, Ok(Ok(_))) {
             tracing::warn!("lost the scheduler lock's connection; stepping down");
             return;
         }
+        let Some(due) = due else { continue };
         match queue_for_every_connection(&schedule.pool, &schedule.broker, due).await {
             Ok(queued) => tracing::debug!(queued, job = due.as_str(), "periodic check scheduled"),
             Err(error) => tracing::warn!(%error, job = due.as_str(), "could not schedule a periodic check"),

@@ -34,7 +34,7 @@ pub async fn check(deps: &Deps, connection_id: uuid::Uuid) -> Result<Option<Sync
     metrics::counter!("calsync_subscription_checks_total", "state" => state.as_str()).increment(1);
     if let Some(uri) = &current {
         let failing_since = found.as_ref().and_then(|s| s.retry_started_at);
-        connections::record_subscription_check(&deps.pool, connection.id, uri, state, failing_since).await?;
+        connections::record_subscription_check(&deps.pool, &connection, uri, state, failing_since).await?;
     }
     match state {
         SubscriptionState::Active => Ok(None),
@@ -99,7 +99,7 @@ async fn replace(
         }
     })
     .await?;
-    if !connections::replace_subscription(&deps.pool, connection_id, old_uri, &new_uri).await? {
+    if !connections::replace_subscription(&deps.pool, connection, old_uri, &new_uri).await? {
         // Disconnected or reconnected meanwhile: the replacement belongs to nobody.
         delete_quietly(deps, connection, &new_uri).await;
         return Ok(None);

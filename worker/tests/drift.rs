@@ -360,3 +360,26 @@ async fn an_event_gone_between_the_list_and_its_invitees_is_skipped_and_the_pass
     assert_eq!(error, None, "a finished pass clears the failure of the one before it");
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_subscription_check_about_an_account_the_user_switched_away_from_records_nothing(pool: PgPool) {
+    use calsync_common::db::connections::{self, SubscriptionState};
+    let h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    let seen = connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
+    let uri = seen.webhook_subscription_uri.clone().unwrap();
+    // The app user switches to another Calendly account; the row (and, here, the URI) stays.
+    let other = h.sim.sim.create_user(NewUser::named("Ada elsewhere")).unwrap();
+    h.store_tokens(ada.app_user, &other, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
+    connections::set_subscription(&h.pool, ada.connection_id, Some(&uri), None).await.unwrap();
+
+    let recorded =
+        connections::record_subscription_check(&h.pool, &seen, &uri, SubscriptionState::Disabled, None).await.unwrap();
+    let replaced =
+        connections::replace_subscription(&h.pool, &seen, Some(&uri), "https://example.com/new").await.unwrap();
+
+    assert!(!recorded && !replaced, "a check of the old account never writes onto the new one");
+    let (now_uri, state, _) = subscription_of(&h, &ada).await;
+    assert_eq!((now_uri.as_deref(), state.as_deref()), (Some(uri.as_str()), Some("active")));
+    h.stop().await;
+}

@@ -403,11 +403,12 @@ pub async fn set_subscription(
     .map(|_| ())
 }
 
-/// Records what a subscription check found for `subscription_uri`. Guarded by the URI and the
-/// status: a check that raced a reconnect (new subscription) or a disconnect writes nothing.
+/// Records what a subscription check found for `subscription_uri`. Guarded by the URI, the status
+/// and the row as `seen` (user and Calendly account): a check that raced a reconnect (new
+/// subscription, or another account) or a disconnect writes nothing.
 pub async fn record_subscription_check(
     pool: &PgPool,
-    id: Uuid,
+    seen: &Connection,
     subscription_uri: &str,
     state: SubscriptionState,
     failing_since: Option<OffsetDateTime>,
@@ -415,13 +416,16 @@ pub async fn record_subscription_check(
     let updated = sqlx::query(
         "UPDATE calendar_connections SET subscription_state = $3, subscription_failing_since = $4, \
              subscription_checked_at = now() \
-         WHERE id = $1 AND webhook_subscription_uri = $2 AND status = $5",
+         WHERE id = $1 AND webhook_subscription_uri = $2 AND status = $5 AND user_id = $6 \
+           AND calendly_user_uri IS NOT DISTINCT FROM $7",
     )
-    .bind(id)
+    .bind(seen.id)
     .bind(subscription_uri)
     .bind(state)
     .bind(failing_since)
     .bind(ConnectionStatus::Active)
+    .bind(seen.user_id)
+    .bind(seen.calendly_user_uri.as_deref())
     .execute(pool)
     .await?;
     Ok(updated.rows_affected() == 1)
@@ -430,16 +434,24 @@ pub async fn record_subscription_check(
 /// Swaps a connection's subscription for its replacement (state `active`). Guarded like
 /// [`record_subscription_check`]: false when the row moved on meanwhile (then the caller deletes
 /// the replacement instead of the old one).
-pub async fn replace_subscription(pool: &PgPool, id: Uuid, old_uri: Option<&str>, new_uri: &str) -> sqlx::Result<bool> {
+pub async fn replace_subscription(
+    pool: &PgPool,
+    seen: &Connection,
+    old_uri: Option<&str>,
+    new_uri: &str,
+) -> sqlx::Result<bool> {
     let updated = sqlx::query(
         "UPDATE calendar_connections SET webhook_subscription_uri = $3, subscription_state = 'active', \
              subscription_failing_since = NULL, subscription_checked_at = now(), updated_at = now() \
-         WHERE id = $1 AND webhook_subscription_uri IS NOT DISTINCT FROM $2 AND status = $4",
+         WHERE id = $1 AND webhook_subscription_uri IS NOT DISTINCT FROM $2 AND status = $4 AND user_id = $5 \
+           AND calendly_user_uri IS NOT DISTINCT FROM $6",
     )
-    .bind(id)
+    .bind(seen.id)
     .bind(old_uri)
     .bind(new_uri)
     .bind(ConnectionStatus::Active)
+    .bind(seen.user_id)
+    .bind(seen.calendly_user_uri.as_deref())
     .execute(pool)
     .await?;
     Ok(updated.rows_affected() == 1)
