@@ -1,6 +1,7 @@
 //! calsync-ingest: the HTTP face of calsync.
 //!
-//! - [`app`]: shared state and the router.
+//! - [`state`]: the shared state handlers read.
+//! - [`app`]: the router.
 //! - [`error`]: the one API error type; each variant names its status code.
 //! - [`settings`]: ingest's settings (its own, plus the groups shared with the worker).
 //! - [`routes`]: webhook intake and the connection API (thin: extract, call, map).
@@ -18,6 +19,7 @@ pub mod error;
 pub mod routes;
 pub mod serve;
 pub mod settings;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,8 +34,8 @@ use calsync_common::crypto::TokenCipher;
 use calsync_common::db::Database;
 use calsync_common::queue::{Broker, BrokerConfig};
 
-pub use app::AppState;
 use settings::IngestSettings;
+pub use state::AppState;
 
 pub struct Application {
     listener: TcpListener,
@@ -69,7 +71,7 @@ impl Application {
                 replay_days: settings.inbox.inbox_replay_days,
             },
         };
-        let state = AppState::new(app::Shared { settings, verifier, broker, database, connect });
+        let state = AppState::new(state::Shared { settings, verifier, broker, database, connect });
         Ok(Self { listener, state, shutdown })
     }
 
@@ -98,6 +100,7 @@ impl Application {
             shutdown_grace: self.state.settings.request_timeout()
                 + self.state.settings.publish_timeout()
                 + SHUTDOWN_CALENDLY_ALLOWANCE,
+            max_body_bytes: routes::webhooks::MAX_BODY_BYTES,
         };
         serve::serve(self.listener, router, limits, shutdown).await;
         self.state.broker.close().await;

@@ -24,6 +24,9 @@ pub struct Limits {
     /// bounded by their deadline and publishes by their confirm timeout, but a connection API call
     /// may still be talking to Calendly: a SIGTERM must end in bounded time all the same.
     pub shutdown_grace: Duration,
+    /// The largest body a route accepts: a refused connection's request is read (and dropped) up
+    /// to this, so its client gets the answer instead of a reset.
+    pub max_body_bytes: usize,
 }
 
 /// Connections being refused at once (each a small task writing a fixed answer). Past this a
@@ -36,16 +39,16 @@ const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: ap
 retry-after: 5\r\nconnection: close\r\ncontent-length: 83\r\n\r\n\
 {\"error\":\"overloaded\",\"message\":\"too many webhook requests in flight; retry later\"}";
 
-async fn refuse(mut stream: TcpStream) {
+async fn refuse(mut stream: TcpStream, max_body_bytes: usize) {
     metrics::counter!("calsync_ingest_requests_total", "outcome" => "overloaded").increment(1);
     // Read (and drop) the request first, briefly and within the body limit: a client still
     // sending when the answer arrives, or a close with unread input (a TCP reset), would lose it.
-    let _ = tokio::time::timeout(Duration::from_secs(1), drain_request(&mut stream)).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain_request(&mut stream, max_body_bytes)).await;
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(OVERLOADED)).await;
     let _ = stream.shutdown().await;
 }
 
-async fn drain_request(stream: &mut TcpStream) -> std::io::Result<()> {
+async fn drain_request(stream: &mut TcpStream, max_body_bytes: usize) -> std::io::Result<()> {
     use tokio::io::AsyncReadExt;
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
@@ -65,7 +68,7 @@ async fn drain_request(stream: &mut TcpStream) -> std::io::Result<()> {
         .find_map(|line| line.strip_prefix("content-length:"))
         .and_then(|v| v.trim().parse::<usize>().ok())
         .unwrap_or(0)
-        .min(crate::routes::webhooks::MAX_BODY_BYTES);
+        .min(max_body_bytes);
     let mut left = length.saturating_sub(head.len() - body_start);
     while left > 0 {
         let n = stream.read(&mut chunk).await?;
@@ -80,7 +83,7 @@ async fn drain_request(stream: &mut TcpStream) -> std::io::Result<()> {
 /// Serves `router` until `shutdown`, then stops accepting and waits for in-flight requests (whose
 /// bodies are themselves bounded in time by the router's layers), at most `shutdown_grace`.
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: CancellationToken) {
-    let Limits { header_timeout, max_connections, shutdown_grace } = limits;
+    let Limits { header_timeout, max_connections, shutdown_grace, max_body_bytes } = limits;
     let connections = Arc::new(Semaphore::new(max_connections));
     let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -105,7 +108,7 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             if let Ok(refusal) = refusing.clone().try_acquire_owned() {
                 tokio::spawn(async move {
-                    refuse(stream).await;
+                    refuse(stream, max_body_bytes).await;
                     drop(refusal);
                 });
             } else {

@@ -57,39 +57,29 @@ impl SubscriptionState {
     }
 }
 
-/// A `calendar_connections` row. It serialises as the connection status the API shows: never a
-/// token (not even ciphertext), nor internal bookkeeping.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+/// A `calendar_connections` row. Deliberately not `Serialize`: what the API shows of it is a
+/// struct of its own beside the handler, so a new column never becomes public by accident.
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Connection {
-    #[serde(skip)]
     pub id: Uuid,
     pub user_id: Uuid,
     pub provider: String,
     pub calendly_user_uri: Option<String>,
     pub calendly_organization_uri: Option<String>,
-    #[serde(skip)]
     pub access_token: Option<String>,
-    #[serde(skip)]
     pub refresh_token: Option<String>,
-    #[serde(with = "time::serde::rfc3339::option")]
     pub token_expires_at: Option<OffsetDateTime>,
-    #[serde(skip)]
     pub is_active: bool,
     pub status: ConnectionStatus,
     pub webhook_subscription_uri: Option<String>,
-    #[serde(with = "time::serde::rfc3339::option")]
     pub last_synced_at: Option<OffsetDateTime>,
     pub last_error: Option<String>,
     pub subscription_state: Option<SubscriptionState>,
     /// Since when Calendly has been failing to deliver (while `subscription_state` is `failing`).
-    #[serde(with = "time::serde::rfc3339::option")]
     pub subscription_failing_since: Option<OffsetDateTime>,
     /// When `subscription_state` was last found out (a check, or the connect that made it).
-    #[serde(with = "time::serde::rfc3339::option")]
     pub subscription_checked_at: Option<OffsetDateTime>,
-    #[serde(skip)]
     pub created_at: OffsetDateTime,
-    #[serde(skip)]
     pub updated_at: OffsetDateTime,
 }
 

@@ -98,18 +98,6 @@ pub struct Callback {
     pub error_description: Option<String>,
 }
 
-/// What `GET /connections/calendly/{user_id}` shows: the row as [`Connection`] serialises it (never
-/// a token), plus two answers derived from it.
-#[derive(Debug, Serialize)]
-pub struct StatusReport {
-    pub connected: bool,
-    /// `subscription_state` / `subscription_failing_since` are what the worker's last
-    /// subscription check found (asking Calendly here would spend the user's API budget on
-    /// every status request).
-    #[serde(flatten)]
-    pub connection: Connection,
-}
-
 pub struct ConnectService {
     pub pool: PgPool,
     /// Tokens and PKCE verifiers are stored encrypted, bound to their row.
@@ -384,9 +372,9 @@ impl ConnectService {
         }
     }
 
-    pub async fn status(&self, user_id: Uuid) -> Result<Option<StatusReport>, ConnectError> {
-        let Some(c) = connections::find_by_user(&self.pool, user_id).await? else { return Ok(None) };
-        Ok(Some(StatusReport { connected: c.status == ConnectionStatus::Active, connection: c }))
+    /// `user_id`'s connection, if the user ever connected (the route decides what of it to show).
+    pub async fn status(&self, user_id: Uuid) -> Result<Option<Connection>, ConnectError> {
+        Ok(connections::find_by_user(&self.pool, user_id).await?)
     }
 
     /// Unlinks `user_id`'s connection, then cleans up at Calendly: deletes our subscription (it needs

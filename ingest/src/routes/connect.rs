@@ -10,13 +10,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use secrecy::ExposeSecret;
 use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
 use uuid::Uuid;
+
+use calsync_common::db::connections::{Connection, ConnectionStatus, SubscriptionState};
 
 use crate::connect::{CalendlyAccount, Callback, ConnectError, PendingConnect};
 
-use crate::AppState;
 use crate::error::ApiError;
 use crate::routes::body::{self, BodyLimits};
+use crate::state::AppState;
 
 /// Bodies of the connection API are a few dozen bytes of JSON.
 const API_MAX_BODY_BYTES: usize = 4 * 1024;
@@ -104,9 +107,55 @@ async fn begin(
     Ok(Json(serde_json::json!({ "authorize_url": url.as_str() })))
 }
 
+/// `GET /connections/calendly/{user_id}`: the connection as the app may see it — never a token
+/// (not even ciphertext), nor internal bookkeeping. Every field is listed here on purpose.
+#[derive(serde::Serialize)]
+struct StatusBody {
+    connected: bool,
+    user_id: Uuid,
+    provider: String,
+    calendly_user_uri: Option<String>,
+    calendly_organization_uri: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    token_expires_at: Option<OffsetDateTime>,
+    status: ConnectionStatus,
+    webhook_subscription_uri: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    last_synced_at: Option<OffsetDateTime>,
+    last_error: Option<String>,
+    /// What the worker's last subscription check found (asking Calendly on every status request
+    /// would spend the user's API budget).
+    subscription_state: Option<SubscriptionState>,
+    /// Since when Calendly has been failing to deliver (while `subscription_state` is `failing`).
+    #[serde(with = "time::serde::rfc3339::option")]
+    subscription_failing_since: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    subscription_checked_at: Option<OffsetDateTime>,
+}
+
+impl From<Connection> for StatusBody {
+    fn from(c: Connection) -> Self {
+        Self {
+            connected: c.status == ConnectionStatus::Active,
+            user_id: c.user_id,
+            provider: c.provider,
+            calendly_user_uri: c.calendly_user_uri,
+            calendly_organization_uri: c.calendly_organization_uri,
+            token_expires_at: c.token_expires_at,
+            status: c.status,
+            webhook_subscription_uri: c.webhook_subscription_uri,
+            last_synced_at: c.last_synced_at,
+            last_error: c.last_error,
+            subscription_state: c.subscription_state,
+            subscription_failing_since: c.subscription_failing_since,
+            subscription_checked_at: c.subscription_checked_at,
+        }
+    }
+}
+
 async fn status(State(state): State<AppState>, Path(user_id): Path<Uuid>) -> Result<Response, ApiError> {
     match state.connect.status(user_id).await.map_err(api_error)? {
-        Some(status) => Ok(Json(status).into_response()),
+        Some(connection) => Ok(Json(StatusBody::from(connection)).into_response()),
         None => Err(ApiError::NotFound(format!("user {user_id} never connected Calendly"))),
     }
 }

@@ -17,9 +17,9 @@ use tower::ServiceBuilder;
 use calsync_common::calendly::signature;
 use calsync_common::queue::{PublishError, message};
 
-use crate::AppState;
 use crate::error::ApiError;
 use crate::routes::body::{self, BodyLimits};
+use crate::state::AppState;
 
 /// Calendly's payloads are a few KiB; anything this large is not a webhook.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
