@@ -1,7 +1,7 @@
 use clap::{Parser, Subcommand};
 
 use calsync_common::{shutdown, telemetry};
-use calsync_worker::admin::report;
+use calsync_worker::admin;
 use calsync_worker::settings::WorkerSettings;
 
 #[derive(Parser)]
@@ -118,7 +118,7 @@ async fn broker(settings: &WorkerSettings, name: &str) -> anyhow::Result<calsync
 }
 
 async fn list_connections(settings: &WorkerSettings) -> anyhow::Result<()> {
-    let lines = report::connections(&pool(settings).await?).await?;
+    let lines = admin::connections::connections(&pool(settings).await?).await?;
     for line in &lines {
         println!("{line}");
     }
@@ -128,7 +128,7 @@ async fn list_connections(settings: &WorkerSettings) -> anyhow::Result<()> {
 
 async fn resync(settings: &WorkerSettings, user_id: uuid::Uuid) -> anyhow::Result<()> {
     let (pool, broker) = (pool(settings).await?, broker(settings, "calsync-worker resync").await?);
-    let queued = report::resync(&pool, &broker, user_id).await;
+    let queued = admin::resync::resync(&pool, &broker, user_id).await;
     broker.close().await;
     println!("queued a full resync of connection {} (user {user_id})", queued?);
     Ok(())

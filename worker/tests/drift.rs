@@ -101,7 +101,7 @@ async fn a_subscription_calendly_fails_to_deliver_to_shows_as_failing_since_then
         metrics(addr).await.lines().any(|l| l == r#"calsync_subscriptions{state="failing"} 1"#)
     })
     .await;
-    let lines = calsync_worker::admin::report::connections(&h.pool).await.unwrap();
+    let lines = calsync_worker::admin::connections::connections(&h.pool).await.unwrap();
     assert!(lines[0].to_string().contains("subscription=failing-since-"), "{}", lines[0]);
 
     h.sim

@@ -3,12 +3,14 @@
 //!
 //! - [`rotate_key`]: re-encrypt every stored token with the current key.
 //! - [`replay_dead`]: move dead letters back to their work queues.
-//! - [`report`]: `connections`, `resync`.
+//! - [`connections`]: one line per connection.
+//! - [`resync`]: queue a full resync of one connection.
 //! - [`dead`]: list dead letters without touching them.
 //! - [`forget`]: erase one invitee's personal data.
 
+pub mod connections;
 pub mod dead;
 pub mod forget;
 pub mod replay_dead;
-pub mod report;
+pub mod resync;
 pub mod rotate_key;

@@ -162,6 +162,11 @@ pub async fn find_by_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<Option<C
         .await
 }
 
+/// Every connection row, oldest first (for operators).
+pub async fn all(pool: &PgPool) -> sqlx::Result<Vec<Connection>> {
+    sqlx::query_as(select_connection!("ORDER BY created_at")).fetch_all(pool).await
+}
+
 pub async fn find(pool: &PgPool, id: Uuid) -> sqlx::Result<Option<Connection>> {
     sqlx::query_as(select_connection!("WHERE id = $1")).bind(id).fetch_optional(pool).await
 }

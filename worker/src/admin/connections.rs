@@ -1,5 +1,4 @@
-//! `calsync-worker connections` and `resync`: what operators ask of the connections, without a
-//! token ever reaching their terminal.
+//! `calsync-worker connections`: one line per connection, never a token.
 
 use std::fmt;
 
@@ -7,12 +6,9 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use calsync_common::db::connections::{self, ConnectionStatus, SubscriptionState};
-use calsync_common::queue::message::{self, SyncJob, SyncKind};
-use calsync_common::queue::{Broker, PublishError};
+use calsync_common::db::connections::{self, Connection, ConnectionStatus, SubscriptionState};
 
 /// One connection as `connections` prints it: never a token.
-#[derive(sqlx::FromRow)]
 pub struct ConnectionLine {
     pub user_id: Uuid,
     pub calendly_user_uri: Option<String>,
@@ -52,34 +48,22 @@ impl fmt::Display for ConnectionLine {
     }
 }
 
-pub async fn connections(pool: &PgPool) -> sqlx::Result<Vec<ConnectionLine>> {
-    sqlx::query_as(
-        "SELECT user_id, calendly_user_uri, status, webhook_subscription_uri, subscription_state, \
-             subscription_failing_since, last_synced_at, last_error \
-         FROM calendar_connections ORDER BY created_at",
-    )
-    .fetch_all(pool)
-    .await
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum ResyncError {
-    #[error("user {0} has no Calendly connection")]
-    NotConnected(Uuid),
-    #[error("user {0}'s connection is not active; the user must reconnect first")]
-    NotActive(Uuid),
-    #[error(transparent)]
-    Database(#[from] sqlx::Error),
-    #[error("queueing the resync: {0}")]
-    Broker(#[from] PublishError),
-}
-
-/// Queues a full resync (the same job as a backfill) of `user_id`'s connection now.
-pub async fn resync(pool: &PgPool, broker: &Broker, user_id: Uuid) -> Result<Uuid, ResyncError> {
-    let connection = connections::find_by_user(pool, user_id).await?.ok_or(ResyncError::NotConnected(user_id))?;
-    if connection.status != ConnectionStatus::Active {
-        return Err(ResyncError::NotActive(user_id));
+impl From<Connection> for ConnectionLine {
+    fn from(c: Connection) -> Self {
+        Self {
+            user_id: c.user_id,
+            calendly_user_uri: c.calendly_user_uri,
+            status: c.status,
+            webhook_subscription_uri: c.webhook_subscription_uri,
+            subscription_state: c.subscription_state,
+            subscription_failing_since: c.subscription_failing_since,
+            last_synced_at: c.last_synced_at,
+            last_error: c.last_error,
+        }
     }
-    broker.publish(&message::sync_job(&SyncJob::new(connection.id, SyncKind::Resync))).await?;
-    Ok(connection.id)
+}
+
+/// Every connection, oldest first, through the same data layer the services use.
+pub async fn connections(pool: &PgPool) -> sqlx::Result<Vec<ConnectionLine>> {
+    Ok(connections::all(pool).await?.into_iter().map(ConnectionLine::from).collect())
 }
