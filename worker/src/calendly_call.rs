@@ -3,18 +3,20 @@
 //! seconds, and every other answer turned into a typed error.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
+use sqlx::PgPool;
 
-use calsync_common::calendly::CalendlyError;
 use calsync_common::calendly::rate;
+use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::db::connections::{self, Connection};
 use calsync_common::retry;
 
-use crate::deps::Deps;
+use crate::budget::Budgets;
 use crate::error::ProcessError;
-use crate::tokens;
+use crate::tokens::Tokens;
 
 /// A 429 whose reset is at most this long is waited out in-process; longer ones go to the broker's
 /// delayed-retry path so the worker slot is freed.
@@ -32,38 +34,73 @@ enum Need {
     Auxiliary,
 }
 
-/// Runs `call` with `connection`'s token: refreshes once after a 401, waits out short rate limits,
-/// retries transient failures for a few seconds, and turns everything else into a typed error.
-pub async fn call<T, F, Fut>(deps: &Deps, connection: &Connection, call: F) -> Result<T, ProcessError>
-where
-    F: FnMut(SecretString) -> Fut,
-    Fut: Future<Output = Result<T, CalendlyError>>,
-{
-    call_for(Need::Essential, deps, connection, call).await
+/// Calling Calendly as a user: a cheap-to-clone handle over the client, that user's tokens and
+/// the API budgets.
+#[derive(Clone)]
+pub struct CalendlyCalls {
+    calendly: CalendlyClient,
+    /// The user's own token, refreshed once after a 401.
+    tokens: Tokens,
+    /// Each Calendly user's API budget in this process.
+    budgets: Arc<Budgets>,
+    /// For the reauth verdict on a missing scope.
+    pool: PgPool,
 }
 
-/// [`call`] for a check around the job: a token lacking a scope is a [`ProcessError::Permanent`]
-/// saying the user should reconnect to enable it, and never touches the connection's status.
-pub async fn call_auxiliary<T, F, Fut>(deps: &Deps, connection: &Connection, call: F) -> Result<T, ProcessError>
-where
-    F: FnMut(SecretString) -> Fut,
-    Fut: Future<Output = Result<T, CalendlyError>>,
-{
-    call_for(Need::Auxiliary, deps, connection, call).await
+impl CalendlyCalls {
+    pub fn new(pool: PgPool, calendly: CalendlyClient, tokens: Tokens) -> Self {
+        Self { calendly, tokens, budgets: Arc::default(), pool }
+    }
+
+    /// The client, for the call itself (inside [`Self::call`]'s closure).
+    pub fn calendly(&self) -> &CalendlyClient {
+        &self.calendly
+    }
+
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// Runs `call` with `connection`'s token: refreshes once after a 401, waits out short rate
+    /// limits, retries transient failures for a few seconds, and turns everything else into a
+    /// typed error.
+    pub async fn call<T, F, Fut>(&self, connection: &Connection, call: F) -> Result<T, ProcessError>
+    where
+        F: FnMut(SecretString) -> Fut,
+        Fut: Future<Output = Result<T, CalendlyError>>,
+    {
+        call_for(Need::Essential, self, connection, call).await
+    }
+
+    /// [`Self::call`] for a check around the job: a token lacking a scope is a
+    /// [`ProcessError::Permanent`] saying the user should reconnect to enable it, and never touches
+    /// the connection's status.
+    pub async fn call_auxiliary<T, F, Fut>(&self, connection: &Connection, call: F) -> Result<T, ProcessError>
+    where
+        F: FnMut(SecretString) -> Fut,
+        Fut: Future<Output = Result<T, CalendlyError>>,
+    {
+        call_for(Need::Auxiliary, self, connection, call).await
+    }
 }
 
-async fn call_for<T, F, Fut>(need: Need, deps: &Deps, connection: &Connection, mut call: F) -> Result<T, ProcessError>
+async fn call_for<T, F, Fut>(
+    need: Need,
+    calls: &CalendlyCalls,
+    connection: &Connection,
+    mut call: F,
+) -> Result<T, ProcessError>
 where
     F: FnMut(SecretString) -> Fut,
     Fut: Future<Output = Result<T, CalendlyError>>,
 {
-    let mut token = tokens::access_token(deps, connection).await?;
+    let mut token = calls.tokens.access_token(connection).await?;
     let mut refreshed_after_401 = false;
     let mut backoff = retry::calendly_call();
     // Calendly counts requests per Calendly user; a connection without one yet is its own budget.
     let budget_key = connection.calendly_user_uri.clone().unwrap_or_else(|| connection.id.to_string());
     loop {
-        let permit = match deps.budgets.reserve(&budget_key) {
+        let permit = match calls.budgets.reserve(&budget_key) {
             Ok(permit) => permit,
             Err(wait) if wait <= MAX_IN_PROCESS_RATE_WAIT && backoff.next_delay().is_some() => {
                 tokio::time::sleep(wait).await;
@@ -85,7 +122,7 @@ where
         match error {
             CalendlyError::Unauthorized if !refreshed_after_401 => {
                 refreshed_after_401 = true;
-                token = tokens::after_unauthorized(deps, connection, &token).await?;
+                token = calls.tokens.after_unauthorized(connection, &token).await?;
             }
             CalendlyError::RateLimited { reset } if reset <= MAX_IN_PROCESS_RATE_WAIT => match backoff.next_delay() {
                 Some(_) => tokio::time::sleep(reset).await,
@@ -104,7 +141,7 @@ where
                 // Not someone else's resource: this grant can never read ours. The user must
                 // reconnect (with the scopes); the connection says which ones are missing.
                 let reason = format!("{error}; the user must reconnect Calendly to grant it");
-                let mut db = deps.pool.acquire().await?;
+                let mut db = calls.pool.acquire().await?;
                 if !connections::mark_needs_reauth(&mut db, connection, Some(&token.ciphertext), &reason).await? {
                     // Refreshed, reconnected or disconnected meanwhile: resolve the delivery again.
                     return Err(ProcessError::transient("the connection changed while calling Calendly"));

@@ -1,63 +1,59 @@
-//! What processing needs, built once per process and shared by every in-flight delivery.
+//! What processing needs, built once per process and shared by every in-flight delivery: a few
+//! handles that own their state (tokens, Calendly calls with their budgets, the event fetcher, the
+//! writer) and the settings steps read. Steps take the handles they use.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::PgPool;
 
 use calsync_common::calendly::CalendlyClient;
-use calsync_common::calendly::types::ScheduledEvent;
-use calsync_common::crypto::TokenCipher;
-use uuid::Uuid;
+use calsync_common::crypto::{KeyFailures, TokenCipher};
 
+use crate::calendly_call::CalendlyCalls;
+use crate::db_gate::DbGate;
+use crate::fetch::EventFetcher;
 use crate::settings::WorkerSettings;
-
-use crate::single_flight::SingleFlight;
-
-/// In-flight event fetches by (connection, event URI), for [`crate::fetch`]. Keyed by connection so
-/// one user's token never answers for another's delivery.
-pub type EventFetches = SingleFlight<(Uuid, String), ScheduledEvent>;
-
-/// In-flight token refreshes in this process by (connection, Calendly account, rejected token), for
-/// [`crate::tokens`]: deliveries of one user waiting for one refresh wait on it here, not each by
-/// polling the database.
-pub type Refreshes = SingleFlight<(Uuid, Option<String>, Option<String>), crate::access_token::AccessToken>;
+use crate::tokens::Tokens;
+use crate::writer::Writer;
 
 pub struct Deps {
     pub pool: PgPool,
-    pub calendly: CalendlyClient,
-    pub cipher: TokenCipher,
+    /// Calendly as a user: token, budget, retries (and through it, [`Tokens`]).
+    pub calls: CalendlyCalls,
+    /// The event a webhook is about, shared among concurrent deliveries.
+    pub events: EventFetcher,
+    /// The database stage: deliveries' rows, written in batches.
+    pub writer: Writer,
+    /// Closed while PostgreSQL is unreachable: the consumers pause.
+    pub db_gate: DbGate,
+    /// Stored tokens naming a key this process lacks (for readiness).
+    pub key_failures: KeyFailures,
     /// Failed attempts after which a message is dead-lettered.
     pub max_attempts: u32,
     /// Backfill window start, counted back from now.
     pub sync_lookback: Duration,
-    /// Shares one Calendly fetch among concurrent deliveries about the same event.
-    pub event_fetches: EventFetches,
-    /// Shares one token refresh among concurrent deliveries of the same connection.
-    pub refreshes: Refreshes,
-    /// Closed while PostgreSQL is unreachable: the consumers pause.
-    pub db_gate: crate::db_gate::DbGate,
-    /// Each Calendly user's API budget in this process.
-    pub budgets: crate::budget::Budgets,
     /// `CALENDLY_WEBHOOK_CALLBACK_URL`: where a replacement subscription points (unset: where the
     /// broken one pointed).
     pub callback_url: Option<url::Url>,
-    /// The database stage: deliveries' rows, written in batches.
-    pub writer: crate::writer::Writer,
 }
 
 impl Deps {
     pub fn new(settings: &WorkerSettings, pool: PgPool) -> anyhow::Result<Self> {
+        let calendly = CalendlyClient::new(&settings.shared.calendly)?;
+        let cipher = Arc::new(TokenCipher::from_settings(&settings.shared.token_keys)?);
+        let key_failures = cipher.failures();
+        let tokens = Tokens::new(pool.clone(), calendly.clone(), cipher);
+        let calls = CalendlyCalls::new(pool.clone(), calendly, tokens);
         Ok(Self {
-            calendly: CalendlyClient::new(&settings.shared.calendly)?,
-            cipher: TokenCipher::from_settings(&settings.shared.token_keys)?,
+            events: EventFetcher::new(calls.clone()),
+            calls,
+            writer: Writer::start(pool.clone(), settings.batching()),
+            db_gate: DbGate::default(),
+            key_failures,
             max_attempts: settings.worker_max_attempts,
             sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),
-            event_fetches: EventFetches::default(),
-            refreshes: Refreshes::default(),
-            db_gate: crate::db_gate::DbGate::default(),
-            budgets: crate::budget::Budgets::default(),
             callback_url: settings.callback_url().cloned(),
-            writer: crate::writer::Writer::start(pool.clone(), settings.batching()),
             pool,
         })
     }

@@ -7,17 +7,19 @@
 //! - [`scheduler`]: the periodic checks (subscriptions, reconciliation), scheduled by one worker.
 //! - [`outcome`]: what becomes of a delivery, decided once for webhooks and sync jobs.
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
-//! - [`calendly_call`]: the one way to call Calendly as a user (401 → refresh once, 429, retries).
+//! - [`calendly_call`]: `CalendlyCalls`, the one way to call Calendly as a user (401 → refresh once,
+//!   429, retries, the budget).
 //! - [`budget`]: each Calendly user's API budget, from the rate-limit headers.
 //! - [`subscription_check`]: reads a connection's subscription and replaces a broken one.
-//! - [`tokens`]: the connection's token, refreshed once per expiry under a refresh lease.
+//! - [`tokens`]: `Tokens`, the connection's token, refreshed once per expiry under a refresh lease.
 //! - [`access_token`]: the token as held in memory.
-//! - [`fetch`]: the scheduled-event fetch, shared among concurrent deliveries for one event.
+//! - [`fetch`]: `EventFetcher`, the scheduled-event fetch, shared among concurrent deliveries for one event.
 //! - [`single_flight`]: one execution per key at a time, generic.
 //! - [`writer`]: the database stage: deliveries' rows written in batches, acked after the commit.
-//! - [`deps`]: what processing needs, built once per process.
+//! - [`deps`]: the handles processing uses (each owns its state), built once per process; steps
+//!   take or destructure the ones they touch.
 //! - [`db_gate`]: pauses consumption while PostgreSQL is unreachable.
-//! - [`admin`]: the operator subcommands' work (`rotate-token-key`, `replay-dead`).
+//! - [`admin`]: the operator subcommands' work, one file per command.
 
 pub mod access_token;
 pub mod admin;
@@ -83,7 +85,7 @@ impl Worker {
             broker: self.broker.clone(),
             database: self.database.clone(),
             database_required: true,
-            token_keys: Some(self.deps.cipher.failures()),
+            token_keys: Some(self.deps.key_failures.clone()),
         });
         let stop_health = self.shutdown.clone();
         let server = tokio::spawn(async move {

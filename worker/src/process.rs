@@ -12,7 +12,6 @@ use calsync_common::queue::message::{self, Incoming};
 
 use crate::deps::Deps;
 use crate::error::ProcessError;
-use crate::fetch;
 use crate::outcome::{self, Outcome};
 use crate::writer::{Applied, ProcessedDelivery, Write};
 
@@ -78,14 +77,14 @@ async fn handle(deps: &Deps, delivery: &Incoming, webhook: &Webhook) -> Result<O
 /// Fetches the event with the connection's own token and writes meeting, invitee and inbox row in
 /// one transaction (with other deliveries' rows, see [`crate::writer`]).
 async fn apply(
-    deps: &Deps,
+    Deps { events, writer, .. }: &Deps,
     delivery: &Incoming,
     webhook: &Webhook,
     connection: &Connection,
     change: &InviteeChange,
 ) -> Result<(), ProcessError> {
     let invitee = &change.invitee;
-    let event = fetch::get_event(deps, connection, &invitee.event, change.event_updated_at).await?;
+    let event = events.get_event(connection, &invitee.event, change.event_updated_at).await?;
     // Neither the invitee URI nor its event is taken from the body on trust.
     let invitee_row = MeetingInvitee::of_event(&event, invitee).map_err(|e| ProcessError::Permanent(e.to_string()))?;
     let write = Write {
@@ -100,7 +99,7 @@ async fn apply(
             attempts: delivery.attempt as i32,
         },
     };
-    if deps.writer.write(write).await? == Applied::ConnectionChanged {
+    if writer.write(write).await? == Applied::ConnectionChanged {
         return Err(ProcessError::transient("the connection changed while processing; resolving again"));
     }
     tracing::debug!(kind = ?change.kind, user_id = %connection.user_id, "webhook applied");

@@ -7,34 +7,39 @@
 //! Every Calendly call here is auxiliary: a grant without `webhooks:read` (made before calsync
 //! asked for it) is reported on the connection, never parked as `needs_reauth`.
 
+use sqlx::PgPool;
+
 use calsync_common::calendly::CalendlyError;
 use calsync_common::calendly::subscription::{self, SubscriptionError};
 use calsync_common::calendly::types::Subscription;
 use calsync_common::db::connections::{self, Connection, ConnectionStatus, SubscriptionState};
 use calsync_common::queue::message::{SyncJob, SyncKind};
 
-use crate::calendly_call;
+use crate::calendly_call::CalendlyCalls;
 use crate::deps::Deps;
 use crate::error::ProcessError;
 
 /// Checks one connection's subscription; returns the resync to queue when it had to be replaced.
-pub async fn check(deps: &Deps, connection_id: uuid::Uuid) -> Result<Option<SyncJob>, ProcessError> {
-    let Some(connection) = connections::find(&deps.pool, connection_id).await? else { return Ok(None) };
+pub async fn check(
+    Deps { pool, calls, callback_url, .. }: &Deps,
+    connection_id: uuid::Uuid,
+) -> Result<Option<SyncJob>, ProcessError> {
+    let Some(connection) = connections::find(pool, connection_id).await? else { return Ok(None) };
     if connection.status != ConnectionStatus::Active {
         return Ok(None);
     }
     let current = connection.webhook_subscription_uri.clone();
     let found = match &current {
         // No subscription was ever made (callback URL unset at connect) and none is wanted.
-        None if deps.callback_url.is_none() => return Ok(None),
+        None if callback_url.is_none() => return Ok(None),
         None => None,
-        Some(uri) => read(deps, &connection, uri).await?,
+        Some(uri) => read(calls, &connection, uri).await?,
     };
     let state = state_of(found.as_ref());
     metrics::counter!("calsync_subscription_checks_total", "state" => state.as_str()).increment(1);
     if let Some(uri) = &current {
         let failing_since = found.as_ref().and_then(|s| s.retry_started_at);
-        connections::record_subscription_check(&deps.pool, &connection, uri, state, failing_since).await?;
+        connections::record_subscription_check(pool, &connection, uri, state, failing_since).await?;
     }
     match state {
         SubscriptionState::Active => Ok(None),
@@ -43,21 +48,23 @@ pub async fn check(deps: &Deps, connection_id: uuid::Uuid) -> Result<Option<Sync
             Ok(None)
         }
         SubscriptionState::Disabled | SubscriptionState::Missing => {
-            replace(deps, &connection, current.as_deref(), found.as_ref(), state).await
+            let replacing = Replacing { old_uri: current.as_deref(), old: found.as_ref(), was: state };
+            replace(pool, calls, callback_url.as_ref(), &connection, replacing).await
         }
     }
 }
 
 /// The subscription at `uri`, or `None` when Calendly no longer has it.
-async fn read(deps: &Deps, connection: &Connection, uri: &str) -> Result<Option<Subscription>, ProcessError> {
-    calendly_call::call_auxiliary(deps, connection, |token| async move {
-        match deps.calendly.get_subscription(uri, &token).await {
-            Ok(found) => Ok(Some(found)),
-            Err(CalendlyError::NotFound) => Ok(None),
-            Err(other) => Err(other),
-        }
-    })
-    .await
+async fn read(calls: &CalendlyCalls, connection: &Connection, uri: &str) -> Result<Option<Subscription>, ProcessError> {
+    calls
+        .call_auxiliary(connection, |token| async move {
+            match calls.calendly().get_subscription(uri, &token).await {
+                Ok(found) => Ok(Some(found)),
+                Err(CalendlyError::NotFound) => Ok(None),
+                Err(other) => Err(other),
+            }
+        })
+        .await
 }
 
 fn state_of(found: Option<&Subscription>) -> SubscriptionState {
@@ -69,12 +76,19 @@ fn state_of(found: Option<&Subscription>) -> SubscriptionState {
     }
 }
 
+/// The subscription being replaced: where it was, what Calendly said of it, and why it goes.
+struct Replacing<'a> {
+    old_uri: Option<&'a str>,
+    old: Option<&'a Subscription>,
+    was: SubscriptionState,
+}
+
 async fn replace(
-    deps: &Deps,
+    pool: &PgPool,
+    calls: &CalendlyCalls,
+    callback_url: Option<&url::Url>,
     connection: &Connection,
-    old_uri: Option<&str>,
-    old: Option<&Subscription>,
-    state: SubscriptionState,
+    Replacing { old_uri, old, was: state }: Replacing<'_>,
 ) -> Result<Option<SyncJob>, ProcessError> {
     let connection_id = connection.id;
     let (Some(organization), Some(user)) = (&connection.calendly_organization_uri, &connection.calendly_user_uri)
@@ -82,41 +96,41 @@ async fn replace(
         return Ok(None);
     };
     // Where webhooks should go now; else where the broken subscription pointed.
-    let Some(callback_url) =
-        deps.callback_url.as_ref().map(|u| u.to_string()).or_else(|| old.map(|s| s.callback_url.clone()))
-    else {
+    let Some(callback_url) = callback_url.map(|u| u.to_string()).or_else(|| old.map(|s| s.callback_url.clone())) else {
         let reason =
             "the webhook subscription is gone and cannot be replaced: set CALENDLY_WEBHOOK_CALLBACK_URL on the worker";
         return Err(ProcessError::Permanent(reason.into()));
     };
-    let new_uri = calendly_call::call_auxiliary(deps, connection, |token| {
-        let callback_url = callback_url.clone();
-        async move {
-            subscription::ensure(&deps.calendly, &callback_url, organization, user, &token).await.map_err(|e| match e {
-                SubscriptionError::Calendly(e) => e,
-                other => CalendlyError::Unexpected(other.to_string()),
-            })
-        }
-    })
-    .await?;
-    if !connections::replace_subscription(&deps.pool, connection, old_uri, &new_uri).await? {
+    let new_uri = calls
+        .call_auxiliary(connection, |token| {
+            let callback_url = callback_url.clone();
+            async move {
+                subscription::ensure(calls.calendly(), &callback_url, organization, user, &token).await.map_err(|e| {
+                    match e {
+                        SubscriptionError::Calendly(e) => e,
+                        other => CalendlyError::Unexpected(other.to_string()),
+                    }
+                })
+            }
+        })
+        .await?;
+    if !connections::replace_subscription(pool, connection, old_uri, &new_uri).await? {
         // Disconnected or reconnected meanwhile: the replacement belongs to nobody.
-        delete_quietly(deps, connection, &new_uri).await;
+        delete_quietly(calls, connection, &new_uri).await;
         return Ok(None);
     }
     if let Some(old_uri) = old_uri.filter(|old| *old != new_uri) {
-        delete_quietly(deps, connection, old_uri).await;
+        delete_quietly(calls, connection, old_uri).await;
     }
     metrics::counter!("calsync_subscription_repairs_total", "was" => state.as_str()).increment(1);
     tracing::warn!(%connection_id, was = state.as_str(), %new_uri, "webhook subscription replaced; resyncing what was missed");
     Ok(Some(SyncJob::new(connection_id, SyncKind::Resync)))
 }
 
-async fn delete_quietly(deps: &Deps, connection: &Connection, uri: &str) {
-    let deleted = calendly_call::call_auxiliary(deps, connection, |token| async move {
-        deps.calendly.delete_subscription(uri, &token).await
-    })
-    .await;
+async fn delete_quietly(calls: &CalendlyCalls, connection: &Connection, uri: &str) {
+    let deleted = calls
+        .call_auxiliary(connection, |token| async move { calls.calendly().delete_subscription(uri, &token).await })
+        .await;
     if let Err(error) = deleted {
         tracing::warn!(connection_id = %connection.id, %error, "could not delete a webhook subscription at Calendly");
     }

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use sqlx::PgPool;
 use time::OffsetDateTime;
 
 use calsync_common::calendly::CalendlyError;
@@ -20,7 +21,7 @@ use calsync_common::db::meetings::{self, Stored};
 use calsync_common::meeting::{Meeting, MeetingInvitee, MeetingStatus};
 use calsync_common::queue::message::{Incoming, SyncJob, SyncKind, SyncResume};
 
-use crate::calendly_call;
+use crate::calendly_call::CalendlyCalls;
 use crate::deps::Deps;
 use crate::error::ProcessError;
 use crate::outcome::{self, Outcome};
@@ -91,14 +92,14 @@ enum Pass {
     NotActive,
 }
 
-async fn pass(deps: &Deps, job: &SyncJob) -> Result<Pass, ProcessError> {
-    let Some(connection) = connections::find(&deps.pool, job.connection_id).await? else { return Ok(Pass::NotActive) };
+async fn pass(Deps { pool, calls, sync_lookback, .. }: &Deps, job: &SyncJob) -> Result<Pass, ProcessError> {
+    let Some(connection) = connections::find(pool, job.connection_id).await? else { return Ok(Pass::NotActive) };
     if connection.status != ConnectionStatus::Active {
         return Ok(Pass::NotActive);
     }
     let Some(user_uri) = connection.calendly_user_uri.clone() else { return Ok(Pass::NotActive) };
     let resume = job.resume.clone().unwrap_or(SyncResume { page_token: None, started_at: OffsetDateTime::now_utc() });
-    let mut min_start = resume.started_at - deps.sync_lookback;
+    let mut min_start = resume.started_at - *sync_lookback;
     if job.kind == SyncKind::Resync
         && let Some(verified) = connection.last_synced_at
     {
@@ -115,18 +116,19 @@ async fn pass(deps: &Deps, job: &SyncJob) -> Result<Pass, ProcessError> {
             }
             None => Err(error),
         };
-        let listed = calendly_call::call(deps, &connection, |token| {
-            let (user_uri, page) = (user_uri.clone(), page.clone());
-            async move { deps.calendly.list_events(&user_uri, min_start, page.as_deref(), &token).await }
-        })
-        .await;
+        let listed = calls
+            .call(&connection, |token| {
+                let (user_uri, page) = (user_uri.clone(), page.clone());
+                async move { calls.calendly().list_events(&user_uri, min_start, page.as_deref(), &token).await }
+            })
+            .await;
         let events = match listed {
             Ok(events) => events,
             Err(error) => return paused(page, error),
         };
         counts.listed += events.collection.len();
         let uris: Vec<String> = events.collection.iter().map(|e| e.uri.clone()).collect();
-        let stored: HashMap<String, Stored> = meetings::stored_among(&deps.pool, connection.user_id, &uris)
+        let stored: HashMap<String, Stored> = meetings::stored_among(pool, connection.user_id, &uris)
             .await?
             .into_iter()
             .map(|s| (s.calendly_event_uri.clone(), s))
@@ -136,7 +138,7 @@ async fn pass(deps: &Deps, job: &SyncJob) -> Result<Pass, ProcessError> {
         metrics::counter!("calsync_sync_events_total", "result" => "unchanged")
             .increment((events.collection.len() - differing.len()) as u64);
         for event in differing {
-            match write_event(deps, &connection, event).await {
+            match write_event(pool, calls, &connection, event).await {
                 Ok(EventWrite::Stored) => {
                     counts.fetched += 1;
                     metrics::counter!("calsync_sync_events_total", "result" => "fetched").increment(1);
@@ -154,7 +156,7 @@ async fn pass(deps: &Deps, job: &SyncJob) -> Result<Pass, ProcessError> {
             None => break,
         }
     }
-    connections::set_synced(&deps.pool, connection.id, resume.started_at).await?;
+    connections::set_synced(pool, connection.id, resume.started_at).await?;
     Ok(Pass::Finished(counts))
 }
 
@@ -190,21 +192,27 @@ enum EventWrite {
 }
 
 /// Lists `event`'s invitees and writes the meeting with them.
-async fn write_event(deps: &Deps, connection: &Connection, event: &ScheduledEvent) -> Result<EventWrite, ProcessError> {
+async fn write_event(
+    pool: &PgPool,
+    calls: &CalendlyCalls,
+    connection: &Connection,
+    event: &ScheduledEvent,
+) -> Result<EventWrite, ProcessError> {
     let mut invitees = Vec::new();
     let mut invitee_page: Option<String> = None;
     loop {
-        let batch = calendly_call::call(deps, connection, |token| {
-            let page = invitee_page.clone();
-            async move {
-                match deps.calendly.list_invitees(&event.uri, page.as_deref(), &token).await {
-                    Ok(batch) => Ok(Some(batch)),
-                    Err(CalendlyError::NotFound) => Ok(None),
-                    Err(other) => Err(other),
+        let batch = calls
+            .call(connection, |token| {
+                let page = invitee_page.clone();
+                async move {
+                    match calls.calendly().list_invitees(&event.uri, page.as_deref(), &token).await {
+                        Ok(batch) => Ok(Some(batch)),
+                        Err(CalendlyError::NotFound) => Ok(None),
+                        Err(other) => Err(other),
+                    }
                 }
-            }
-        })
-        .await?;
+            })
+            .await?;
         let Some(batch) = batch else {
             tracing::info!(event = %event.uri, "a listed event is gone at Calendly; skipped");
             return Ok(EventWrite::Vanished);
@@ -220,7 +228,7 @@ async fn write_event(deps: &Deps, connection: &Connection, event: &ScheduledEven
         .map(|invitee| MeetingInvitee::of_event(event, invitee))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ProcessError::Permanent(format!("Calendly listed {e}")))?;
-    let mut tx = deps.pool.begin().await?;
+    let mut tx = pool.begin().await?;
     if !connections::lock_if_linked(&mut tx, connection).await? {
         return Ok(EventWrite::ConnectionChanged);
     }

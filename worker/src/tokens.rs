@@ -3,22 +3,62 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use secrecy::{ExposeSecret, SecretString};
+use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use calsync_common::calendly::CalendlyError;
+use calsync_common::calendly::{CalendlyClient, CalendlyError};
+use calsync_common::crypto::TokenCipher;
 use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, ConnectionStatus, REFRESH_TOKEN, binding};
 use calsync_common::retry;
 
-use crate::deps::Deps;
 use crate::error::ProcessError;
-use crate::single_flight::Flight;
+use crate::single_flight::{Flight, SingleFlight};
 
 /// Refresh when the token expires within this margin, so no call races its expiry.
 pub const REFRESH_MARGIN: time::Duration = time::Duration::minutes(5);
 
 pub use crate::access_token::AccessToken;
+
+/// In-flight token refreshes in this process by (connection, Calendly account, rejected token):
+/// deliveries of one user waiting for one refresh wait on it here, not each by polling the database.
+type Refreshes = SingleFlight<(Uuid, Option<String>, Option<String>), AccessToken>;
+
+/// Users' access tokens: a cheap-to-clone handle that owns what refreshing needs.
+#[derive(Clone)]
+pub struct Tokens {
+    /// Leases and stored pairs live in the connection's row.
+    pool: PgPool,
+    /// The token endpoint (refresh, revoke).
+    calendly: CalendlyClient,
+    /// Tokens are stored encrypted, bound to their row.
+    cipher: Arc<TokenCipher>,
+    /// Refreshes in flight in this process, shared by the deliveries of one connection.
+    refreshes: Arc<Refreshes>,
+}
+
+impl Tokens {
+    pub fn new(pool: PgPool, calendly: CalendlyClient, cipher: Arc<TokenCipher>) -> Self {
+        Self { pool, calendly, cipher, refreshes: Arc::default() }
+    }
+
+    /// `connection`'s access token, refreshed first when it expires within [`REFRESH_MARGIN`].
+    pub async fn access_token(&self, connection: &Connection) -> Result<AccessToken, ProcessError> {
+        access_token(self, connection).await
+    }
+
+    /// After Calendly answered 401 to `rejected`: refresh, unless another worker already did.
+    pub async fn after_unauthorized(
+        &self,
+        connection: &Connection,
+        rejected: &AccessToken,
+    ) -> Result<AccessToken, ProcessError> {
+        after_unauthorized(self, connection, rejected).await
+    }
+}
 
 fn fresh(expires_at: Option<OffsetDateTime>) -> bool {
     expires_at.is_some_and(|t| t > OffsetDateTime::now_utc() + REFRESH_MARGIN)
@@ -31,33 +71,33 @@ const REFRESH_LEASE: Duration = Duration::from_secs(30);
 const LEASE_POLL: Duration = Duration::from_millis(100);
 
 /// `connection`'s access token, refreshed first when it expires within [`REFRESH_MARGIN`].
-pub async fn access_token(deps: &Deps, connection: &Connection) -> Result<AccessToken, ProcessError> {
+async fn access_token(tk: &Tokens, connection: &Connection) -> Result<AccessToken, ProcessError> {
     if fresh(connection.token_expires_at)
         && let Some(ciphertext) = &connection.access_token
     {
-        let secret = open(deps, connection, connection.decrypt_access(&deps.cipher)).await?;
+        let secret = open(tk, connection, connection.decrypt_access(&tk.cipher)).await?;
         return Ok(AccessToken { secret, ciphertext: ciphertext.clone() });
     }
-    refresh(deps, connection, None).await
+    refresh(tk, connection, None).await
 }
 
 /// After Calendly answered 401 to `rejected`: refresh, unless another worker already did.
-pub async fn after_unauthorized(
-    deps: &Deps,
+async fn after_unauthorized(
+    tk: &Tokens,
     connection: &Connection,
     rejected: &AccessToken,
 ) -> Result<AccessToken, ProcessError> {
-    refresh(deps, connection, Some(&rejected.ciphertext)).await
+    refresh(tk, connection, Some(&rejected.ciphertext)).await
 }
 
 /// Exactly one refresh per expiry. Within this process, deliveries of one connection share one
 /// refresh (a follower whose leader failed tries for itself); across processes, the lease decides.
-async fn refresh(deps: &Deps, connection: &Connection, rejected: Option<&str>) -> Result<AccessToken, ProcessError> {
+async fn refresh(tk: &Tokens, connection: &Connection, rejected: Option<&str>) -> Result<AccessToken, ProcessError> {
     let key = (connection.id, connection.calendly_user_uri.clone(), rejected.map(str::to_owned));
-    match deps.refreshes.run_or_join(key, || refresh_across_processes(deps, connection, rejected)).await {
+    match tk.refreshes.run_or_join(key, || refresh_across_processes(tk, connection, rejected)).await {
         Flight::Led(result) => result,
         Flight::Joined(Some(token)) => Ok(token),
-        Flight::Joined(None) => refresh_across_processes(deps, connection, rejected).await,
+        Flight::Joined(None) => refresh_across_processes(tk, connection, rejected).await,
     }
 }
 
@@ -65,7 +105,7 @@ async fn refresh(deps: &Deps, connection: &Connection, rejected: Option<&str>) -
 /// holding a pooled connection while Calendly takes its time (so a slow refresh for one user never
 /// starves other users' deliveries).
 async fn refresh_across_processes(
-    deps: &Deps,
+    tk: &Tokens,
     connection: &Connection,
     rejected: Option<&str>,
 ) -> Result<AccessToken, ProcessError> {
@@ -73,12 +113,12 @@ async fn refresh_across_processes(
     let started = Instant::now();
     loop {
         let claimed =
-            connections::claim_refresh(&deps.pool, connection, owner, rejected, REFRESH_LEASE, REFRESH_MARGIN).await?;
+            connections::claim_refresh(&tk.pool, connection, owner, rejected, REFRESH_LEASE, REFRESH_MARGIN).await?;
         if let Some(row) = claimed {
-            return refresh_leased(deps, row, owner).await;
+            return refresh_leased(tk, row, owner).await;
         }
         // Not ours to refresh: find out why.
-        let row = connections::find(&deps.pool, connection.id)
+        let row = connections::find(&tk.pool, connection.id)
             .await?
             .ok_or_else(|| ProcessError::transient("connection vanished"))?;
         // The row may have been reconnected to another Calendly account (or user) since this delivery
@@ -101,7 +141,7 @@ async fn refresh_across_processes(
             Some(rejected) => row.access_token.as_deref() != Some(rejected),
         };
         if someone_refreshed && let Some(ciphertext) = row.access_token.clone() {
-            return Ok(AccessToken { secret: open(deps, &row, row.decrypt_access(&deps.cipher)).await?, ciphertext });
+            return Ok(AccessToken { secret: open(tk, &row, row.decrypt_access(&tk.cipher)).await?, ciphertext });
         }
         // Another worker holds the lease and is talking to Calendly.
         if started.elapsed() > REFRESH_LEASE + Duration::from_secs(5) {
@@ -112,38 +152,38 @@ async fn refresh_across_processes(
 }
 
 /// Refreshes with the lease held: the single-use refresh token is ours alone to present.
-async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<AccessToken, ProcessError> {
-    let refresh_token = match row.decrypt_refresh(&deps.cipher) {
+async fn refresh_leased(tk: &Tokens, row: Connection, owner: Uuid) -> Result<AccessToken, ProcessError> {
+    let refresh_token = match row.decrypt_refresh(&tk.cipher) {
         Ok(token) => token,
         // Parking the connection ends the lease too.
-        Err(error) if error.is_integrity() => return Err(open(deps, &row, Err(error)).await.unwrap_err()),
+        Err(error) if error.is_integrity() => return Err(open(tk, &row, Err(error)).await.unwrap_err()),
         Err(error) => {
-            connections::release_refresh(&deps.pool, row.id, owner).await?;
+            connections::release_refresh(&tk.pool, row.id, owner).await?;
             return Err(error.into());
         }
     };
-    match deps.calendly.refresh(&refresh_token).await {
+    match tk.calendly.refresh(&refresh_token).await {
         Ok(tokens) => {
-            let access = deps.cipher.encrypt(tokens.access_token.expose_secret(), binding(row.id, ACCESS_TOKEN));
-            let refresh = deps.cipher.encrypt(tokens.refresh_token.expose_secret(), binding(row.id, REFRESH_TOKEN));
+            let access = tk.cipher.encrypt(tokens.access_token.expose_secret(), binding(row.id, ACCESS_TOKEN));
+            let refresh = tk.cipher.encrypt(tokens.refresh_token.expose_secret(), binding(row.id, REFRESH_TOKEN));
             let pair = Refreshed {
                 access: &access,
                 refresh: &refresh,
                 expires_at: tokens.expires_at(OffsetDateTime::now_utc()),
             };
             let stored =
-                connections::store_leased_refresh(&deps.pool, row.id, owner, &access, &refresh, pair.expires_at).await;
+                connections::store_leased_refresh(&tk.pool, row.id, owner, &access, &refresh, pair.expires_at).await;
             let kept = match stored {
                 Ok(true) => true,
                 // The lease is no longer ours, or the write failed: Calendly consumed the old
                 // refresh token, so this pair is the only one left; keep trying to store it.
-                Ok(false) => keep_refreshed_pair(deps, &row, &pair, None).await,
-                Err(error) => keep_refreshed_pair(deps, &row, &pair, Some(error)).await,
+                Ok(false) => keep_refreshed_pair(tk, &row, &pair, None).await,
+                Err(error) => keep_refreshed_pair(tk, &row, &pair, Some(error)).await,
             };
             if !kept {
                 // Disconnected meanwhile: a pair nobody will use must not stay valid at Calendly.
                 for token in [&tokens.refresh_token, &tokens.access_token] {
-                    let _ = deps.calendly.revoke(token).await;
+                    let _ = tk.calendly.revoke(token).await;
                 }
                 return Err(ProcessError::transient("the connection changed while refreshing its token"));
             }
@@ -154,7 +194,7 @@ async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<Acc
         }
         Err(CalendlyError::InvalidGrant(detail)) => {
             let reason = format!("refresh token rejected by Calendly (invalid_grant): {detail}");
-            let mut db = deps.pool.acquire().await?;
+            let mut db = tk.pool.acquire().await?;
             // We hold the lease: the row is as we claimed it unless a disconnect cleared it.
             connections::mark_needs_reauth(&mut db, &row, row.access_token.as_deref(), &reason).await?;
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "invalid_grant").increment(1);
@@ -163,7 +203,7 @@ async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<Acc
         }
         Err(error) => {
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "error").increment(1);
-            connections::release_refresh(&deps.pool, row.id, owner).await?;
+            connections::release_refresh(&tk.pool, row.id, owner).await?;
             Err(error.into())
         }
     }
@@ -175,7 +215,7 @@ async fn refresh_leased(deps: &Deps, row: Connection, owner: Uuid) -> Result<Acc
 /// the worker stays ready. Only a key this worker does not hold is a configuration error (retried,
 /// reported by readiness).
 async fn open(
-    deps: &Deps,
+    tk: &Tokens,
     row: &Connection,
     opened: Result<SecretString, calsync_common::crypto::CryptoError>,
 ) -> Result<SecretString, ProcessError> {
@@ -185,7 +225,7 @@ async fn open(
         Err(error) => return Err(error.into()),
     };
     let reason = format!("integrity: {error}; the user must reconnect Calendly");
-    let mut db = deps.pool.acquire().await?;
+    let mut db = tk.pool.acquire().await?;
     if !connections::mark_needs_reauth(&mut db, row, row.access_token.as_deref(), &reason).await? {
         return Err(ProcessError::transient("the connection changed while its token was read"));
     }
@@ -204,7 +244,7 @@ struct Refreshed<'a> {
 /// but here: keep trying to store it on fresh connections, and count and log loudly if it finally
 /// cannot be (the user will then have to reconnect). Returns false when the row changed meanwhile
 /// (disconnected, or refreshed by someone else): the pair is then nobody's.
-async fn keep_refreshed_pair(deps: &Deps, row: &Connection, pair: &Refreshed<'_>, first: Option<sqlx::Error>) -> bool {
+async fn keep_refreshed_pair(tk: &Tokens, row: &Connection, pair: &Refreshed<'_>, first: Option<sqlx::Error>) -> bool {
     if let Some(error) = first {
         tracing::warn!(connection_id = %row.id, %error, "refreshed tokens not stored; retrying the write");
     }
@@ -212,7 +252,7 @@ async fn keep_refreshed_pair(deps: &Deps, row: &Connection, pair: &Refreshed<'_>
     let consumed = row.refresh_token.as_deref();
     loop {
         let stored =
-            connections::store_refreshed(&deps.pool, row.id, consumed, pair.access, pair.refresh, pair.expires_at);
+            connections::store_refreshed(&tk.pool, row.id, consumed, pair.access, pair.refresh, pair.expires_at);
         match stored.await {
             Ok(true) => {
                 metrics::counter!("calsync_token_refreshes_total", "outcome" => "stored_late").increment(1);

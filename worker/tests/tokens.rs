@@ -156,7 +156,7 @@ async fn a_delivery_resolved_before_its_connection_changed_hands_never_refreshes
     h.store_tokens(ada.app_user, &other, expired).await;
     let before = h.sim.sim.token_grants("refresh_token");
 
-    let result = calsync_worker::tokens::access_token(&h.deps(), &resolved).await;
+    let result = h.deps().calls.tokens().access_token(&resolved).await;
 
     let error = result.err().expect("no token for a connection that changed hands");
     assert!(error.to_string().contains("changed hands"), "{error}");
