@@ -129,3 +129,11 @@ pub struct OptionalUrl(pub Option<Url>);
 pub fn optional_url(value: &str) -> Result<OptionalUrl, url::ParseError> {
     if value.trim().is_empty() { Ok(OptionalUrl(None)) } else { Url::parse(value.trim()).map(|u| OptionalUrl(Some(u))) }
 }
+
+/// Parked deliveries (both services replay them).
+#[derive(Args, Clone, Debug)]
+pub struct InboxArgs {
+    /// How old an unmatched delivery may be and still be replayed when its Calendly user connects.
+    #[arg(long, env = "INBOX_REPLAY_DAYS", default_value_t = 7)]
+    pub inbox_replay_days: u32,
+}

@@ -11,6 +11,7 @@
 //! - [`queue`]: RabbitMQ topology, the confirming publisher, and every message shape (the only
 //!   place that knows header names and routing keys).
 //! - [`db`]: PostgreSQL pool, migrations, and the data access used by both services.
+//! - [`replay`]: republishing parked deliveries of a connected Calendly account.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics` for both services.
 //! - [`http`]: outgoing HTTP clients (rustls + ring) and the services' listeners.
 
@@ -22,6 +23,7 @@ pub mod health;
 pub mod http;
 pub mod meeting;
 pub mod queue;
+pub mod replay;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

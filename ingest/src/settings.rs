@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use clap::{Args, Parser};
+use clap::Parser;
 use secrecy::SecretString;
 use url::Url;
 
-use calsync_common::config::{ConfigError, OptionalUrl, SharedArgs, optional_url, secret};
+use calsync_common::config::{ConfigError, InboxArgs, OptionalUrl, SharedArgs, optional_url, secret};
 
 /// Settings of `calsync-ingest`.
 #[derive(Parser, Clone, Debug)]
@@ -61,13 +61,6 @@ pub struct IngestSettings {
     pub shared: SharedArgs,
     #[command(flatten)]
     pub inbox: InboxArgs,
-}
-
-#[derive(Args, Clone, Debug)]
-pub struct InboxArgs {
-    /// How old an unmatched delivery may be and still be replayed when its Calendly user connects.
-    #[arg(long, env = "INBOX_REPLAY_DAYS", default_value_t = 7)]
-    pub inbox_replay_days: u32,
 }
 
 impl IngestSettings {

@@ -9,6 +9,7 @@ use sqlx::PgPool;
 
 use calsync_common::calendly::CalendlyClient;
 use calsync_common::crypto::{KeyFailures, TokenCipher};
+use calsync_common::queue::Broker;
 
 use crate::calendly_call::CalendlyCalls;
 use crate::db_gate::DbGate;
@@ -36,10 +37,14 @@ pub struct Deps {
     /// `CALENDLY_WEBHOOK_CALLBACK_URL`: where a replacement subscription points (unset: where the
     /// broken one pointed).
     pub callback_url: Option<url::Url>,
+    /// Republishes parked deliveries of an active connection (the periodic check's catch-up).
+    pub broker: Broker,
+    /// `INBOX_REPLAY_DAYS`: how old an `unmatched` delivery may be and still be replayed.
+    pub replay_days: u32,
 }
 
 impl Deps {
-    pub fn new(settings: &WorkerSettings, pool: PgPool) -> anyhow::Result<Self> {
+    pub fn new(settings: &WorkerSettings, pool: PgPool, broker: Broker) -> anyhow::Result<Self> {
         let calendly = CalendlyClient::new(&settings.shared.calendly)?;
         let cipher = Arc::new(TokenCipher::from_settings(&settings.shared.token_keys)?);
         let key_failures = cipher.failures();
@@ -54,6 +59,8 @@ impl Deps {
             max_attempts: settings.worker_max_attempts,
             sync_lookback: Duration::from_secs(u64::from(settings.sync_lookback_days) * 86_400),
             callback_url: settings.callback_url().cloned(),
+            broker,
+            replay_days: settings.inbox.inbox_replay_days,
             pool,
         })
     }

@@ -71,7 +71,7 @@ impl Worker {
         let database =
             Database::start(&settings.shared.database.database_url, settings.db_pool_size(), shutdown.clone())?;
         let broker = Broker::start(BrokerConfig::from_args(&settings.shared.amqp, "calsync-worker"));
-        let deps = Arc::new(Deps::new(&settings, database.pool().clone())?);
+        let deps = Arc::new(Deps::new(&settings, database.pool().clone(), broker.clone())?);
         Ok(Self { settings, deps, broker, database, listener, shutdown })
     }
 

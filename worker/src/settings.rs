@@ -53,6 +53,8 @@ pub struct WorkerSettings {
 
     #[command(flatten)]
     pub shared: SharedArgs,
+    #[command(flatten)]
+    pub inbox: calsync_common::config::InboxArgs,
 }
 
 impl WorkerSettings {

@@ -4,6 +4,9 @@
 //! vanished one is replaced — the new one first, so there is never a moment with none, then the old
 //! one deleted — and the connection resynced, which brings back what was missed meanwhile.
 //!
+//! Each check also replays parked deliveries still addressed to the active connection (see
+//! `catch_up_parked`).
+//!
 //! Every Calendly call here is auxiliary: a grant without `webhooks:read` (made before calsync
 //! asked for it) is reported on the connection, never parked as `needs_reauth`.
 
@@ -13,7 +16,9 @@ use calsync_common::calendly::CalendlyError;
 use calsync_common::calendly::subscription::{self, SubscriptionError};
 use calsync_common::calendly::types::Subscription;
 use calsync_common::db::connections::{self, Connection, ConnectionStatus, SubscriptionState};
+use calsync_common::queue::Broker;
 use calsync_common::queue::message::{SyncJob, SyncKind};
+use calsync_common::replay;
 
 use crate::calendly_call::CalendlyCalls;
 use crate::deps::Deps;
@@ -21,13 +26,14 @@ use crate::error::ProcessError;
 
 /// Checks one connection's subscription; returns the resync to queue when it had to be replaced.
 pub async fn check(
-    Deps { pool, calls, callback_url, .. }: &Deps,
+    Deps { pool, calls, callback_url, broker, replay_days, .. }: &Deps,
     connection_id: uuid::Uuid,
 ) -> Result<Option<SyncJob>, ProcessError> {
     let Some(connection) = connections::find(pool, connection_id).await? else { return Ok(None) };
     if connection.status != ConnectionStatus::Active {
         return Ok(None);
     }
+    catch_up_parked(pool, broker, &connection, *replay_days).await;
     let current = connection.webhook_subscription_uri.clone();
     let found = match &current {
         // No subscription was ever made (callback URL unset at connect) and none is wanted.
@@ -51,6 +57,21 @@ pub async fn check(
             let replacing = Replacing { old_uri: current.as_deref(), old: found.as_ref(), was: state };
             replace(pool, calls, callback_url.as_ref(), &connection, replacing).await
         }
+    }
+}
+
+/// Parked deliveries addressed to an *active* connection are stale: the connect that should have
+/// replayed them was cut short, or a refresh stored late brought a `needs_reauth` row back to
+/// `active`. Replayed here, so they never wait for a reconnect that will not come. Best effort: what
+/// fails now is tried again at the next check.
+async fn catch_up_parked(pool: &PgPool, broker: &Broker, connection: &Connection, replay_days: u32) {
+    let Some(account) = &connection.calendly_user_uri else { return };
+    match replay::replay_parked(pool, broker, account, replay_days).await {
+        Ok(0) => {}
+        Ok(n) => {
+            tracing::info!(connection_id = %connection.id, replayed = n, "replayed parked deliveries of an active connection")
+        }
+        Err(error) => tracing::warn!(connection_id = %connection.id, %error, "could not replay parked deliveries"),
     }
 }
 

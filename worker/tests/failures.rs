@@ -77,7 +77,7 @@ async fn a_revoked_refresh_token_parks_deliveries_as_awaiting_reauth_and_a_recon
 
     // The user reconnects: fresh tokens, then the parked deliveries are replayed.
     h.store_tokens(ada.app_user, &ada.calendly, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
-    let replayed = calsync_ingest::connect::replay::replay_parked(&h.pool, &h.publisher, &ada.uri, 7).await.unwrap();
+    let replayed = calsync_common::replay::replay_parked(&h.pool, &h.publisher, &ada.uri, 7).await.unwrap();
 
     assert_eq!(replayed, 2);
     h.wait_for_inbox(&ids, &["processed"]).await;
@@ -98,7 +98,7 @@ async fn unmatched_deliveries_are_replayed_for_the_user_who_then_connects_that_a
 
     let new_owner = uuid::Uuid::new_v4();
     h.store_tokens(new_owner, &ada.calendly, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
-    calsync_ingest::connect::replay::replay_parked(&h.pool, &h.publisher, &ada.uri, 7).await.unwrap();
+    calsync_common::replay::replay_parked(&h.pool, &h.publisher, &ada.uri, 7).await.unwrap();
 
     h.wait_for_inbox(&ids, &["processed"]).await;
     assert_eq!(h.meetings(new_owner).await.len(), 1);

@@ -226,3 +226,43 @@ async fn a_reauth_verdict_about_a_token_the_row_no_longer_holds_leaves_the_row_a
     assert_eq!(h.connection_status(&ada).await, "active", "the new pair is not condemned by the old one's verdict");
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_row_a_late_stored_refresh_brings_back_to_active_gets_its_parked_deliveries_replayed(pool: PgPool) {
+    use calsync_common::db::connections::{self, ACCESS_TOKEN, REFRESH_TOKEN, binding};
+    let mut h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    let seen = connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
+    // Someone presented the refresh token a concurrent refresh had just consumed: needs_reauth...
+    let mut db = h.pool.acquire().await.unwrap();
+    assert!(
+        connections::mark_needs_reauth(&mut db, &seen, seen.access_token.as_deref(), "invalid_grant").await.unwrap()
+    );
+    drop(db);
+    h.start_worker(&["--subscription-check-interval-secs=1", "--reconcile-interval-secs=0"]).await;
+    h.book(&ada, 1);
+    let ids = h.publish_all(&h.captured()).await;
+    h.wait_for_inbox(&ids, &["awaiting_reauth"]).await;
+    // ...then that refresh's own pair is stored after all, which revives the row.
+    let pair = h.sim.sim.grant_tokens(&ada.uri).unwrap();
+    let access = h.cipher.encrypt(pair["access_token"].as_str().unwrap(), binding(ada.connection_id, ACCESS_TOKEN));
+    let refresh = h.cipher.encrypt(pair["refresh_token"].as_str().unwrap(), binding(ada.connection_id, REFRESH_TOKEN));
+    let expires = OffsetDateTime::now_utc() + time::Duration::hours(2);
+    let revived = connections::store_refreshed(
+        &h.pool,
+        ada.connection_id,
+        seen.refresh_token.as_deref(),
+        &access,
+        &refresh,
+        expires,
+    )
+    .await
+    .unwrap();
+    assert!(revived);
+    assert_eq!(h.connection_status(&ada).await, "active");
+
+    // No reconnect: the next periodic check of the connection replays what was parked.
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    assert_eq!(h.meetings(ada.app_user).await.len(), 1);
+    h.stop().await;
+}

@@ -1,8 +1,7 @@
 //! Connecting a Calendly account: OAuth with forced consent and PKCE, storing the identity that
 //! consented, the webhook subscription, the backfill, the replay of parked deliveries, status, and
 //! disconnect. HTTP-free so it can be tested and reused; ingest's routes are a thin layer on it.
-
-pub mod replay;
+//! The replay of parked deliveries itself is `calsync_common::replay` (the worker replays too).
 
 use std::sync::Arc;
 
@@ -26,6 +25,7 @@ use calsync_common::db::oauth_states::{self, StateRejection};
 use calsync_common::db::pending::{self, Pending};
 use calsync_common::queue::Broker;
 use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
+use calsync_common::replay;
 
 /// How long a user has to finish the consent screen.
 pub const STATE_TTL: time::Duration = time::Duration::minutes(10);
@@ -336,11 +336,20 @@ impl ConnectService {
         let last_error = (!problems.is_empty()).then(|| problems.join("; "));
         connections::set_subscription(&self.pool, connection.id, subscription.as_deref(), last_error.as_deref())
             .await?;
-        match replay::replay_parked(&self.pool, &self.broker, &held.calendly_user_uri, self.options.replay_days).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(connection_id = %connection.id, replayed = n, "replayed parked deliveries"),
-            Err(error) => tracing::warn!(connection_id = %connection.id, %error, "could not replay parked deliveries"),
-        }
+        // Replayed after the answer, not inside the confirm request: an account with many parked
+        // deliveries must not hold the app's call open. What this does not finish (a crash, a
+        // broker outage) the worker's next periodic check of this connection replays.
+        let (pool, broker, connection_id) = (self.pool.clone(), self.broker.clone(), connection.id);
+        let (account, replay_days) = (held.calendly_user_uri.clone(), self.options.replay_days);
+        tokio::spawn(async move {
+            match replay::replay_parked(&pool, &broker, &account, replay_days).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(%connection_id, replayed = n, "replayed parked deliveries"),
+                Err(error) => {
+                    tracing::warn!(%connection_id, %error, "could not replay parked deliveries (the next periodic check will)")
+                }
+            }
+        });
         Ok(())
     }
 

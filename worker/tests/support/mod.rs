@@ -90,7 +90,7 @@ impl Harness {
         let settings = self.settings(&[]);
         calsync_worker::Deps {
             sync_lookback: Duration::from_secs(86_400),
-            ..calsync_worker::Deps::new(&settings, self.pool.clone()).unwrap()
+            ..calsync_worker::Deps::new(&settings, self.pool.clone(), self.publisher.clone()).unwrap()
         }
     }
 

@@ -1,4 +1,7 @@
-//! Replaying parked deliveries when a Calendly account is (re)connected.
+//! Replaying parked deliveries addressed to a Calendly account that is (again) connected: on
+//! connect (ingest, in the background after the confirm) and at every periodic subscription check of
+//! an active connection (the worker), which picks up what a connect could not finish and the
+//! deliveries of a row a late-stored token refresh brought back to `active`.
 //!
 //! `unmatched` and `awaiting_reauth` inbox rows keep their body. Once a user has proved control of
 //! the Calendly account they were addressed to (by completing OAuth), those bodies are published
@@ -8,8 +11,8 @@
 
 use time::OffsetDateTime;
 
-use calsync_common::db::inbox;
-use calsync_common::queue::{Broker, PublishError, message};
+use crate::db::inbox;
+use crate::queue::{Broker, PublishError, message};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
