@@ -268,3 +268,27 @@ async fn forget_erases_the_whole_person_and_a_replayed_dead_letter_does_not_brin
     assert_eq!(anywhere, 0);
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn forget_leaves_other_dead_letters_as_they_were_and_never_hands_one_back_to_its_queue(pool: PgPool) {
+    let (h, _ada) = Harness::with_worker_and_user(pool, "Ada").await;
+    let body = br#"{"event":"invitee.created","payload":{"email":"someone.else@example.com"}}"#;
+    let poison = h.publish(body).await;
+    h.wait_for_inbox(std::slice::from_ref(&poison), &["dead"]).await;
+    calsync_testkit::wait_until(DEADLINE, "the dead letter", || async {
+        h.topology.depth(&h.topology.topology.dead_queue()).await == 1
+    })
+    .await;
+
+    let dry = operator(&h, &["forget", "--dry-run", "bo@example.com"]).await;
+    let done = operator(&h, &["forget", "bo@example.com"]).await;
+
+    assert!(dry.status.success() && done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    assert!(stdout(&dry).contains("queued webhook bodies not looked at"), "{}", stdout(&dry));
+    assert!(stdout(&done).contains("0 queued webhook body(ies)"), "{}", stdout(&done));
+    let letters = h.dead_letters().await;
+    assert_eq!(letters.len(), 1, "still there");
+    assert_eq!(letters[0].delivery.data, body.to_vec(), "unchanged");
+    assert!(!letters[0].delivery.redelivered, "a fresh copy: no delivery of it was spent");
+    h.stop().await;
+}

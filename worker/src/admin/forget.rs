@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicNackOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -84,21 +84,26 @@ pub struct Forgotten {
     pub invitees: u64,
     pub meetings: u64,
     pub inbox_bodies: u64,
-    pub queued_bodies: u64,
+    /// `None` when the queues were not looked into (a dry run).
+    pub queued_bodies: Option<u64>,
 }
 
 impl fmt::Display for Forgotten {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let queued = self
+            .queued_bodies
+            .map_or("queued webhook bodies not looked at".to_owned(), |n| format!("{n} queued webhook body(ies)"));
         write!(
             f,
-            "{} invitee row(s), {} meeting(s), {} kept webhook body(ies), {} queued webhook body(ies)",
-            self.invitees, self.meetings, self.inbox_bodies, self.queued_bodies
+            "{} invitee row(s), {} meeting(s), {} kept webhook body(ies), {queued}",
+            self.invitees, self.meetings, self.inbox_bodies
         )
     }
 }
 
 /// Erases `email` from the database (one transaction, rolled back on `dry_run`), then from the
-/// bodies waiting in `broker`'s dead-letter and delay queues (only counted on `dry_run`).
+/// bodies waiting in `broker`'s dead-letter and delay queues. A dry run does not look into the
+/// queues (`queued_bodies` is then `None`): looking means taking every message out.
 pub async fn forget(
     pool: &PgPool,
     broker: Option<&Broker>,
@@ -106,8 +111,8 @@ pub async fn forget(
     dry_run: bool,
 ) -> Result<Forgotten, ForgetError> {
     let mut forgotten = erase_rows(pool, email, dry_run).await?;
-    if let Some(broker) = broker {
-        forgotten.queued_bodies = erase_queued(broker, email, dry_run).await?;
+    if let Some(broker) = broker.filter(|_| !dry_run) {
+        forgotten.queued_bodies = Some(erase_queued(broker, email).await?);
     }
     Ok(forgotten)
 }
@@ -172,15 +177,17 @@ async fn erase_rows(pool: &PgPool, email: &EmailAddress, dry_run: bool) -> Resul
     } else {
         tx.commit().await?;
     }
-    Ok(Forgotten { invitees, meetings: theirs + naming, inbox_bodies, queued_bodies: 0 })
+    Ok(Forgotten { invitees, meetings: theirs + naming, inbox_bodies, queued_bodies: None })
 }
 
 /// Replaces every body in the dead-letter and delay queues that names `email` by a copy with the
 /// person taken out (same routing key and headers, confirmed before the original is acked).
-/// Messages that do not name them are returned untouched, all at once at the end (a returned
-/// message goes back to the head of a quorum queue, so returning it at once would hand it to us
-/// again instead of the next one).
-async fn erase_queued(broker: &Broker, email: &EmailAddress, dry_run: bool) -> Result<u64, ForgetError> {
+///
+/// No message is ever handed back to its queue: on RabbitMQ's quorum queues every return counts
+/// as a delivery (on 4.0–4.2 with a default limit of 20), and `calsync.dead` has nowhere to send a
+/// letter over the limit. So every message taken is republished — rewritten, or unchanged when it
+/// does not name the person — before the original is acked: a fresh copy, nothing spent.
+async fn erase_queued(broker: &Broker, email: &EmailAddress) -> Result<u64, ForgetError> {
     let topology = broker.topology().clone();
     let mut queues = vec![topology.dead_queue()];
     for target in [RetryTarget::Webhooks, RetryTarget::Sync] {
@@ -197,32 +204,21 @@ async fn erase_queued(broker: &Broker, email: &EmailAddress, dry_run: bool) -> R
             .await
             .map_err(failed)?
             .message_count();
-        let mut untouched = None;
+        // Only what is there now: the copies we publish go to the back and are not read again.
         for _ in 0..waiting {
             let got =
                 channel.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false }).await.map_err(failed)?;
             let Some(got) = got else { break };
             let delivery = got.delivery;
-            if !email.is_named_in_body(&delivery.data) {
-                untouched = Some(delivery.delivery_tag);
-                continue;
-            }
-            erased += 1;
-            if dry_run {
-                untouched = Some(delivery.delivery_tag);
-                continue;
-            }
+            let names_them = email.is_named_in_body(&delivery.data);
             let copy = Outgoing {
                 routing_key: delivery.routing_key.to_string(),
-                body: redact(&delivery.data, email),
+                body: if names_them { redact(&delivery.data, email) } else { delivery.data.clone() },
                 properties: delivery.properties.clone(),
             };
             broker.publish(&copy).await.map_err(|e| ForgetError::Broker(e.to_string()))?;
             delivery.acker.ack(BasicAckOptions::default()).await.map_err(failed)?;
-        }
-        if let Some(tag) = untouched {
-            let back = BasicNackOptions { multiple: true, requeue: true };
-            channel.basic_nack(tag, back).await.map_err(failed)?;
+            erased += u64::from(names_them);
         }
         let _ = channel.close(200, "forget".into()).await;
     }
