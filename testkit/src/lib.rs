@@ -190,8 +190,7 @@ impl IsolatedTopology {
             .await
             .expect("connect to RabbitMQ for the test");
         let topology = Topology::new(prefix.clone());
-        let channel = conn.create_channel().await.unwrap();
-        topology.declare(&channel).await.expect("declare test topology");
+        topology.declare(&conn).await.expect("declare test topology");
         Self { prefix, topology, conn, cleaned: false }
     }
 

@@ -292,3 +292,42 @@ async fn forget_leaves_other_dead_letters_as_they_were_and_never_hands_one_back_
     assert!(!letters[0].delivery.redelivered, "a fresh copy: no delivery of it was spent");
     h.stop().await;
 }
+
+#[tokio::test]
+async fn the_dead_letter_queue_has_no_delivery_limit_and_one_declared_by_an_earlier_version_is_kept() {
+    use calsync_common::queue::Topology;
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable, LongString};
+    let conn =
+        lapin::Connection::connect(&calsync_testkit::amqp_url(), lapin::ConnectionProperties::default()).await.unwrap();
+    let quorum = || {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+        args
+    };
+    let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+    let redeclare_plain = |topology: Topology| {
+        let conn = &conn;
+        async move {
+            let channel = conn.create_channel().await.unwrap();
+            channel.queue_declare(topology.dead_queue().as_str().into(), durable, quorum()).await
+        }
+    };
+
+    // A new deployment: calsync.dead carries x-delivery-limit (so a plain declaration is refused).
+    let fresh = Topology::new(format!("test-dl-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    fresh.declare(&conn).await.unwrap();
+    assert!(redeclare_plain(fresh.clone()).await.is_err(), "declared with its unlimited delivery count");
+
+    // An existing deployment, whose calsync.dead predates the argument: calsync still starts.
+    let existing = Topology::new(format!("test-dl-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    let channel = conn.create_channel().await.unwrap();
+    channel.queue_declare(existing.dead_queue().as_str().into(), durable, quorum()).await.unwrap();
+    existing.declare(&conn).await.expect("an existing dead-letter queue is kept as it is");
+    assert!(redeclare_plain(existing.clone()).await.is_ok(), "left as it was");
+
+    let channel = conn.create_channel().await.unwrap();
+    for topology in [fresh, existing] {
+        topology.delete(&channel).await.unwrap();
+    }
+}

@@ -293,9 +293,7 @@ fn node_name(node: &SecretString) -> String {
 async fn connect(config: &BrokerConfig, node: &SecretString) -> lapin::Result<Link> {
     let props = ConnectionProperties::default().with_connection_name(config.connection_name.as_str().into());
     let conn = Connection::connect(node.expose_secret(), props).await?;
-    let setup = conn.create_channel().await?;
-    config.topology.declare(&setup).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
+    config.topology.declare(&conn).await?;
     let mut publish = Vec::with_capacity(config.publish_channels);
     for _ in 0..config.publish_channels {
         publish.push(PublishChannel::new(confirm_channel(&conn).await?));

@@ -3,7 +3,7 @@
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{Channel, ExchangeKind};
+use lapin::{Channel, Connection, ExchangeKind};
 
 use crate::retry::REDELIVERY_DELAYS;
 
@@ -21,6 +21,14 @@ use crate::retry::REDELIVERY_DELAYS;
 /// - The one give-back that must not count, a database outage, is `nack`ed: it happens at most once
 ///   per in-flight delivery per outage, because the consumer is cancelled until the database is back.
 pub const BROKER_DELIVERY_LIMIT: i64 = 50;
+
+/// `x-delivery-limit` of `calsync.dead`: none (see [`Topology::declare`]).
+pub const UNLIMITED_DELIVERIES: i64 = -1;
+
+/// RabbitMQ refused a declaration because the entity exists with other arguments.
+fn is_precondition_failed(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406)
+}
 
 /// Queues that have delayed-retry companions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,15 +125,38 @@ impl Topology {
         channel.exchange_delete(self.exchange().as_str().into(), ExchangeDeleteOptions::default()).await
     }
 
-    /// Declares the whole topology on `channel`.
-    pub async fn declare(&self, channel: &Channel) -> lapin::Result<()> {
+    /// Declares the whole topology on `conn` (on channels of its own).
+    pub async fn declare(&self, conn: &Connection) -> lapin::Result<()> {
+        let channel = conn.create_channel().await?;
         let exchange = self.exchange();
         // Durable: the exchange and its bindings survive a broker restart.
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel.exchange_declare(exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
 
-        self.declare_queue(channel, &self.dead_queue(), quorum()).await?;
-        self.bind(channel, &self.dead_queue(), "dead.#").await?;
+        // calsync.dead holds the only copy of what could never be processed, and has nowhere to
+        // send a message past a delivery limit: RabbitMQ 4.0–4.2 give every quorum queue a limit of
+        // 20, and any return (a consumer closing its channel, a nack) counts. So it is declared
+        // without a limit (-1; 3.10 and 4.x accept it). A queue declared by an earlier calsync
+        // has no such argument, and RabbitMQ refuses to redeclare a queue with different arguments
+        // (PRECONDITION_FAILED, which closes the channel): it is then declared as it is, and a
+        // policy gives it the same (README, "Dead letters"). calsync's own commands never hand a
+        // dead letter back either way.
+        let mut unlimited = quorum();
+        unlimited.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(UNLIMITED_DELIVERIES));
+        let channel = match self.declare_queue(&channel, &self.dead_queue(), unlimited).await {
+            Ok(()) => channel,
+            Err(error) if is_precondition_failed(&error) => {
+                tracing::warn!(
+                    queue = %self.dead_queue(),
+                    "the dead-letter queue predates its unlimited delivery count; keeping it as it is (see README: a policy)"
+                );
+                let channel = conn.create_channel().await?;
+                self.declare_queue(&channel, &self.dead_queue(), quorum()).await?;
+                channel
+            }
+            Err(error) => return Err(error),
+        };
+        self.bind(&channel, &self.dead_queue(), "dead.#").await?;
 
         for (target, pattern) in [(RetryTarget::Webhooks, "webhook.#"), (RetryTarget::Sync, "sync.#")] {
             let queue = self.queue_of(target);
@@ -134,8 +165,8 @@ impl Topology {
             // rather than being redelivered forever.
             args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(BROKER_DELIVERY_LIMIT));
             dead_letter_to(&mut args, &exchange, &Self::dead_routing_key(target));
-            self.declare_queue(channel, &queue, args).await?;
-            self.bind(channel, &queue, pattern).await?;
+            self.declare_queue(&channel, &queue, args).await?;
+            self.bind(&channel, &queue, pattern).await?;
 
             for (tier, delay) in REDELIVERY_DELAYS.iter().enumerate() {
                 let retry = self.retry_queue(target, tier);
@@ -145,10 +176,11 @@ impl Topology {
                 args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(delay.as_millis() as i64));
                 // Expired messages go straight back to the work queue through the default exchange.
                 dead_letter_to(&mut args, "", &queue);
-                self.declare_queue(channel, &retry, args).await?;
-                self.bind(channel, &retry, &Self::retry_routing_key(target, tier)).await?;
+                self.declare_queue(&channel, &retry, args).await?;
+                self.bind(&channel, &retry, &Self::retry_routing_key(target, tier)).await?;
             }
         }
+        let _ = channel.close(200, "topology declared".into()).await;
         Ok(())
     }
 
