@@ -262,3 +262,32 @@ async fn a_batch_never_writes_a_delivery_for_the_account_its_user_switched_away_
     assert_eq!(h.inbox_status("switch:2").await.as_deref(), Some("processed"));
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_connection_row_held_by_someone_else_delays_only_its_own_deliveries_not_their_batch_mates(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    // Batches that wait 300 ms for company, and a slow fetch: both deliveries share one batch.
+    h.start_worker(&["--worker-batch-size=64", "--worker-batch-max-wait-ms=300"]).await;
+    let (ada, bob) = (h.connect("Ada").await, h.connect("Bob").await);
+    h.book(&ada, 1);
+    h.book(&bob, 1);
+    h.sim.sim.set_faults(calendly_sim::Faults { latency_ms: 200, ..Default::default() });
+    // Someone (an operator's session, a stuck transaction) holds Ada's row.
+    let mut holder = h.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM calendar_connections WHERE id = $1 FOR UPDATE")
+        .bind(ada.connection_id)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+
+    let ids = h.publish_all(&h.captured()).await;
+
+    // Bob's delivery commits while Ada's row is still held.
+    h.wait_for_inbox(&ids[1..], &["processed"]).await;
+    assert_eq!(h.inbox_status(&ids[0]).await, None, "Ada's waits for her row");
+    holder.rollback().await.unwrap();
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    assert_eq!((h.meetings(ada.app_user).await.len(), h.meetings(bob.app_user).await.len()), (1, 1));
+    assert!(h.dead_letters().await.is_empty());
+    h.stop().await;
+}
