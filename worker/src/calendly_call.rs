@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::PgPool;
 
 use calsync_common::calendly::rate;
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
-use calsync_common::db::connections::{self, Connection};
+use calsync_common::db::connections::Connection;
 use calsync_common::retry;
 
 use crate::budget::Budgets;
@@ -43,13 +42,11 @@ pub struct CalendlyCalls {
     tokens: Tokens,
     /// Each Calendly user's API budget in this process.
     budgets: Arc<Budgets>,
-    /// For the reauth verdict on a missing scope.
-    pool: PgPool,
 }
 
 impl CalendlyCalls {
-    pub fn new(pool: PgPool, calendly: CalendlyClient, tokens: Tokens) -> Self {
-        Self { calendly, tokens, budgets: Arc::default(), pool }
+    pub fn new(calendly: CalendlyClient, tokens: Tokens) -> Self {
+        Self { calendly, tokens, budgets: Arc::default() }
     }
 
     /// The client, for the call itself (inside [`Self::call`]'s closure).
@@ -141,13 +138,7 @@ where
                 // Not someone else's resource: this grant can never read ours. The user must
                 // reconnect (with the scopes); the connection says which ones are missing.
                 let reason = format!("{error}; the user must reconnect Calendly to grant it");
-                let mut db = calls.pool.acquire().await?;
-                if !connections::mark_needs_reauth(&mut db, connection, Some(&token.ciphertext), &reason).await? {
-                    // Refreshed, reconnected or disconnected meanwhile: resolve the delivery again.
-                    return Err(ProcessError::transient("the connection changed while calling Calendly"));
-                }
-                tracing::warn!(connection_id = %connection.id, %reason, "connection needs reauth");
-                return Err(ProcessError::NeedsReauth(reason));
+                return Err(calls.tokens.park(connection, Some(&token.ciphertext), reason).await);
             }
             other => return Err(other.into()),
         }

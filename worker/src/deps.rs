@@ -49,7 +49,7 @@ impl Deps {
         let cipher = Arc::new(TokenCipher::from_settings(&settings.shared.token_keys)?);
         let key_failures = cipher.failures();
         let tokens = Tokens::new(pool.clone(), calendly.clone(), cipher);
-        let calls = CalendlyCalls::new(pool.clone(), calendly, tokens);
+        let calls = CalendlyCalls::new(calendly, tokens);
         Ok(Self {
             events: EventFetcher::new(calls.clone()),
             calls,

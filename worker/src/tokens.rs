@@ -58,6 +58,22 @@ impl Tokens {
     ) -> Result<AccessToken, ProcessError> {
         after_unauthorized(self, connection, rejected).await
     }
+
+    /// The one way a connection is parked for its user to reconnect: `needs_reauth` with `reason`
+    /// in `last_error`, only while the row is still as `seen` and holds `access_seen` (see
+    /// `connections::mark_needs_reauth`). Returns what the delivery at hand becomes: parked, or —
+    /// when the row moved on meanwhile (refreshed, reconnected, disconnected) — retried, so it is
+    /// resolved again against the row as it now is.
+    pub async fn park(&self, seen: &Connection, access_seen: Option<&str>, reason: String) -> ProcessError {
+        match connections::mark_needs_reauth(&self.pool, seen, access_seen, &reason).await {
+            Ok(true) => {
+                tracing::warn!(connection_id = %seen.id, %reason, "connection needs reauth");
+                ProcessError::NeedsReauth(reason)
+            }
+            Ok(false) => ProcessError::transient("the connection changed meanwhile; resolving the delivery again"),
+            Err(error) => error.into(),
+        }
+    }
 }
 
 fn fresh(expires_at: Option<OffsetDateTime>) -> bool {
@@ -193,13 +209,9 @@ async fn refresh_leased(tk: &Tokens, row: Connection, owner: Uuid) -> Result<Acc
             Ok(AccessToken { secret: tokens.access_token, ciphertext: access })
         }
         Err(CalendlyError::InvalidGrant(detail)) => {
-            let reason = format!("refresh token rejected by Calendly (invalid_grant): {detail}");
-            let mut db = tk.pool.acquire().await?;
-            // We hold the lease: the row is as we claimed it unless a disconnect cleared it.
-            connections::mark_needs_reauth(&mut db, &row, row.access_token.as_deref(), &reason).await?;
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "invalid_grant").increment(1);
-            tracing::warn!(connection_id = %row.id, "refresh token rejected; connection needs reauth");
-            Err(ProcessError::NeedsReauth(reason))
+            let reason = format!("refresh token rejected by Calendly (invalid_grant): {detail}");
+            Err(tk.park(&row, row.access_token.as_deref(), reason).await)
         }
         Err(error) => {
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "error").increment(1);
@@ -224,13 +236,9 @@ async fn open(
         Err(error) if error.is_integrity() => error,
         Err(error) => return Err(error.into()),
     };
-    let reason = format!("integrity: {error}; the user must reconnect Calendly");
-    let mut db = tk.pool.acquire().await?;
-    if !connections::mark_needs_reauth(&mut db, row, row.access_token.as_deref(), &reason).await? {
-        return Err(ProcessError::transient("the connection changed while its token was read"));
-    }
-    tracing::warn!(connection_id = %row.id, "a stored token failed its integrity check; the connection needs reauth");
-    Err(ProcessError::NeedsReauth(reason))
+    Err(tk
+        .park(row, row.access_token.as_deref(), format!("integrity: {error}; the user must reconnect Calendly"))
+        .await)
 }
 
 /// A refreshed pair, encrypted for its row.

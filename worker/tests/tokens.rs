@@ -212,9 +212,8 @@ async fn a_reauth_verdict_about_a_token_the_row_no_longer_holds_leaves_the_row_a
     // The row got a new pair meanwhile (a refresh, or the user reconnecting).
     h.store_tokens(ada.app_user, &ada.calendly, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
 
-    let mut db = h.pool.acquire().await.unwrap();
     let moved = calsync_common::db::connections::mark_needs_reauth(
-        &mut db,
+        &h.pool,
         &seen,
         seen.access_token.as_deref(),
         "refresh token rejected",
@@ -234,11 +233,9 @@ async fn a_row_a_late_stored_refresh_brings_back_to_active_gets_its_parked_deliv
     let ada = h.connect("Ada").await;
     let seen = connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
     // Someone presented the refresh token a concurrent refresh had just consumed: needs_reauth...
-    let mut db = h.pool.acquire().await.unwrap();
     assert!(
-        connections::mark_needs_reauth(&mut db, &seen, seen.access_token.as_deref(), "invalid_grant").await.unwrap()
+        connections::mark_needs_reauth(&h.pool, &seen, seen.access_token.as_deref(), "invalid_grant").await.unwrap()
     );
-    drop(db);
     h.start_worker(&["--subscription-check-interval-secs=1", "--reconcile-interval-secs=0"]).await;
     h.book(&ada, 1);
     let ids = h.publish_all(&h.captured()).await;

@@ -1,7 +1,7 @@
 //! Refreshing a connection's tokens exactly once per expiry (a lease in the row, not a lock held
 //! across the call to Calendly), storing the pair, and the reauth verdict.
 
-use sqlx::{PgConnection, PgPool};
+use sqlx::{PgExecutor, PgPool};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -120,7 +120,7 @@ pub async fn store_refreshed(
 /// holding `access_seen`, the access token the failure was about (a refresh or reconnect since
 /// then replaced it, so the failure no longer describes the row). Returns whether it moved.
 pub async fn mark_needs_reauth(
-    tx: &mut PgConnection,
+    executor: impl PgExecutor<'_>,
     seen: &Connection,
     access_seen: Option<&str>,
     reason: &str,
@@ -138,7 +138,7 @@ pub async fn mark_needs_reauth(
     .bind(seen.user_id)
     .bind(seen.calendly_user_uri.as_deref())
     .bind(access_seen)
-    .execute(tx)
+    .execute(executor)
     .await?;
     Ok(moved.rows_affected() == 1)
 }
