@@ -158,7 +158,7 @@ impl CalendlyClient {
         let response = self.send(endpoint, request).await?;
         let tokens: TokenResponse =
             response.json().await.map_err(|e| CalendlyError::Unexpected(format!("{endpoint}: {}", without_url(&e))))?;
-        if !(1..=MAX_TOKEN_LIFETIME_SECS).contains(&tokens.expires_in) {
+        if !tokens.lifetime_is_believable() {
             // Kept, never discarded: a refresh answer holds the only refresh token left.
             tracing::warn!(
                 endpoint,

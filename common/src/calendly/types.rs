@@ -169,13 +169,14 @@ impl TokenResponse {
         now + time::Duration::seconds(self.believed_lifetime_secs())
     }
 
+    /// Whether `expires_in` is a lifetime at all (`1..=MAX_TOKEN_LIFETIME_SECS`).
+    pub fn lifetime_is_believable(&self) -> bool {
+        (1..=MAX_TOKEN_LIFETIME_SECS).contains(&self.expires_in)
+    }
+
     /// `expires_in` when it is a lifetime at all, else [`BELIEVED_TOKEN_LIFETIME_SECS`].
     pub fn believed_lifetime_secs(&self) -> i64 {
-        if (1..=MAX_TOKEN_LIFETIME_SECS).contains(&self.expires_in) {
-            self.expires_in
-        } else {
-            BELIEVED_TOKEN_LIFETIME_SECS
-        }
+        if self.lifetime_is_believable() { self.expires_in } else { BELIEVED_TOKEN_LIFETIME_SECS }
     }
 }
 
