@@ -54,7 +54,11 @@ async fn main() -> std::process::ExitCode {
             api_token: cli.api_token.clone().unwrap_or_default(),
         });
         step(started, "waiting for the running services");
-        if let Err(error) = stack.wait_ready(Duration::from_secs(120)).await {
+        let ready = async {
+            stack.expand_worker_replicas().await?;
+            stack.wait_ready(Duration::from_secs(120)).await
+        };
+        if let Err(error) = ready.await {
             eprintln!("calsync-demo: {error:#}");
             return std::process::ExitCode::FAILURE;
         }
@@ -76,7 +80,15 @@ async fn main() -> std::process::ExitCode {
             }
         }
     };
-    step(started, &format!("all ready: simulator {}, ingest {}", stack.endpoints.sim_url, stack.endpoints.ingest_url));
+    step(
+        started,
+        &format!(
+            "all ready: simulator {}, ingest {}, {} worker(s)",
+            stack.endpoints.sim_url,
+            stack.endpoints.ingest_url,
+            stack.endpoints.worker_urls.len()
+        ),
+    );
 
     let story = async {
         let outcome = scenario::run(&stack, &|line| step(started, line)).await?;

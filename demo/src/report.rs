@@ -9,7 +9,9 @@ use crate::scenario::Outcome;
 use crate::stack::Stack;
 
 /// One Prometheus sample: name, label text (`a="b",...`), value.
-pub fn samples(text: &str) -> Vec<(String, String, f64)> {
+pub type Sample = (String, String, f64);
+
+pub fn samples(text: &str) -> Vec<Sample> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
         .filter_map(|l| {
@@ -61,17 +63,21 @@ pub fn quantile(samples: &[(String, String, f64)], histogram: &str, q: f64) -> O
 
 pub struct Metrics {
     pub ingest: Vec<(String, String, f64)>,
+    /// Every worker's samples together.
     pub workers: Vec<(String, String, f64)>,
+    /// Each worker's own: its URL and samples.
+    pub per_worker: Vec<(String, Vec<Sample>)>,
 }
 
 pub async fn scrape(stack: &Stack) -> anyhow::Result<Metrics> {
     let get = |url: String| async move { anyhow::Ok(stack.http.get(url).send().await?.text().await?) };
     let ingest = samples(&get(format!("{}/metrics", stack.endpoints.ingest_url)).await?);
-    let mut workers = Vec::new();
+    let mut per_worker = Vec::new();
     for w in &stack.endpoints.worker_urls {
-        workers.extend(samples(&get(format!("{w}/metrics")).await?));
+        per_worker.push((w.clone(), samples(&get(format!("{w}/metrics")).await?)));
     }
-    Ok(Metrics { ingest, workers })
+    let workers = per_worker.iter().flat_map(|(_, s)| s.iter().cloned()).collect();
+    Ok(Metrics { ingest, workers, per_worker })
 }
 
 pub async fn render(stack: &Stack, outcome: &Outcome) -> anyhow::Result<String> {
@@ -130,5 +136,14 @@ pub async fn render(stack: &Stack, outcome: &Outcome) -> anyhow::Result<String> 
         sum(&m.workers, "calsync_calendly_requests_total", &[]),
         sum(&m.workers, "calsync_token_refreshes_total", &[]),
     )?;
+    // One line per worker: a pool where one replica did everything (or nothing) shows here.
+    for (url, samples) in &m.per_worker {
+        writeln!(
+            out,
+            "worker {url}: webhooks processed {} · Calendly API calls {}",
+            webhooks_processed(samples),
+            sum(samples, "calsync_calendly_requests_total", &[]),
+        )?;
+    }
     Ok(out)
 }

@@ -58,13 +58,19 @@ impl Stack {
             .await?;
         let authorize = json_ok(begin, "POST /connections/calendly").await?;
         let mut url = url::Url::parse(authorize["authorize_url"].as_str().context("authorize_url")?)?;
-        url.query_pairs_mut().append_pair("sim_user", &user.email);
+        // By URI, not email: on a stack that ran the demo before, an older simulated user has the
+        // same email (and is connected to another app user).
+        url.query_pairs_mut().append_pair("sim_user", &user.calendly_uri);
         let consent = self.http.get(url).send().await?;
         let back =
             consent.headers().get("location").context("Calendly redirects back to calsync")?.to_str()?.to_owned();
         let callback = self.http.get(&back).send().await?;
-        if !callback.status().is_success() && !callback.status().is_redirection() {
-            bail!("OAuth callback answered {}: {}", callback.status(), callback.text().await?);
+        let status = callback.status();
+        if status == reqwest::StatusCode::BAD_GATEWAY || status == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+            return Err(CalendlyUnavailable(format!("{status}: {}", callback.text().await?)).into());
+        }
+        if !status.is_success() && !status.is_redirection() {
+            bail!("OAuth callback answered {status}: {}", callback.text().await?);
         }
         let connect_id = connect_id_of(callback).await?;
         let confirm = self
@@ -104,6 +110,40 @@ impl Stack {
     }
 }
 
+/// The callback's answer when ingest could not reach Calendly to finish the connect (nothing was
+/// stored): a user would start the connection again, and so does the demo.
+#[derive(Debug)]
+pub struct CalendlyUnavailable(String);
+
+impl std::fmt::Display for CalendlyUnavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OAuth callback answered {}", self.0)
+    }
+}
+
+impl std::error::Error for CalendlyUnavailable {}
+
+/// Connects `user`, starting again for up to two minutes while the callback cannot reach Calendly.
+async fn connect_retrying(stack: &Stack, user: &DemoUser, progress: &dyn Fn(&str)) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        match stack.connect(user).await {
+            Err(error)
+                if started.elapsed() < Duration::from_secs(120)
+                    && error.downcast_ref::<CalendlyUnavailable>().is_some() =>
+            {
+                progress(&format!(
+                    "{}'s connect could not reach Calendly ({:.0} s after the first try): starting it again",
+                    user.name,
+                    started.elapsed().as_secs_f64()
+                ));
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The one-time connect id the callback hands to the app: in the redirect to `CONNECT_RETURN_URL`,
 /// or on the result page when none is configured.
 async fn connect_id_of(callback: reqwest::Response) -> anyhow::Result<String> {
@@ -136,7 +176,7 @@ pub async fn run(stack: &Stack, progress: &dyn Fn(&str)) -> anyhow::Result<Outco
             app_user: Uuid::new_v4(),
             calendly_uri: created["uri"].as_str().context("user uri")?.to_owned(),
         };
-        stack.connect(&user).await?;
+        connect_retrying(stack, &user, progress).await?;
         progress(&format!(
             "{name} connected Calendly through OAuth (consent screen, PKCE; confirmed by the app) as app user {}",
             user.app_user

@@ -197,6 +197,42 @@ impl Stack {
         Ok(())
     }
 
+    /// Every replica behind each worker URL, as its own URL: `--scale worker=3` puts three
+    /// containers behind the one name `worker`, and a request to the name reaches only one of them.
+    /// Names resolving to one address (and IP literals) are kept as they are.
+    pub async fn expand_worker_replicas(&mut self) -> anyhow::Result<()> {
+        let mut expanded: Vec<String> = Vec::new();
+        for raw in &self.endpoints.worker_urls {
+            let url = url::Url::parse(raw).with_context(|| format!("worker URL {raw}"))?;
+            let host = url.host_str().with_context(|| format!("worker URL {raw} has no host"))?;
+            let port = url.port_or_known_default().with_context(|| format!("worker URL {raw} has no port"))?;
+            let mut addresses: Vec<std::net::IpAddr> = tokio::net::lookup_host((host, port))
+                .await
+                .with_context(|| format!("resolving the workers' name {host}"))?
+                .map(|a| a.ip())
+                .collect();
+            // One family: `localhost` is one worker, not two (127.0.0.1 and ::1).
+            let v4 = addresses.iter().any(|a| a.is_ipv4());
+            addresses.retain(|a| a.is_ipv4() == v4);
+            addresses.sort();
+            addresses.dedup();
+            if addresses.len() <= 1 {
+                expanded.push(raw.clone());
+                continue;
+            }
+            for address in addresses {
+                let mut replica = url.clone();
+                replica
+                    .set_ip_host(address)
+                    .map_err(|()| anyhow::anyhow!("worker URL {raw} cannot take an address"))?;
+                expanded.push(replica.as_str().trim_end_matches('/').to_owned());
+            }
+        }
+        expanded.dedup();
+        self.endpoints.worker_urls = expanded;
+        Ok(())
+    }
+
     /// Waits until the simulator answers and ingest and every worker report ready.
     pub async fn wait_ready(&mut self, deadline: Duration) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
@@ -303,4 +339,35 @@ async fn connect_any(amqp_url: &str) -> anyhow::Result<lapin::Connection> {
         }
     }
     Err(last.map_or_else(|| anyhow::anyhow!("AMQP_URL names no node"), anyhow::Error::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attached(worker_urls: &[&str]) -> Stack {
+        Stack::attach(Endpoints {
+            sim_url: String::new(),
+            ingest_url: String::new(),
+            worker_urls: worker_urls.iter().map(|u| u.to_string()).collect(),
+            database_url: String::new(),
+            amqp_url: String::new(),
+            topology_prefix: String::new(),
+            api_token: String::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_name_with_one_worker_behind_it_stays_one_worker_even_with_an_ipv6_address_too() {
+        let mut stack = attached(&["http://localhost:9090", "http://127.0.0.1:9091"]);
+        stack.expand_worker_replicas().await.unwrap();
+        assert_eq!(stack.endpoints.worker_urls, ["http://localhost:9090", "http://127.0.0.1:9091"]);
+    }
+
+    #[tokio::test]
+    async fn a_worker_name_that_does_not_resolve_is_an_error_naming_it() {
+        let mut stack = attached(&["http://no-such-worker.invalid:9090"]);
+        let error = stack.expand_worker_replicas().await.unwrap_err();
+        assert!(format!("{error:#}").contains("no-such-worker.invalid"), "{error:#}");
+    }
 }
