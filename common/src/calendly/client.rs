@@ -286,9 +286,17 @@ impl CalendlyClient {
     }
 }
 
-/// reqwest errors print the URL, which may carry a page token; keep logs to the cause.
+/// reqwest errors print the URL, which may carry a page token; keep logs to the cause. The causes
+/// underneath are kept ("error sending request" alone cannot tell a DNS failure from a refused
+/// connection or a timeout).
 fn without_url(error: &reqwest::Error) -> String {
     let mut e = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        e.push_str(": ");
+        e.push_str(&cause.to_string());
+        source = cause.source();
+    }
     if let Some(url) = error.url() {
         e = e.replace(url.as_str(), "<url>");
     }
@@ -337,4 +345,20 @@ async fn classify(response: Response) -> Result<Response, CalendlyError> {
         }
         s => CalendlyError::Unexpected(format!("{} {snippet}", s.as_u16())),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn a_transport_error_names_its_cause_and_hides_the_url() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let http = crate::http::client_builder().build().unwrap();
+        let error = http.get(format!("http://127.0.0.1:{port}/users?page_token=secret")).send().await.unwrap_err();
+        let message = super::without_url(&error);
+        assert!(!message.contains("secret"), "{message}");
+        assert!(message.contains("<url>"), "{message}");
+        assert!(message.to_lowercase().contains("refused"), "the cause under \"error sending request\": {message}");
+    }
 }
