@@ -816,6 +816,16 @@ async fn a_disconnect_waiting_on_calendly_unlinks_at_once_and_stalls_no_one_s_de
     env.stop().await;
 }
 
+/// Takes the connections table away (every read of it fails, as in an outage) or puts it back.
+async fn connections_table(env: &Env, present: bool) {
+    let statement = if present {
+        "ALTER TABLE calendar_connections_away RENAME TO calendar_connections"
+    } else {
+        "ALTER TABLE calendar_connections RENAME TO calendar_connections_away"
+    };
+    sqlx::query(statement).execute(&env.pool).await.unwrap();
+}
+
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_consent_whose_storing_fails_on_a_database_error_is_revoked_at_the_callback_and_at_the_confirm(pool: PgPool) {
     let env = Env::new(pool, &[]).await;
@@ -824,37 +834,25 @@ async fn a_consent_whose_storing_fails_on_a_database_error_is_revoked_at_the_cal
     let authorize = env.begin(Uuid::new_v4()).await;
     let callback = env.consent(&authorize, Some(ada["email"].as_str().unwrap())).await;
     let before = revocations(&env).await;
-    sqlx::query("ALTER TABLE calendar_connections RENAME TO calendar_connections_away")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    connections_table(&env, false).await;
 
     let answer = env.get(&callback).await;
 
     assert_eq!(answer.status(), 503);
     assert_eq!(revocations(&env).await, before + 2, "both of the consent's tokens are revoked");
-    sqlx::query("ALTER TABLE calendar_connections_away RENAME TO calendar_connections")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    connections_table(&env, true).await;
 
     // Confirm: the pending consent is taken, then the connections table cannot be read.
     let user = Uuid::new_v4();
     let connect_id = Env::connect_id(env.consent_as(user, &ada).await).await;
     let before = revocations(&env).await;
-    sqlx::query("ALTER TABLE calendar_connections RENAME TO calendar_connections_away")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    connections_table(&env, false).await;
 
     let answer = env.confirm(user, &connect_id).await;
 
     assert_eq!(answer.status(), 503);
     assert_eq!(revocations(&env).await, before + 2, "the taken consent's tokens do not outlive it");
-    sqlx::query("ALTER TABLE calendar_connections_away RENAME TO calendar_connections")
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    connections_table(&env, true).await;
     assert_eq!(pending_rows(&env).await, 0);
     env.stop().await;
 }

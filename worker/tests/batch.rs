@@ -273,12 +273,7 @@ async fn a_connection_row_held_by_someone_else_delays_only_its_own_deliveries_no
     h.book(&bob, 1);
     h.sim.sim.set_faults(calendly_sim::Faults { latency_ms: 200, ..Default::default() });
     // Someone (an operator's session, a stuck transaction) holds Ada's row.
-    let mut holder = h.pool.begin().await.unwrap();
-    sqlx::query("SELECT id FROM calendar_connections WHERE id = $1 FOR UPDATE")
-        .bind(ada.connection_id)
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = h.hold_connection_row(&ada).await;
 
     let ids = h.publish_all(&h.captured()).await;
 

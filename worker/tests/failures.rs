@@ -252,12 +252,7 @@ async fn a_disconnect_racing_a_delivery_leaves_no_meeting_and_parks_the_delivery
     h.book(&ada, 1);
     let bodies = h.captured();
     // A disconnect is under way: it holds the connection row.
-    let mut disconnect = h.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM calendar_connections WHERE id = $1 FOR UPDATE")
-        .bind(ada.connection_id)
-        .execute(&mut *disconnect)
-        .await
-        .unwrap();
+    let mut disconnect = h.hold_connection_row(&ada).await;
 
     let ids = h.publish_all(&bodies).await;
     // The worker has resolved the user and fetched the event; its write waits for the row.

@@ -237,6 +237,18 @@ impl Harness {
         ids
     }
 
+    /// A transaction holding `user`'s connection row (`FOR UPDATE`), as a disconnect under way or an
+    /// operator's session would; the row is free again when it is dropped or ended.
+    pub async fn hold_connection_row(&self, user: &User) -> sqlx::Transaction<'static, sqlx::Postgres> {
+        let mut holder = self.pool.begin().await.unwrap();
+        sqlx::query("SELECT 1 FROM calendar_connections WHERE id = $1 FOR UPDATE")
+            .bind(user.connection_id)
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        holder
+    }
+
     pub async fn inbox_status(&self, message_id: &str) -> Option<String> {
         let status = calsync_common::db::inbox::status_of(&self.pool, message_id).await.unwrap();
         status.map(|s| s.as_str().to_owned())
