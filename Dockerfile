@@ -1,10 +1,11 @@
 # syntax=docker/dockerfile:1
 # Multi-stage: build every calsync binary once, ship them in a small non-root runtime image.
 #
-# `docker build .` compiles in the `build` stage. With binaries already built on the host
-# (`cargo build --release --locked --workspace --bins`), `--build-arg BINARIES=prebuilt` takes them
-# from target/release instead; the runtime stage is the same either way (scripts/compose-check uses
-# it so, on machines with no Rust image).
+# `docker build .` compiles in the `build` stage. With binaries already built on the host,
+# `--build-arg BINARIES=prebuilt` takes them from the build context's target/release instead; the
+# runtime stage is the same either way. The repository's .dockerignore leaves target/ out (it would
+# send gigabytes), so that context is a folder holding just target/release/<the four binaries>:
+# scripts/compose-check makes one, on machines with no Rust image.
 ARG BINARIES=build
 
 FROM rust:1.95-slim-bookworm AS build
