@@ -21,6 +21,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::webhooks::router(state.settings.ingest_max_in_flight, body_deadline))
         .merge(routes::connect::router(state.clone(), body_deadline))
+        .merge(routes::changes::router(state.clone(), body_deadline))
         .merge(
             health::router(probe).route_layer(axum::middleware::from_fn_with_state(no_body, routes::body::read_whole)),
         )

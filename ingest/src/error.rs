@@ -39,6 +39,12 @@ pub enum ApiError {
     /// 409
     #[error("{0}")]
     Conflict(String),
+    /// 409 from the change feed: the changes after this cursor were pruned.
+    #[error("{0}")]
+    CursorExpired(String),
+    /// 400 from the change feed: not a cursor it gave out.
+    #[error("{0}")]
+    InvalidCursor(String),
     /// 502: Calendly answered something we cannot use.
     #[error("{0}")]
     Upstream(String),
@@ -66,6 +72,8 @@ impl ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::CursorExpired(_) => (StatusCode::CONFLICT, "cursor_expired"),
+            Self::InvalidCursor(_) => (StatusCode::BAD_REQUEST, "invalid_cursor"),
             Self::Upstream(_) => (StatusCode::BAD_GATEWAY, "calendly_error"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }

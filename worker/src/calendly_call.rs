@@ -10,6 +10,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use calsync_common::calendly::rate;
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
+use calsync_common::db::changes::ReauthReason;
 use calsync_common::db::connections::Connection;
 use calsync_common::retry;
 
@@ -138,7 +139,8 @@ where
                 // Not someone else's resource: this grant can never read ours. The user must
                 // reconnect (with the scopes); the connection says which ones are missing.
                 let reason = format!("{error}; the user must reconnect Calendly to grant it");
-                return Err(calls.tokens.park(connection, Some(&token.ciphertext), reason).await);
+                let code = ReauthReason::InsufficientScope;
+                return Err(calls.tokens.park(connection, Some(&token.ciphertext), code, reason).await);
             }
             other => return Err(other.into()),
         }

@@ -5,6 +5,9 @@
 //! - [`process`]: one webhook to rows, with no AMQP types; returns an [`outcome::Outcome`].
 //! - [`sync`]: sync passes (backfill, resync, reconciliation) from `calsync.sync`, resumable.
 //! - [`scheduler`]: the periodic checks (subscriptions, reconciliation), scheduled by one worker.
+//! - [`change_publisher`]: the push side of the change feed (`calsync.changes`), one worker at a time.
+//! - [`leader`]: one worker at a time, by a PostgreSQL advisory lock.
+//! - [`gauges`]: fleet-wide gauges every worker reads from the tables.
 //! - [`outcome`]: what becomes of a delivery, decided once for webhooks and sync jobs.
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
 //! - [`calendly_call`]: `CalendlyCalls`, the one way to call Calendly as a user (401 → refresh once,
@@ -25,11 +28,14 @@ pub mod access_token;
 pub mod admin;
 pub mod budget;
 pub mod calendly_call;
+pub mod change_publisher;
 pub mod consumer;
 pub mod db_gate;
 pub mod deps;
 pub mod error;
 pub mod fetch;
+pub mod gauges;
+pub mod leader;
 pub mod outcome;
 pub mod process;
 pub mod scheduler;
@@ -105,7 +111,15 @@ impl Worker {
             reconcile_every: Duration::from_secs(self.settings.reconcile_interval_secs),
             check_subscriptions_every: Duration::from_secs(self.settings.subscription_check_interval_secs),
         };
+        let subscriptions_checked = self.settings.subscription_check_interval_secs > 0;
+        tokio::spawn(gauges::keep_current(self.database.pool().clone(), subscriptions_checked, self.shutdown.clone()));
         tokio::spawn(scheduler::run(schedule, self.shutdown.clone()));
+        let changes = change_publisher::ChangePublisher {
+            database_url: self.settings.shared.database.database_url.clone(),
+            pool: self.database.pool().clone(),
+            broker: self.broker.clone(),
+        };
+        tokio::spawn(change_publisher::run(changes, self.shutdown.clone()));
         let grace = Duration::from_secs(self.settings.worker_shutdown_grace_secs);
         let webhooks = consumer::ConsumerConfig {
             target: RetryTarget::Webhooks,

@@ -15,7 +15,8 @@ use time::OffsetDateTime;
 
 use calsync_common::calendly::CalendlyError;
 use calsync_common::calendly::types::ScheduledEvent;
-use calsync_common::db::connections::{self, Connection, ConnectionStatus};
+use calsync_common::db::changes::{self, Cause};
+use calsync_common::db::connections::{self, Connection, ConnectionStatus, SyncResult};
 use calsync_common::db::inbox::InboxStatus;
 use calsync_common::db::meetings::{self, Stored};
 use calsync_common::meeting::{Meeting, MeetingInvitee, MeetingStatus};
@@ -51,7 +52,7 @@ pub async fn process_sync(deps: &Deps, delivery: &Incoming) -> Outcome {
         },
         _ => match pass(deps, &job).await {
             Ok(Pass::Finished(counts)) => {
-                tracing::info!(%connection_id, kind = job.kind.as_str(), listed = counts.listed, fetched = counts.fetched, "sync pass finished");
+                tracing::info!(%connection_id, kind = job.kind.as_str(), listed = counts.listed, fetched = counts.fetched, corrected = counts.corrected, "sync pass finished");
                 Outcome::ack(InboxStatus::Processed)
             }
             Ok(Pass::Paused { rest, wait }) => Outcome::Continue { job: rest, at_least: wait },
@@ -67,6 +68,9 @@ pub async fn process_sync(deps: &Deps, delivery: &Incoming) -> Outcome {
         Outcome::Dead { reason } => {
             let what = job.kind.as_str();
             let _ = connections::set_last_error(&deps.pool, connection_id, &format!("{what} failed: {reason}")).await;
+            if job.kind != SyncKind::CheckSubscription {
+                let _ = connections::sync_ended(&deps.pool, connection_id, SyncResult::Failed).await;
+            }
         }
         _ => {}
     }
@@ -79,6 +83,8 @@ struct Counts {
     listed: usize,
     /// Of those, events that differed from ours and were fetched in detail and written.
     fetched: usize,
+    /// Meetings and invitees those writes changed.
+    corrected: i64,
 }
 
 enum Pass {
@@ -105,6 +111,9 @@ async fn pass(Deps { pool, calls, sync_lookback, .. }: &Deps, job: &SyncJob) -> 
     {
         // A resync covers everything since the last pass known to have finished.
         min_start = min_start.min(verified);
+    }
+    if job.resume.is_none() {
+        connections::sync_started(pool, connection.id, job.kind.as_str(), resume.started_at).await?;
     }
     let mut page = resume.page_token.clone();
     let mut counts = Counts::default();
@@ -139,8 +148,9 @@ async fn pass(Deps { pool, calls, sync_lookback, .. }: &Deps, job: &SyncJob) -> 
             .increment((events.collection.len() - differing.len()) as u64);
         for event in differing {
             match write_event(pool, calls, &connection, event).await {
-                Ok(EventWrite::Stored) => {
+                Ok(EventWrite::Stored { corrected }) => {
                     counts.fetched += 1;
+                    counts.corrected += corrected;
                     metrics::counter!("calsync_sync_events_total", "result" => "fetched").increment(1);
                 }
                 Ok(EventWrite::Vanished) => {
@@ -183,7 +193,8 @@ fn differs(event: &ScheduledEvent, stored: Option<&Stored>) -> bool {
 
 /// What became of one listed event.
 enum EventWrite {
-    Stored,
+    /// Written; `corrected` meetings and invitees changed (0: it only looked different).
+    Stored { corrected: i64 },
     /// Calendly no longer has it (deleted between the list and the fetch): skipped, not a
     /// failure of the whole pass.
     Vanished,
@@ -228,15 +239,21 @@ async fn write_event(
         .map(|invitee| MeetingInvitee::of_event(event, invitee))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ProcessError::Permanent(format!("Calendly listed {e}")))?;
-    let mut tx = pool.begin().await?;
+    let mut tx = changes::begin(pool, Cause::Sync).await?;
     if !connections::lock_if_linked(&mut tx, connection).await? {
         return Ok(EventWrite::ConnectionChanged);
     }
     let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(event)).await?;
     let invitees: Vec<_> = rows.iter().map(|row| (meeting_id, row)).collect();
     meetings::upsert_invitees(&mut tx, &invitees).await?;
+    // What the change feed recorded for this write is exactly what the pass corrected.
+    let corrected = changes::meeting_changes_in_transaction(&mut tx).await?;
+    if corrected > 0 {
+        connections::add_corrected(&mut tx, connection.id, corrected).await?;
+    }
     tx.commit().await?;
-    Ok(EventWrite::Stored)
+    metrics::counter!("calsync_sync_corrected_total").increment(corrected as u64);
+    Ok(EventWrite::Stored { corrected })
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::crypto::TokenCipher;
+use calsync_common::db::changes::ReauthReason;
 use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, ConnectionStatus, REFRESH_TOKEN, binding};
 use calsync_common::retry;
 
@@ -64,8 +65,14 @@ impl Tokens {
     /// `connections::mark_needs_reauth`). Returns what the delivery at hand becomes: parked, or —
     /// when the row moved on meanwhile (refreshed, reconnected, disconnected) — retried, so it is
     /// resolved again against the row as it now is.
-    pub async fn park(&self, seen: &Connection, access_seen: Option<&str>, reason: String) -> ProcessError {
-        match connections::mark_needs_reauth(&self.pool, seen, access_seen, &reason).await {
+    pub async fn park(
+        &self,
+        seen: &Connection,
+        access_seen: Option<&str>,
+        code: ReauthReason,
+        reason: String,
+    ) -> ProcessError {
+        match connections::mark_needs_reauth(&self.pool, seen, access_seen, code, &reason).await {
             Ok(true) => {
                 tracing::warn!(connection_id = %seen.id, %reason, "connection needs reauth");
                 ProcessError::NeedsReauth(reason)
@@ -211,7 +218,7 @@ async fn refresh_leased(tk: &Tokens, row: Connection, owner: Uuid) -> Result<Acc
         Err(CalendlyError::InvalidGrant(detail)) => {
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "invalid_grant").increment(1);
             let reason = format!("refresh token rejected by Calendly (invalid_grant): {detail}");
-            Err(tk.park(&row, row.access_token.as_deref(), reason).await)
+            Err(tk.park(&row, row.access_token.as_deref(), ReauthReason::InvalidGrant, reason).await)
         }
         Err(error) => {
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "error").increment(1);
@@ -236,9 +243,8 @@ async fn open(
         Err(error) if error.is_integrity() => error,
         Err(error) => return Err(error.into()),
     };
-    Err(tk
-        .park(row, row.access_token.as_deref(), format!("integrity: {error}; the user must reconnect Calendly"))
-        .await)
+    let reason = format!("integrity: {error}; the user must reconnect Calendly");
+    Err(tk.park(row, row.access_token.as_deref(), ReauthReason::Integrity, reason).await)
 }
 
 /// A refreshed pair, encrypted for its row.

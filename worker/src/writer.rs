@@ -17,6 +17,7 @@ use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
 
+use calsync_common::db::changes::{self, Cause};
 use calsync_common::db::connections::{self, Connection};
 use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
 use calsync_common::db::meetings;
@@ -201,7 +202,7 @@ async fn commit(pool: &PgPool, jobs: Vec<Job>) {
 }
 
 /// A batch's transaction, waiting at most 2 s for a connection row's lock (see [`apply`]).
-const BEGIN_WITH_LOCK_TIMEOUT: &str = "BEGIN; SET LOCAL lock_timeout = '2s'";
+const LOCK_TIMEOUT: &str = "; SET LOCAL lock_timeout = '2s'";
 
 /// Writes `writes` in one transaction, in order; returns what became of each.
 pub async fn apply(pool: &PgPool, writes: &[&Write]) -> sqlx::Result<Vec<Applied>> {
@@ -209,8 +210,8 @@ pub async fn apply(pool: &PgPool, writes: &[&Write]) -> sqlx::Result<Vec<Applied
     // transaction, a stuck session) must not stall everyone's writes. Past the timeout the batch
     // fails with 55P03, a failure of a delivery (not "database down"), so the batch falls back to
     // one delivery at a time and only the one whose row is held retries. Set in the BEGIN itself
-    // (one round trip, not two).
-    let mut tx = pool.begin_with(BEGIN_WITH_LOCK_TIMEOUT).await?;
+    // (one round trip, not two), with the cause its changes are recorded under.
+    let mut tx = pool.begin_with(changes::begin_statement(Cause::Webhook, LOCK_TIMEOUT)).await?;
     let connections: Vec<&Connection> = writes.iter().map(|w| &w.connection).collect();
     let linked = connections::lock_linked(&mut tx, &connections).await?;
     let applied: Vec<Applied> =

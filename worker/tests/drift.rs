@@ -4,6 +4,7 @@
 mod support;
 
 use calendly_sim::{FailNext, Faults, NewUser, Plan, SubscriptionChange};
+use calsync_common::db::connections::SyncResult;
 use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 use calsync_testkit::wait_until;
 use sqlx::PgPool;
@@ -74,6 +75,24 @@ async fn a_disabled_subscription_is_replaced_and_the_bookings_it_missed_are_reco
     assert_eq!(ours[0]["callback_url"], CAPTURE_URL, "the replacement points where the old one did");
     h.book(&ada, 1);
     assert_eq!(h.captured().len(), 1, "webhooks flow again");
+
+    // The app was told the subscription failed and was repaired, and got the recovered meetings.
+    let changes = h.changes(&ada).await;
+    let told: Vec<&str> = changes.iter().map(String::as_str).filter(|c| c.starts_with("connection.")).collect();
+    assert_eq!(
+        told,
+        [
+            "connection.active/-/connect",
+            "connection.subscription_failing/-/subscription_check",
+            "connection.subscription_repaired/-/subscription_check"
+        ]
+    );
+    let synced = |kind: &str| changes.iter().filter(|c| **c == format!("{kind}/-/sync")).count();
+    assert_eq!((synced("meeting.created"), synced("invitee.created")), (2, 3));
+    // The resync says what it fixed.
+    let sync = calsync_common::db::connections::sync_status(&h.pool, ada.connection_id).await.unwrap().unwrap();
+    assert_eq!((sync.kind.as_str(), sync.result, sync.corrected), ("resync", SyncResult::Done, 5));
+    assert!(sync.finished_at.is_some_and(|f| f >= sync.started_at));
     h.stop().await;
 }
 
@@ -113,6 +132,15 @@ async fn a_subscription_calendly_fails_to_deliver_to_shows_as_failing_since_then
     })
     .await;
     assert_eq!(subscription_of(&h, &ada).await.2, None);
+    assert_eq!(
+        h.changes(&ada).await,
+        [
+            "connection.active/-/connect",
+            "connection.subscription_failing/-/subscription_check",
+            "connection.subscription_repaired/-/subscription_check"
+        ],
+        "told once when it started failing and once when it recovered, however many checks ran"
+    );
     h.stop().await;
 }
 
@@ -171,6 +199,19 @@ async fn a_booking_a_cancel_and_a_group_change_whose_webhooks_never_came_are_cor
         let mut meetings = h.meetings(ada.app_user).await;
         meetings.sort();
         meetings == expected && canceled_guests == 2
+    })
+    .await;
+    let mut corrected: Vec<String> =
+        h.changes(&ada).await.into_iter().filter(|c| c.ends_with("/sync")).map(|c| c.replace("/-/sync", "")).collect();
+    corrected.sort();
+    assert_eq!(
+        corrected,
+        ["invitee.canceled", "invitee.canceled", "invitee.created", "meeting.canceled", "meeting.created"],
+        "exactly what the passes corrected, each once, however many passes ran"
+    );
+    wait_until(DEADLINE, "a reconciliation reported done", || async {
+        let sync = calsync_common::db::connections::sync_status(&h.pool, ada.connection_id).await.unwrap();
+        sync.is_some_and(|s| s.kind == "reconcile" && s.result == SyncResult::Done)
     })
     .await;
     h.stop().await;

@@ -74,6 +74,11 @@ async fn a_revoked_refresh_token_parks_deliveries_as_awaiting_reauth_and_a_recon
     assert!(is_active, "the account stays linked to its user");
     assert!(last_error.unwrap().contains("invalid_grant"));
     assert_eq!(h.count("SELECT count(*) FROM meetings").await, 0);
+    assert_eq!(
+        h.changes(&ada).await,
+        ["connection.active/-/connect", "connection.needs_reauth/invalid_grant/refresh"],
+        "the app is told once that the user must reconnect, and why"
+    );
 
     // The user reconnects: fresh tokens, then the parked deliveries are replayed.
     h.store_tokens(ada.app_user, &ada.calendly, OffsetDateTime::now_utc() + time::Duration::hours(2)).await;
@@ -82,6 +87,9 @@ async fn a_revoked_refresh_token_parks_deliveries_as_awaiting_reauth_and_a_recon
     assert_eq!(replayed, 2);
     h.wait_for_inbox(&ids, &["processed"]).await;
     assert_eq!(h.meetings(ada.app_user).await.len(), 2);
+    let changes = h.changes(&ada).await;
+    assert_eq!(changes[2], "connection.active/-/connect", "the reconnect is told");
+    assert_eq!(changes.iter().filter(|c| c.starts_with("meeting.created/")).count(), 2);
     h.stop().await;
 }
 
@@ -347,6 +355,10 @@ async fn a_grant_missing_a_scope_makes_the_connection_need_reauth_naming_it_and_
         .await
         .unwrap();
     assert!(last_error.unwrap().contains("scheduled_events:read"), "the missing scope is named");
+    assert_eq!(
+        h.changes(&ada).await,
+        ["connection.active/-/connect", "connection.needs_reauth/insufficient_scope/refresh"]
+    );
     assert!(h.dead_letters().await.is_empty(), "not dead: a reconnect with the scope replays it");
     assert_eq!(h.meetings(ada.app_user).await.len(), 0);
     h.stop().await;

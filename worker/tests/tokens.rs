@@ -196,6 +196,7 @@ async fn a_token_copied_from_another_row_parks_only_that_connection_and_the_work
         .unwrap();
     assert!(error.starts_with("integrity:"), "{error}");
     assert_eq!((h.meetings(ada.app_user).await.len(), h.meetings(bob.app_user).await.len()), (0, 1));
+    assert_eq!(h.changes(&ada).await, ["connection.active/-/connect", "connection.needs_reauth/integrity/refresh"]);
     let http = calsync_common::http::client_builder().build().unwrap();
     let ready = http.get(format!("http://{addr}/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200, "one row's bad token is not the worker's problem");
@@ -216,6 +217,7 @@ async fn a_reauth_verdict_about_a_token_the_row_no_longer_holds_leaves_the_row_a
         &h.pool,
         &seen,
         seen.access_token.as_deref(),
+        calsync_common::db::changes::ReauthReason::InvalidGrant,
         "refresh token rejected",
     )
     .await
@@ -234,7 +236,15 @@ async fn a_row_a_late_stored_refresh_brings_back_to_active_gets_its_parked_deliv
     let seen = connections::find(&h.pool, ada.connection_id).await.unwrap().unwrap();
     // Someone presented the refresh token a concurrent refresh had just consumed: needs_reauth...
     assert!(
-        connections::mark_needs_reauth(&h.pool, &seen, seen.access_token.as_deref(), "invalid_grant").await.unwrap()
+        connections::mark_needs_reauth(
+            &h.pool,
+            &seen,
+            seen.access_token.as_deref(),
+            calsync_common::db::changes::ReauthReason::InvalidGrant,
+            "invalid_grant"
+        )
+        .await
+        .unwrap()
     );
     h.start_worker(&["--subscription-check-interval-secs=1", "--reconcile-interval-secs=0"]).await;
     h.book(&ada, 1);

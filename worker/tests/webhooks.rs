@@ -203,6 +203,11 @@ async fn the_same_delivery_five_times_changes_nothing_after_the_first(pool: PgPo
     assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 1);
     assert_eq!(h.count("SELECT count(*) FROM webhook_inbox").await, 1);
     assert!(h.sim.sim.calls("get_event") <= 5);
+    assert_eq!(
+        h.changes(&ada).await,
+        ["connection.active/-/connect", "meeting.created/-/webhook", "invitee.created/-/webhook"],
+        "a duplicate tells the app nothing"
+    );
     h.stop().await;
 }
 
@@ -245,6 +250,11 @@ async fn no_show_marks_and_unmarks_the_invitee(pool: PgPool) {
 
     assert!(marked);
     assert!(!no_show().await);
+    let told: Vec<String> = h.changes(&ada).await.into_iter().filter(|c| c.starts_with("invitee.")).collect();
+    assert_eq!(
+        told,
+        ["invitee.created/-/webhook", "invitee.no_show_changed/-/webhook", "invitee.no_show_changed/-/webhook"]
+    );
     h.stop().await;
 }
 

@@ -1,5 +1,6 @@
 //! PostgreSQL: pool, migrations, and the data access both services use.
 //!
+//! - [`changes`]: `change_log`, the change feed the app reads (positions, cursor, push bookkeeping).
 //! - [`connections`]: `calendar_connections` (encrypted tokens, the row lock for refreshes).
 //! - [`meetings`]: `meetings` / `meeting_invitees` upserts guarded against out-of-order deliveries.
 //! - [`inbox`]: `webhook_inbox`, what became of every delivery.
@@ -7,6 +8,7 @@
 //! - [`pending`]: what a callback was granted, until the app confirms it for the right user.
 //! - [`forgotten`]: tombstones of people erased on request, which later writes honour.
 
+pub mod changes;
 pub mod connections;
 pub mod forgotten;
 pub mod inbox;

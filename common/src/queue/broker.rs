@@ -256,6 +256,53 @@ impl Broker {
         }
     }
 
+    /// Publishes `messages` in this order on one channel (so they reach the exchange in this order)
+    /// and waits for every confirm. Without the mandatory flag: an exchange nobody has bound a
+    /// queue to is not an error. `Ok` means the broker took every one of them.
+    pub async fn publish_in_order(&self, exchange: &str, messages: &[Outgoing]) -> Result<(), PublishError> {
+        let link = self.current().ok_or(PublishError::Unavailable)?;
+        let Some(pool_channel) = link.publish.first() else { return Err(PublishError::Unavailable) };
+        if link.conn.status().blocked() {
+            return Err(PublishError::Blocked);
+        }
+        let channel = pool_channel.current();
+        let timeout = self.inner.config.confirm_timeout;
+        let confirms = async {
+            let mut pending = Vec::with_capacity(messages.len());
+            for message in messages {
+                let confirm = channel
+                    .basic_publish(
+                        exchange.into(),
+                        message.routing_key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &message.body,
+                        message.properties.clone(),
+                    )
+                    .await?;
+                pending.push(confirm);
+            }
+            let mut outcomes = Vec::with_capacity(pending.len());
+            for confirm in pending {
+                outcomes.push(confirm.await?);
+            }
+            Ok::<_, lapin::Error>(outcomes)
+        };
+        let outcomes = match tokio::time::timeout(timeout, confirms).await {
+            Err(_) => return Err(PublishError::Timeout(timeout)),
+            Ok(Err(e)) => {
+                self.mark_broken(&link);
+                return Err(PublishError::Channel(e));
+            }
+            Ok(Ok(outcomes)) => outcomes,
+        };
+        if outcomes.iter().all(|c| matches!(c, Confirmation::Ack(_))) {
+            Ok(())
+        } else {
+            reopen(&link, 0, &channel, timeout);
+            Err(PublishError::Nacked)
+        }
+    }
+
     fn mark_broken(&self, link: &Link) {
         link.broken.notify_one();
     }

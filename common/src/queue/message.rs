@@ -84,6 +84,25 @@ pub fn webhook(body: Vec<u8>, received_at: OffsetDateTime) -> Outgoing {
     Outgoing { routing_key: webhook_routing_key(&body), body, properties }
 }
 
+/// Header of a change on `calsync.changes`: whose change it is, so an app can route or filter
+/// without reading the body.
+pub const USER_ID_HEADER: &str = "user_id";
+
+/// A committed change for `calsync.changes`: routing key = kind, `message_id` = `change_id`, the
+/// change (with its cursor) as the JSON body.
+pub fn change(change: &crate::db::changes::Change) -> Outgoing {
+    let body = serde_json::to_vec(change).expect("a change serialises");
+    let mut headers = FieldTable::default();
+    headers.insert(USER_ID_HEADER.into(), AMQPValue::LongString(LongString::from(change.user_id.to_string())));
+    let properties = BasicProperties::default()
+        .with_message_id(change.change_id.to_string().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_timestamp(change.occurred_at.unix_timestamp().max(0) as u64)
+        .with_headers(headers);
+    Outgoing { routing_key: change.kind.as_str().into(), body, properties }
+}
+
 /// What a job on `calsync.sync` does for its connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

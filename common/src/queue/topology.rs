@@ -65,6 +65,10 @@ impl Topology {
     pub fn exchange(&self) -> String {
         self.name("calsync")
     }
+    /// Committed changes for the app (routing key = kind); calsync binds no queue to it.
+    pub fn changes_exchange(&self) -> String {
+        self.name("calsync.changes")
+    }
     pub fn webhooks_queue(&self) -> String {
         self.name("calsync.webhooks")
     }
@@ -122,6 +126,7 @@ impl Topology {
         for queue in self.queues() {
             channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await?;
         }
+        channel.exchange_delete(self.changes_exchange().as_str().into(), ExchangeDeleteOptions::default()).await?;
         channel.exchange_delete(self.exchange().as_str().into(), ExchangeDeleteOptions::default()).await
     }
 
@@ -132,6 +137,8 @@ impl Topology {
         // Durable: the exchange and its bindings survive a broker restart.
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         channel.exchange_declare(exchange.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
+        let changes = self.changes_exchange();
+        channel.exchange_declare(changes.as_str().into(), ExchangeKind::Topic, durable, FieldTable::default()).await?;
 
         // calsync.dead holds the only copy of what could never be processed, and has nowhere to
         // send a message past a delivery limit: RabbitMQ 4.0–4.2 give every quorum queue a limit of

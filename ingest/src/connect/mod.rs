@@ -19,7 +19,7 @@ use calsync_common::calendly::subscription::{self, SubscriptionError};
 use calsync_common::calendly::types::TokenResponse;
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::crypto::{CryptoError, TokenCipher};
-use calsync_common::db::connections::{self, Connected, Connection, ConnectionStatus, StoreError};
+use calsync_common::db::connections::{self, Connected, Connection, ConnectionStatus, StoreError, SyncStatus};
 use calsync_common::db::connections::{ACCESS_TOKEN, REFRESH_TOKEN};
 use calsync_common::db::oauth_states::{self, StateRejection};
 use calsync_common::db::pending::{self, Pending};
@@ -382,8 +382,11 @@ impl ConnectService {
     }
 
     /// `user_id`'s connection, if the user ever connected (the route decides what of it to show).
-    pub async fn status(&self, user_id: Uuid) -> Result<Option<Connection>, ConnectError> {
-        Ok(connections::find_by_user(&self.pool, user_id).await?)
+    /// `user_id`'s connection and its last sync pass, if the user ever connected.
+    pub async fn status(&self, user_id: Uuid) -> Result<Option<(Connection, Option<SyncStatus>)>, ConnectError> {
+        let Some(connection) = connections::find_by_user(&self.pool, user_id).await? else { return Ok(None) };
+        let sync = connections::sync_status(&self.pool, connection.id).await?;
+        Ok(Some((connection, sync)))
     }
 
     /// Unlinks `user_id`'s connection, then cleans up at Calendly: deletes our subscription (it needs

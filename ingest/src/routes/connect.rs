@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use calsync_common::db::connections::{Connection, ConnectionStatus, SubscriptionState};
+use calsync_common::db::connections::{Connection, ConnectionStatus, SubscriptionState, SyncStatus};
 
 use crate::connect::{CalendlyAccount, Callback, ConnectError, PendingConnect};
 
@@ -68,7 +68,7 @@ fn database_ready(state: &AppState) -> Result<(), ApiError> {
 }
 
 /// A connection API request may proceed once the bearer token matched, then the database is there.
-async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
     match authorize(&state, request.headers()).and_then(|()| database_ready(&state)) {
         Ok(()) => next.run(request).await,
         Err(error) => error.into_response(),
@@ -131,10 +131,12 @@ struct StatusBody {
     subscription_failing_since: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     subscription_checked_at: Option<OffsetDateTime>,
+    /// The last sync pass (backfill, resync or reconciliation); `null` before the first.
+    sync: Option<SyncStatus>,
 }
 
-impl From<Connection> for StatusBody {
-    fn from(c: Connection) -> Self {
+impl StatusBody {
+    fn new(c: Connection, sync: Option<SyncStatus>) -> Self {
         Self {
             connected: c.status == ConnectionStatus::Active,
             user_id: c.user_id,
@@ -149,13 +151,14 @@ impl From<Connection> for StatusBody {
             subscription_state: c.subscription_state,
             subscription_failing_since: c.subscription_failing_since,
             subscription_checked_at: c.subscription_checked_at,
+            sync,
         }
     }
 }
 
 async fn status(State(state): State<AppState>, Path(user_id): Path<Uuid>) -> Result<Response, ApiError> {
     match state.connect.status(user_id).await.map_err(api_error)? {
-        Some(connection) => Ok(Json(StatusBody::from(connection)).into_response()),
+        Some((connection, sync)) => Ok(Json(StatusBody::new(connection, sync)).into_response()),
         None => Err(ApiError::NotFound(format!("user {user_id} never connected Calendly"))),
     }
 }

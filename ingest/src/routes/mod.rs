@@ -1,3 +1,4 @@
 pub mod body;
+pub mod changes;
 pub mod connect;
 pub mod webhooks;

@@ -288,6 +288,20 @@ impl Harness {
         .unwrap()
     }
 
+    /// `user`'s changes in the order they were recorded, each as `kind/reason/cause` (`-` for no
+    /// reason): what an app following the feed is told about that user.
+    pub async fn changes(&self, user: &User) -> Vec<String> {
+        let rows: Vec<(String, Option<String>, String)> =
+            sqlx::query_as("SELECT kind, reason, cause FROM change_log WHERE user_id = $1 ORDER BY seq")
+                .bind(user.app_user)
+                .fetch_all(&self.pool)
+                .await
+                .unwrap();
+        rows.into_iter()
+            .map(|(kind, reason, cause)| format!("{kind}/{}/{cause}", reason.as_deref().unwrap_or("-")))
+            .collect()
+    }
+
     pub async fn count(&self, sql: &'static str) -> i64 {
         sqlx::query_scalar(sql).fetch_one(&self.pool).await.unwrap()
     }

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 use super::{ACCESS_TOKEN, Connection, ConnectionStatus, PROVIDER, REFRESH_TOKEN, binding};
 use crate::crypto::TokenCipher;
+use crate::db::changes::{self, Cause};
 
 /// Inside a write transaction: true when `connection` still belongs to the same user and Calendly
 /// account and is active. The share lock holds off a concurrent disconnect or reconnect until the
@@ -58,6 +59,7 @@ pub async fn is_linked_to_another_user(pool: &PgPool, calendly_user_uri: &str, u
 /// Wipes the tokens and unlinks the row (`disconnected`, `is_active = false`), recording what went
 /// wrong at Calendly on the way, if anything.
 pub async fn mark_disconnected(tx: &mut PgConnection, id: Uuid, problems: Option<&str>) -> sqlx::Result<()> {
+    changes::tag(&mut *tx, Cause::Disconnect).await?;
     sqlx::query(
         "UPDATE calendar_connections SET access_token = NULL, refresh_token = NULL, token_expires_at = NULL, \
          status = $3, is_active = false, webhook_subscription_uri = NULL, subscription_state = NULL, \
@@ -109,7 +111,7 @@ pub struct Connected<'a> {
 /// Stores (or replaces in place, on reconnect) `user_id`'s connection with fresh tokens, status
 /// `active`. Fails with [`StoreError::AccountTaken`] when another user holds that Calendly account.
 pub async fn store_connected(pool: &PgPool, cipher: &TokenCipher, c: &Connected<'_>) -> Result<Connection, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = changes::begin(pool, Cause::Connect).await?;
     // Tokens are bound to the row id, so the id must be known before encrypting: lock the user's
     // existing row (if any) so a concurrent connect of the same user waits for us.
     let existing: Option<(Uuid,)> =

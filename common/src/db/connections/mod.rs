@@ -3,7 +3,8 @@
 //! This file holds the row, its spellings and the lookups; the writes are split by job:
 //! - [`tokens`]: refresh leases, storing refreshed pairs, the reauth verdict;
 //! - [`linking`]: who a row belongs to — connect, the write-time link check, disconnect;
-//! - [`subscription`]: the webhook subscription's URI and health.
+//! - [`subscription`]: the webhook subscription's URI and health;
+//! - [`sync_status`]: the last sync pass, for the app.
 //!
 //! Their functions are re-exported here, so callers write `connections::claim_refresh`.
 
@@ -177,18 +178,22 @@ pub async fn lock(tx: &mut PgConnection, id: Uuid) -> sqlx::Result<Option<Connec
     sqlx::query_as(select_connection!("WHERE id = $1 FOR UPDATE")).bind(id).fetch_optional(tx).await
 }
 
-/// A sync pass finished: records when it started, and clears a sync failure it supersedes
+/// A sync pass finished: records when it started (and that it is done), and clears a sync failure it supersedes
 /// (`<kind> failed: ...`, written when an earlier pass was dead-lettered). Other problems (a
 /// subscription that cannot be checked, a refused disconnect cleanup) stay until their own
 /// cause is resolved.
 pub async fn set_synced(pool: &PgPool, id: Uuid, at: OffsetDateTime) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE calendar_connections SET last_synced_at = $2, updated_at = now(), \
-             last_error = CASE WHEN last_error ~ '^(backfill|resync|reconcile) failed: ' THEN NULL ELSE last_error END \
+             last_error = CASE WHEN last_error ~ '^(backfill|resync|reconcile) failed: ' THEN NULL ELSE last_error END, \
+             sync_result = CASE WHEN sync_result = $3 THEN $4 ELSE sync_result END, \
+             sync_finished_at = CASE WHEN sync_result = $3 THEN now() ELSE sync_finished_at END \
          WHERE id = $1",
     )
     .bind(id)
     .bind(at)
+    .bind(SyncResult::Running)
+    .bind(SyncResult::Done)
     .execute(pool)
     .await
     .map(|_| ())
@@ -222,8 +227,10 @@ pub async fn id_of_user(tx: &mut PgConnection, user_id: Uuid) -> sqlx::Result<Op
 
 mod linking;
 mod subscription;
+mod sync_status;
 mod tokens;
 
 pub use linking::*;
 pub use subscription::*;
+pub use sync_status::*;
 pub use tokens::*;

@@ -5,6 +5,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Connection, ConnectionStatus, SubscriptionState};
+use crate::db::changes::{self, Cause};
 
 /// Records the webhook subscription (just created or found active) and what went wrong setting the
 /// connection up, if anything.
@@ -14,6 +15,7 @@ pub async fn set_subscription(
     subscription_uri: Option<&str>,
     last_error: Option<&str>,
 ) -> sqlx::Result<()> {
+    let mut tx = changes::begin(pool, Cause::Connect).await?;
     sqlx::query(
         "UPDATE calendar_connections SET webhook_subscription_uri = $2, last_error = $3, \
              subscription_state = CASE WHEN $2::text IS NULL THEN NULL ELSE 'active' END, \
@@ -23,9 +25,9 @@ pub async fn set_subscription(
     .bind(id)
     .bind(subscription_uri)
     .bind(last_error)
-    .execute(pool)
-    .await
-    .map(|_| ())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
 }
 
 /// Records what a subscription check found for `subscription_uri`. Guarded by the URI, the status
@@ -38,6 +40,7 @@ pub async fn record_subscription_check(
     state: SubscriptionState,
     failing_since: Option<OffsetDateTime>,
 ) -> sqlx::Result<bool> {
+    let mut tx = changes::begin(pool, Cause::SubscriptionCheck).await?;
     let updated = sqlx::query(
         "UPDATE calendar_connections SET subscription_state = $3, subscription_failing_since = $4, \
              subscription_checked_at = now() \
@@ -51,8 +54,9 @@ pub async fn record_subscription_check(
     .bind(ConnectionStatus::Active)
     .bind(seen.user_id)
     .bind(seen.calendly_user_uri.as_deref())
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(updated.rows_affected() == 1)
 }
 
@@ -65,6 +69,7 @@ pub async fn replace_subscription(
     old_uri: Option<&str>,
     new_uri: &str,
 ) -> sqlx::Result<bool> {
+    let mut tx = changes::begin(pool, Cause::SubscriptionCheck).await?;
     let updated = sqlx::query(
         "UPDATE calendar_connections SET webhook_subscription_uri = $3, subscription_state = 'active', \
              subscription_failing_since = NULL, subscription_checked_at = now(), updated_at = now() \
@@ -77,8 +82,9 @@ pub async fn replace_subscription(
     .bind(ConnectionStatus::Active)
     .bind(seen.user_id)
     .bind(seen.calendly_user_uri.as_deref())
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(updated.rows_affected() == 1)
 }
 

@@ -1,11 +1,12 @@
 //! Refreshing a connection's tokens exactly once per expiry (a lease in the row, not a lock held
 //! across the call to Calendly), storing the pair, and the reauth verdict.
 
-use sqlx::{PgExecutor, PgPool};
+use sqlx::PgPool;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::{Connection, ConnectionStatus};
+use crate::db::changes::{self, Cause, ReauthReason};
 
 /// Claims the right to refresh `connection`'s token for `lease`, if it still needs one (its token
 /// expires within `margin`, or is still the `rejected` one after a 401), it still belongs to the same
@@ -93,6 +94,7 @@ pub async fn store_refreshed(
     refresh_ciphertext: &str,
     expires_at: OffsetDateTime,
 ) -> sqlx::Result<bool> {
+    let mut tx = changes::begin(pool, Cause::Refresh).await?;
     let done = sqlx::query(
         "UPDATE calendar_connections SET access_token = $2, refresh_token = $3, token_expires_at = $4, \
              last_error = NULL, status = CASE WHEN status = $6 THEN $7 ELSE status END, \
@@ -107,8 +109,9 @@ pub async fn store_refreshed(
     .bind(ConnectionStatus::NeedsReauth)
     .bind(ConnectionStatus::Active)
     .bind(ConnectionStatus::Disconnected)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -120,14 +123,16 @@ pub async fn store_refreshed(
 /// holding `access_seen`, the access token the failure was about (a refresh or reconnect since
 /// then replaced it, so the failure no longer describes the row). Returns whether it moved.
 pub async fn mark_needs_reauth(
-    executor: impl PgExecutor<'_>,
+    pool: &PgPool,
     seen: &Connection,
     access_seen: Option<&str>,
+    code: ReauthReason,
     reason: &str,
 ) -> sqlx::Result<bool> {
+    let mut tx = changes::begin(pool, Cause::Refresh).await?;
     let moved = sqlx::query(
-        "UPDATE calendar_connections SET status = $3, last_error = $2, refresh_lease_owner = NULL, \
-             refresh_lease_until = NULL, updated_at = now() \
+        "UPDATE calendar_connections SET status = $3, last_error = $2, reauth_reason = $8, \
+             refresh_lease_owner = NULL, refresh_lease_until = NULL, updated_at = now() \
          WHERE id = $1 AND status = $4 AND user_id = $5 AND calendly_user_uri IS NOT DISTINCT FROM $6 \
            AND access_token IS NOT DISTINCT FROM $7",
     )
@@ -138,7 +143,9 @@ pub async fn mark_needs_reauth(
     .bind(seen.user_id)
     .bind(seen.calendly_user_uri.as_deref())
     .bind(access_seen)
-    .execute(executor)
+    .bind(code)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(moved.rows_affected() == 1)
 }
