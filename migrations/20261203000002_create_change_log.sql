@@ -94,6 +94,10 @@ BEGIN
     END IF;
     IF NEW.status = 'canceled' AND OLD.status IS DISTINCT FROM 'canceled' THEN
         PERFORM record_change(owner, 'invitee.canceled', NEW.meeting_id, event_uri, NEW.id, NULL, NEW.status, NULL);
+    ELSIF NEW.status IS DISTINCT FROM OLD.status THEN
+        -- Active again after a cancel (Calendly sent both states with one `updated_at`): for the
+        -- app the invitee is booked again.
+        PERFORM record_change(owner, 'invitee.created', NEW.meeting_id, event_uri, NEW.id, NULL, NEW.status, NULL);
     END IF;
     IF NEW.no_show IS DISTINCT FROM OLD.no_show THEN
         PERFORM record_change(owner, 'invitee.no_show_changed', NEW.meeting_id, event_uri, NEW.id, NULL,
@@ -106,7 +110,7 @@ CREATE TRIGGER invitees_created AFTER INSERT ON meeting_invitees
     FOR EACH ROW EXECUTE FUNCTION record_invitee_change();
 CREATE TRIGGER invitees_changed AFTER UPDATE ON meeting_invitees
     FOR EACH ROW
-    WHEN ((NEW.status = 'canceled' AND OLD.status IS DISTINCT FROM 'canceled') OR OLD.no_show IS DISTINCT FROM NEW.no_show)
+    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.no_show IS DISTINCT FROM NEW.no_show)
     EXECUTE FUNCTION record_invitee_change();
 
 CREATE FUNCTION record_connection_change() RETURNS trigger LANGUAGE plpgsql AS $$

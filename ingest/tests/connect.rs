@@ -212,6 +212,14 @@ impl Env {
             .unwrap()
     }
 
+    /// The app's pull of `user_id`'s part of the change feed: `(kind, cause)` of each change.
+    async fn changes_of(&self, user_id: Uuid) -> Vec<(String, String)> {
+        let url = self.url(&format!("/changes?user_id={user_id}"));
+        let feed: Value = self.http.get(url).bearer_auth(API_TOKEN).send().await.unwrap().json().await.unwrap();
+        let changes = feed["changes"].as_array().unwrap().iter();
+        changes.map(|c| (c["kind"].as_str().unwrap().to_owned(), c["cause"].as_str().unwrap().to_owned())).collect()
+    }
+
     async fn start_worker(&mut self) {
         #[derive(Parser)]
         struct Cli {
@@ -604,6 +612,12 @@ async fn disconnect_deletes_the_subscription_revokes_and_wipes_tokens_and_later_
     let ada = env.calendly_user("Ada", true);
     let user = Uuid::new_v4();
     env.connect(user, &ada).await;
+    // The connect's backfill shows in the status, for the app's "last synced".
+    wait_until(Duration::from_secs(60), "the backfill reported done", || async {
+        let status: Value = env.status(user).await.json().await.unwrap();
+        status["sync"]["kind"] == "backfill" && status["sync"]["result"] == "done"
+    })
+    .await;
     let revocations_before = env.sim.sim.counters_json()["revocations"].as_u64().unwrap();
 
     let response =
@@ -629,6 +643,10 @@ async fn disconnect_deletes_the_subscription_revokes_and_wipes_tokens_and_later_
     env.wait_inbox(&ids, "unmatched").await;
     let meetings: i64 = env.scalar("SELECT count(*) FROM meetings WHERE user_id = $1", user).await;
     assert_eq!(meetings, 0);
+    // The app following the feed was told both, with their causes.
+    let told = env.changes_of(user).await;
+    let told: Vec<(&str, &str)> = told.iter().map(|(k, c)| (k.as_str(), c.as_str())).collect();
+    assert_eq!(told, [("connection.active", "connect"), ("connection.disconnected", "disconnect")]);
     assert_eq!(
         env.http
             .delete(env.url(&format!("/connections/calendly/{}", Uuid::new_v4())))

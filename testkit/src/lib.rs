@@ -203,6 +203,30 @@ impl IsolatedTopology {
         q.message_count()
     }
 
+    /// A queue an app would bind to `calsync.changes` (every kind). It expires 10 minutes after
+    /// its last use, so a test that dies leaves nothing behind for long.
+    pub async fn listen_to_changes(&self) -> String {
+        let queue = format!("{}.app-changes", self.prefix);
+        let channel = self.conn.create_channel().await.unwrap();
+        let mut args = FieldTable::default();
+        args.insert("x-expires".into(), lapin::types::AMQPValue::LongInt(600_000));
+        let options = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(queue.as_str().into(), options, args).await.expect("declare the app's queue");
+        let exchange = self.topology.changes_exchange();
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                "#".into(),
+                Default::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("bind the app's queue");
+        let _ = channel.close(200, "ok".into()).await;
+        queue
+    }
+
     /// Takes every ready message out of `queue` (acking them).
     pub async fn drain(&self, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
         let channel = self.conn.create_channel().await.unwrap();

@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::collections::{BTreeMap, HashMap};
+
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
@@ -58,6 +60,21 @@ fn case() -> impl Strategy<Value = (Vec<Delivery>, Vec<usize>)> {
         let n = deliveries.len();
         (Just(deliveries), proptest::collection::vec(1usize..=n, 1..=n))
     })
+}
+
+/// `writes` cut into consecutive batches of the sizes in `cuts` (repeated until all are taken).
+fn cut_into_batches<'a>(writes: &'a [Write], cuts: &[usize]) -> Vec<&'a [Write]> {
+    let mut batches = Vec::new();
+    let mut rest = writes;
+    for cut in cuts.iter().cycle() {
+        if rest.is_empty() {
+            break;
+        }
+        let (batch, after) = rest.split_at((*cut).min(rest.len()));
+        batches.push(batch);
+        rest = after;
+    }
+    batches
 }
 
 fn status(canceled: bool) -> MeetingStatus {
@@ -151,14 +168,8 @@ async fn a_batched_apply_writes_exactly_what_applying_each_delivery_alone_in_com
             writer::apply(&h.pool, &[&write(d, &one_by_one, "a:")]).await.unwrap();
         }
         let writes: Vec<Write> = deliveries.iter().map(|d| write(d, &batched, "b:")).collect();
-        let mut rest: &[Write] = &writes;
-        for cut in cuts.iter().cycle() {
-            if rest.is_empty() {
-                break;
-            }
-            let (batch, after) = rest.split_at((*cut).min(rest.len()));
+        for batch in cut_into_batches(&writes, &cuts) {
             writer::apply(&h.pool, &batch.iter().collect::<Vec<_>>()).await.unwrap();
-            rest = after;
         }
 
         assert_eq!(
@@ -284,5 +295,170 @@ async fn a_connection_row_held_by_someone_else_delays_only_its_own_deliveries_no
     h.wait_for_inbox(&ids, &["processed"]).await;
     assert_eq!((h.meetings(ada.app_user).await.len(), h.meetings(bob.app_user).await.len()), (1, 1));
     assert!(h.dead_letters().await.is_empty());
+    h.stop().await;
+}
+
+/// A row of the model: what the table holds for one meeting or invitee.
+#[derive(Debug, Clone, PartialEq)]
+struct ModelRow {
+    /// What the app can see change (for a meeting: status, time, name, location; for an invitee:
+    /// status and no-show).
+    shown: (MeetingStatus, String),
+    no_show: bool,
+    updated: OffsetDateTime,
+}
+
+/// The changes applying `deliveries` one after another must record, per row (event URI, or event
+/// URI + invitee URI), in order: the triggers' rules written out independently.
+fn expected_changes(deliveries: &[Delivery], connection: &Connection) -> BTreeMap<String, Vec<&'static str>> {
+    let mut rows: HashMap<String, ModelRow> = HashMap::new();
+    let mut changes: BTreeMap<String, Vec<&'static str>> = BTreeMap::new();
+    for d in deliveries {
+        let w = write(d, connection, "m:");
+        let m = &w.meeting;
+        let shown = format!("{:?}{:?}{:?}{:?}", m.name, m.start_time, m.end_time, m.location);
+        let meeting = ModelRow { shown: (m.status, shown), no_show: false, updated: m.source_updated_at };
+        let key = m.calendly_event_uri.clone();
+        match rows.get(&key) {
+            None => changes.entry(key.clone()).or_default().push("meeting.created"),
+            Some(old) if old.updated <= meeting.updated && old.shown != meeting.shown => {
+                let canceled = m.status == MeetingStatus::Canceled && old.shown.0 != MeetingStatus::Canceled;
+                changes.entry(key.clone()).or_default().push(if canceled {
+                    "meeting.canceled"
+                } else {
+                    "meeting.updated"
+                })
+            }
+            Some(_) => {}
+        }
+        if rows.get(&key).is_none_or(|old| old.updated <= meeting.updated) {
+            rows.insert(key.clone(), meeting);
+        }
+        let i = &w.invitee;
+        let invitee = ModelRow { shown: (i.status, String::new()), no_show: i.no_show, updated: i.source_updated_at };
+        let key = format!("{key} {}", i.calendly_invitee_uri);
+        match rows.get(&key) {
+            None => changes.entry(key.clone()).or_default().push("invitee.created"),
+            Some(old) if old.updated <= invitee.updated => {
+                if i.status != old.shown.0 {
+                    let canceled = i.status == MeetingStatus::Canceled;
+                    changes.entry(key.clone()).or_default().push(if canceled {
+                        "invitee.canceled"
+                    } else {
+                        "invitee.created"
+                    });
+                }
+                if old.no_show != invitee.no_show {
+                    changes.entry(key.clone()).or_default().push("invitee.no_show_changed");
+                }
+            }
+            Some(_) => {}
+        }
+        if rows.get(&key).is_none_or(|old| old.updated <= invitee.updated) {
+            rows.insert(key, invitee);
+        }
+    }
+    changes
+}
+
+/// The changes the feed recorded for `connection`'s user, per row, in the order recorded.
+async fn recorded_changes(pool: &PgPool, connection: &Connection) -> BTreeMap<String, Vec<String>> {
+    let recorded: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.calendly_event_uri || coalesce(' ' || i.calendly_invitee_uri, ''), c.kind \
+         FROM change_log c LEFT JOIN meeting_invitees i ON i.id = c.invitee_id \
+         WHERE c.user_id = $1 AND c.kind NOT LIKE 'connection.%' ORDER BY c.seq",
+    )
+    .bind(connection.user_id)
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let mut changes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (row, kind) in recorded {
+        changes.entry(row).or_default().push(kind);
+    }
+    changes
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn the_feed_records_exactly_the_row_changes_of_random_deliveries_cut_into_batches(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let ada = connections::find(&h.pool, h.connect("Ada").await.connection_id).await.unwrap().unwrap();
+    let mut runner = TestRunner::new(Config::default());
+    for _ in 0..48 {
+        // Duplicates (repeated message ids), fresh copies (same content, same stamp) and older
+        // stamps arriving late are all in the mix: few events, invitees and minutes.
+        let (deliveries, cuts) = case().new_tree(&mut runner).unwrap().current();
+        sqlx::query("TRUNCATE meetings, meeting_invitees, webhook_inbox, change_log").execute(&h.pool).await.unwrap();
+
+        let writes: Vec<Write> = deliveries.iter().map(|d| write(d, &ada, "b:")).collect();
+        for batch in cut_into_batches(&writes, &cuts) {
+            writer::apply(&h.pool, &batch.iter().collect::<Vec<_>>()).await.unwrap();
+        }
+
+        let expected: BTreeMap<String, Vec<String>> = expected_changes(&deliveries, &ada)
+            .into_iter()
+            .map(|(row, kinds)| (row, kinds.into_iter().map(str::to_owned).collect()))
+            .collect();
+        assert_eq!(
+            recorded_changes(&h.pool, &ada).await,
+            expected,
+            "deliveries {deliveries:?} cut into batches of {cuts:?}"
+        );
+    }
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn concurrent_batches_of_random_deliveries_leave_a_feed_whose_last_word_on_every_row_is_the_row(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let ada = connections::find(&h.pool, h.connect("Ada").await.connection_id).await.unwrap().unwrap();
+    let mut runner = TestRunner::new(Config::default());
+    for _ in 0..24 {
+        let (deliveries, cuts) = case().new_tree(&mut runner).unwrap().current();
+        sqlx::query("TRUNCATE meetings, meeting_invitees, webhook_inbox, change_log").execute(&h.pool).await.unwrap();
+        let writes: Vec<Write> = deliveries.iter().map(|d| write(d, &ada, "b:")).collect();
+        // Every batch at once: they commit in whatever order PostgreSQL's row locks decide.
+        let applies = cut_into_batches(&writes, &cuts).into_iter().map(|batch| {
+            let pool = h.pool.clone();
+            async move {
+                // A batch may deadlock with another on the same rows and fails whole: the worker
+                // then writes its deliveries one by one, as here.
+                if writer::apply(&pool, &batch.iter().collect::<Vec<_>>()).await.is_err() {
+                    for write in batch {
+                        writer::apply(&pool, &[write]).await.unwrap();
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(applies).await;
+
+        // Replaying the feed row by row ends where the rows are: the last status told is the row's
+        // status, every row was told it was created exactly once, and no-show flips alternate.
+        let told: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT coalesce(i.id, m.id)::text, c.kind, c.status FROM change_log c \
+             JOIN meetings m ON m.id = c.meeting_id LEFT JOIN meeting_invitees i ON i.id = c.invitee_id \
+             WHERE c.kind NOT LIKE 'connection.%' ORDER BY c.seq",
+        )
+        .fetch_all(&h.pool)
+        .await
+        .unwrap();
+        let rows: Vec<(String, String, Option<bool>)> = sqlx::query_as(
+            "SELECT id::text, status, NULL::bool FROM meetings UNION ALL SELECT id::text, status, no_show FROM meeting_invitees",
+        )
+        .fetch_all(&h.pool)
+        .await
+        .unwrap();
+        for (id, status, no_show) in rows {
+            let mine: Vec<_> = told.iter().filter(|(row, _, _)| *row == id).collect();
+            assert!(mine.first().is_some_and(|(_, kind, _)| kind.ends_with(".created")), "row {id}: {mine:?}");
+            let last_status = mine.iter().rev().find(|(_, kind, _)| !kind.ends_with("no_show_changed"));
+            assert_eq!(last_status.and_then(|(_, _, s)| s.clone()), Some(status.clone()), "row {id}: {mine:?}");
+            let flips: Vec<_> = mine.iter().filter(|(_, kind, _)| kind.ends_with("no_show_changed")).collect();
+            assert!(flips.windows(2).all(|w| w[0].2 != w[1].2), "a no-show flip that changed nothing: {mine:?}");
+            if let (Some(no_show), Some(last)) = (no_show, flips.last()) {
+                assert_eq!(last.2.as_deref(), Some(if no_show { "no_show" } else { "showed" }), "row {id}: {mine:?}");
+            }
+        }
+    }
     h.stop().await;
 }

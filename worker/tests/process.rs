@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use calendly_sim::Faults;
@@ -15,20 +14,8 @@ fn spawn_worker(h: &Harness) -> Child {
     spawn_worker_with(h, &[])
 }
 
-/// `extra` flags replace the harness's flags of the same name (the binary refuses a flag twice).
 fn spawn_worker_with(h: &Harness, extra: &[&str]) -> Child {
-    let name = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
-    let overridden: Vec<String> = extra.iter().map(|a| name(a)).collect();
-    Command::new(env!("CARGO_BIN_EXE_calsync-worker"))
-        .args(h.worker_args().into_iter().skip(1).filter(|a| !overridden.contains(&name(a))))
-        .args(extra)
-        .env("LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    h.spawn_worker_process(extra)
 }
 
 async fn processed(h: &Harness) -> i64 {

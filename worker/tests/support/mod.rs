@@ -127,6 +127,23 @@ impl Harness {
         addr
     }
 
+    /// Starts the real `calsync-worker` binary on this harness (killed when the handle drops).
+    /// `extra` flags replace the harness's flags of the same name (the binary refuses a flag twice).
+    pub fn spawn_worker_process(&self, extra: &[&str]) -> tokio::process::Child {
+        let name = |arg: &str| arg.split('=').next().unwrap_or_default().to_owned();
+        let overridden: Vec<String> = extra.iter().map(|a| name(a)).collect();
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_calsync-worker"))
+            .args(self.worker_args().into_iter().skip(1).filter(|a| !overridden.contains(&name(a))))
+            .args(extra)
+            .env("LOG_FORMAT", "json")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
     /// A simulated Calendly user connected to a new app user (tokens stored encrypted, as the
     /// connect flow does), with a user-scoped subscription so its changes are captured.
     pub async fn connect(&self, name: &str) -> User {
