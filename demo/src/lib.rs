@@ -4,8 +4,10 @@
 //!
 //! - [`stack`]: start (or attach to) the processes and stop them cleanly.
 //! - [`scenario`]: connect two users, book / cancel / reschedule / no-show, wait for the rows.
+//! - [`feed`]: the app's view: the change feed, followed and printed while the story runs.
 //! - [`report`]: the readable tables and headline metrics.
 
+pub mod feed;
 pub mod report;
 pub mod scenario;
 pub mod stack;

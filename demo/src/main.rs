@@ -2,6 +2,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
+use calsync_demo::feed::AppFeed;
 use calsync_demo::stack::{Endpoints, LaunchOptions, Stack};
 use calsync_demo::{report, scenario};
 
@@ -91,6 +92,8 @@ async fn main() -> std::process::ExitCode {
     );
 
     let story = async {
+        let feed = AppFeed::follow(&stack).await?;
+        step(started, "the app follows GET /changes: each change it is told is printed as ⇢");
         let outcome = scenario::run(&stack, &|line| step(started, line)).await?;
         step(started, "waiting for the webhooks to become rows");
         scenario::wait_for_rows(&stack, &outcome, Duration::from_secs(60)).await?;
@@ -108,6 +111,18 @@ async fn main() -> std::process::ExitCode {
                 &format!("Ada's subscription was replaced ({uri}, active) and both missed bookings are in PostgreSQL"),
             );
         }
+        let mut told = vec![
+            "connection.active",
+            "meeting.created",
+            "invitee.created",
+            // "Design review" may reach us already canceled (meeting.created, status canceled).
+            "invitee.canceled",
+            "invitee.no_show_changed",
+        ];
+        if !cli.attach {
+            told.extend(["connection.subscription_failing", "connection.subscription_repaired"]);
+        }
+        step(started, &feed.stop(&told).await?);
         println!("{}", report::render(&stack, &outcome).await?);
         anyhow::Ok(())
     };

@@ -55,19 +55,6 @@ async fn page(app: &TestApp, query: &str) -> (Vec<Uuid>, String) {
     (ids.collect(), body["next_cursor"].as_str().unwrap().to_owned())
 }
 
-/// The naive reader this feed must not be: change ids in insert order, after the last id seen.
-async fn naive_read(pool: &PgPool, last_seq: &mut i64) -> Vec<Uuid> {
-    let rows: Vec<(Uuid, i64)> = sqlx::query_as("SELECT change_id, seq FROM change_log WHERE seq > $1 ORDER BY seq")
-        .bind(*last_seq)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-    if let Some((_, seq)) = rows.last() {
-        *last_seq = *seq;
-    }
-    rows.into_iter().map(|(id, _)| id).collect()
-}
-
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_change_committed_after_a_later_one_reaches_the_cursor_reader_and_a_naive_id_reader_skips_it(pool: PgPool) {
     let app = feed_app(&pool).await;
@@ -79,10 +66,10 @@ async fn a_change_committed_after_a_later_one_reaches_the_cursor_reader_and_a_na
 
     let (first_read, cursor) = page(&app, "").await;
     let mut naive_last = 0;
-    let naive_first = naive_read(&pool, &mut naive_last).await;
+    let naive_first = calsync_testkit::read_changes_by_id(&pool, &mut naive_last).await;
     slow.commit().await.unwrap();
     let (second_read, _) = page(&app, &format!("?after={cursor}")).await;
-    let naive_second = naive_read(&pool, &mut naive_last).await;
+    let naive_second = calsync_testkit::read_changes_by_id(&pool, &mut naive_last).await;
 
     assert_eq!((first_read, second_read), (vec![early], vec![late]), "each change once, the late one after");
     assert_eq!(

@@ -270,3 +270,18 @@ impl Drop for IsolatedTopology {
         .join();
     }
 }
+
+/// The change-feed reader calsync must not be: `change_log` in insert order, after the last id it
+/// saw (a plain `bigserial` read as `id > last`). It skips a change whose transaction drew its id
+/// before one it read but committed after; tests run it beside the real cursor to show the cursor
+/// does not. Returns the change ids read and moves `last`.
+pub async fn read_changes_by_id(pool: &sqlx::PgPool, last: &mut i64) -> Vec<uuid::Uuid> {
+    let rows: Vec<(uuid::Uuid, i64)> =
+        sqlx::query_as("SELECT change_id, seq FROM change_log WHERE seq > $1 ORDER BY seq")
+            .bind(*last)
+            .fetch_all(pool)
+            .await
+            .expect("read change_log");
+    *last = rows.last().map_or(*last, |(_, seq)| *seq);
+    rows.into_iter().map(|(id, _)| id).collect()
+}
