@@ -7,7 +7,7 @@
 CREATE TABLE change_log (
     change_id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     seq                bigint GENERATED ALWAYS AS IDENTITY,
-    position           bigint UNIQUE,
+    position           bigint,
     user_id            uuid NOT NULL,
     kind               text NOT NULL,
     meeting_id         uuid,
@@ -19,8 +19,11 @@ CREATE TABLE change_log (
     cause              text NOT NULL,
     occurred_at        timestamptz NOT NULL DEFAULT now()
 );
+-- Partial indexes: a row enters the position indexes once, when it is numbered, not also at insert
+-- (the insert is on the drain's hot path).
+CREATE UNIQUE INDEX change_log_position ON change_log (position) WHERE position IS NOT NULL;
+CREATE INDEX change_log_user_position ON change_log (user_id, position) WHERE position IS NOT NULL;
 CREATE INDEX change_log_unpositioned ON change_log (seq) WHERE position IS NULL;
-CREATE INDEX change_log_user_position ON change_log (user_id, position);
 
 -- The feed's bookkeeping, one row: the highest position handed out, the highest one pruned by
 -- retention (an older cursor is expired), and the highest one the push side has published.
@@ -49,69 +52,75 @@ ALTER TABLE calendar_connections
 CREATE FUNCTION change_cause() RETURNS text LANGUAGE sql STABLE AS
 $$ SELECT coalesce(nullif(current_setting('calsync.cause', true), ''), 'operator') $$;
 
--- The one insert every trigger below goes through.
+-- The insert of the connection trigger below (one row at a time: connections change rarely).
 CREATE FUNCTION record_change(owner uuid, kind text, meeting uuid, event_uri text, invitee uuid, connection uuid,
                               status text, reason text) RETURNS void LANGUAGE sql AS $$
     INSERT INTO change_log (user_id, kind, meeting_id, calendly_event_uri, invitee_id, connection_id, status, reason, cause)
     VALUES (owner, kind, meeting, event_uri, invitee, connection, status, reason, change_cause())
 $$;
 
-CREATE FUNCTION record_meeting_change() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    kind text;
+-- Meetings and invitees are written in batches (one statement for many rows): their triggers are
+-- per statement, reading the statement's transition tables, so a batch records its changes with one
+-- INSERT instead of one trigger call per row.
+CREATE FUNCTION record_meetings_created() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP = 'INSERT' THEN
-        kind := 'meeting.created';
-    ELSIF NEW.status = 'canceled' AND OLD.status IS DISTINCT FROM 'canceled' THEN
-        kind := 'meeting.canceled';
-    ELSE
-        kind := 'meeting.updated';
-    END IF;
-    PERFORM record_change(NEW.user_id, kind, NEW.id, NEW.calendly_event_uri, NULL, NULL, NEW.status, NULL);
+    INSERT INTO change_log (user_id, kind, meeting_id, calendly_event_uri, status, cause)
+    SELECT n.user_id, 'meeting.created', n.id, n.calendly_event_uri, n.status, change_cause() FROM new_rows n;
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER meetings_created AFTER INSERT ON meetings
-    FOR EACH ROW EXECUTE FUNCTION record_meeting_change();
--- Only what the app shows: a fresh copy of the same content, or a newer `updated_at` alone, is not
--- a change (the WHEN clause keeps the trigger from even running for those).
-CREATE TRIGGER meetings_changed AFTER UPDATE ON meetings
-    FOR EACH ROW
-    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.start_time IS DISTINCT FROM NEW.start_time
-          OR OLD.end_time IS DISTINCT FROM NEW.end_time OR OLD.name IS DISTINCT FROM NEW.name
-          OR OLD.location IS DISTINCT FROM NEW.location OR OLD.event_type_uri IS DISTINCT FROM NEW.event_type_uri)
-    EXECUTE FUNCTION record_meeting_change();
-
-CREATE FUNCTION record_invitee_change() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-    owner uuid;
-    event_uri text;
+CREATE FUNCTION record_meetings_changed() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    SELECT m.user_id, m.calendly_event_uri INTO owner, event_uri FROM meetings m WHERE m.id = NEW.meeting_id;
-    IF TG_OP = 'INSERT' THEN
-        PERFORM record_change(owner, 'invitee.created', NEW.meeting_id, event_uri, NEW.id, NULL, NEW.status, NULL);
-        RETURN NULL;
-    END IF;
-    IF NEW.status = 'canceled' AND OLD.status IS DISTINCT FROM 'canceled' THEN
-        PERFORM record_change(owner, 'invitee.canceled', NEW.meeting_id, event_uri, NEW.id, NULL, NEW.status, NULL);
-    ELSIF NEW.status IS DISTINCT FROM OLD.status THEN
-        -- Active again after a cancel (Calendly sent both states with one `updated_at`): for the
-        -- app the invitee is booked again.
-        PERFORM record_change(owner, 'invitee.created', NEW.meeting_id, event_uri, NEW.id, NULL, NEW.status, NULL);
-    END IF;
-    IF NEW.no_show IS DISTINCT FROM OLD.no_show THEN
-        PERFORM record_change(owner, 'invitee.no_show_changed', NEW.meeting_id, event_uri, NEW.id, NULL,
-                              CASE WHEN NEW.no_show THEN 'no_show' ELSE 'showed' END, NULL);
-    END IF;
+    -- Only what the app shows: a fresh copy of the same content, or a newer `updated_at` alone, is
+    -- not a change.
+    INSERT INTO change_log (user_id, kind, meeting_id, calendly_event_uri, status, cause)
+    SELECT n.user_id,
+           CASE WHEN n.status = 'canceled' AND o.status IS DISTINCT FROM 'canceled' THEN 'meeting.canceled'
+                ELSE 'meeting.updated' END,
+           n.id, n.calendly_event_uri, n.status, change_cause()
+    FROM new_rows n JOIN old_rows o ON o.id = n.id
+    WHERE (o.status, o.start_time, o.end_time, o.name, o.location, o.event_type_uri)
+          IS DISTINCT FROM (n.status, n.start_time, n.end_time, n.name, n.location, n.event_type_uri);
     RETURN NULL;
 END $$;
 
-CREATE TRIGGER invitees_created AFTER INSERT ON meeting_invitees
-    FOR EACH ROW EXECUTE FUNCTION record_invitee_change();
-CREATE TRIGGER invitees_changed AFTER UPDATE ON meeting_invitees
-    FOR EACH ROW
-    WHEN (OLD.status IS DISTINCT FROM NEW.status OR OLD.no_show IS DISTINCT FROM NEW.no_show)
-    EXECUTE FUNCTION record_invitee_change();
+CREATE TRIGGER meetings_created AFTER INSERT ON meetings REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION record_meetings_created();
+CREATE TRIGGER meetings_changed AFTER UPDATE ON meetings REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION record_meetings_changed();
+
+CREATE FUNCTION record_invitees_created() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO change_log (user_id, kind, meeting_id, calendly_event_uri, invitee_id, status, cause)
+    SELECT m.user_id, 'invitee.created', n.meeting_id, m.calendly_event_uri, n.id, n.status, change_cause()
+    FROM new_rows n JOIN meetings m ON m.id = n.meeting_id;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION record_invitees_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO change_log (user_id, kind, meeting_id, calendly_event_uri, invitee_id, status, cause)
+    SELECT m.user_id, c.kind, n.meeting_id, m.calendly_event_uri, n.id, c.status, change_cause()
+    FROM new_rows n
+    JOIN old_rows o ON o.id = n.id
+    JOIN meetings m ON m.id = n.meeting_id
+    CROSS JOIN LATERAL (VALUES
+        -- Canceled; or active again after a cancel (Calendly sent both states with one
+        -- `updated_at`): for the app the invitee is booked again.
+        (1, CASE WHEN n.status = 'canceled' THEN 'invitee.canceled' ELSE 'invitee.created' END, n.status,
+         o.status IS DISTINCT FROM n.status),
+        (2, 'invitee.no_show_changed', CASE WHEN n.no_show THEN 'no_show' ELSE 'showed' END,
+         o.no_show IS DISTINCT FROM n.no_show)
+    ) AS c(part, kind, status, changed)
+    WHERE c.changed
+    ORDER BY n.id, c.part;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER invitees_created AFTER INSERT ON meeting_invitees REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION record_invitees_created();
+CREATE TRIGGER invitees_changed AFTER UPDATE ON meeting_invitees REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION record_invitees_changed();
 
 CREATE FUNCTION record_connection_change() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE

@@ -4,6 +4,7 @@
 //! Run with `cargo run --release -p calsync-bench` (needs the local PostgreSQL and RabbitMQ).
 
 mod budget;
+mod changes;
 mod cluster;
 mod e2e;
 mod ingest;
@@ -38,8 +39,8 @@ struct Cli {
     /// A few seconds per figure and 2,000 webhooks: for checking the harness, not for numbers.
     #[arg(long)]
     quick: bool,
-    /// Sections to run (all by default): ingest, cluster, worker, e2e, budget.
-    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,e2e,budget")]
+    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget.
+    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,changes,e2e,budget")]
     only: Vec<String>,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
@@ -151,11 +152,15 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("▸ cluster");
         cluster::run(&ctx, &mut rows).await?;
     }
-    if section("worker") || section("e2e") || section("budget") {
+    if section("worker") || section("changes") || section("e2e") || section("budget") {
         let mut world = world::World::setup(&ctx).await?;
         if section("worker") {
             eprintln!("▸ worker");
             memories.push(("calsync-worker", worker::run(&ctx, &world, &mut rows).await?));
+        }
+        if section("changes") {
+            eprintln!("▸ change feed");
+            changes::run(&ctx, &world, &mut rows).await?;
         }
         if section("e2e") {
             eprintln!("▸ end to end");

@@ -18,9 +18,9 @@ use crate::procs::{Memory, Proc, wait_ok};
 use crate::stats::{self, ratio, row};
 use crate::world::{USERS, World};
 
-const PREFIX: &str = "bench-worker";
+pub const PREFIX: &str = "bench-worker";
 /// `WORKER_BATCH_SIZE`'s default, used wherever the batch size is not what is measured.
-const DEFAULT_BATCH: usize = 64;
+pub const DEFAULT_BATCH: usize = 64;
 const CURVE_CONCURRENCY: u16 = 256;
 
 /// The write transaction of one delivery, without AMQP or HTTP: share-lock the connection, upsert
@@ -78,7 +78,7 @@ async fn upsert_ceiling(world: &World, bodies: &[Vec<u8>], concurrency: u16) -> 
     Ok(bodies.len() as f64 / elapsed)
 }
 
-async fn queue_all(ctx: &Ctx, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
+pub async fn queue_all(ctx: &Ctx, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
     let broker = crate::broker(ctx, PREFIX, 4).await?;
     let sent = Arc::new(AtomicUsize::new(0));
     let results: Vec<Result<(), calsync_common::queue::PublishError>> = futures_util::stream::iter(bodies)
@@ -102,7 +102,7 @@ async fn queue_all(ctx: &Ctx, bodies: &[Vec<u8>]) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn start_workers(
+pub async fn start_workers(
     ctx: &Ctx,
     world: &World,
     processes: usize,

@@ -162,7 +162,10 @@ impl World {
     }
 
     pub async fn truncate(&self) -> anyhow::Result<()> {
-        sqlx::query("TRUNCATE meetings, meeting_invitees, webhook_inbox").execute(&self.pool).await?;
+        sqlx::query("TRUNCATE meetings, meeting_invitees, webhook_inbox, change_log").execute(&self.pool).await?;
+        sqlx::query("UPDATE change_feed SET last_position = 0, pruned_through = 0, published_through = 0")
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -333,16 +333,23 @@ pub async fn read(pool: &PgPool, after: Option<Cursor>, limit: i64, user_id: Opt
     if after > last {
         return Err(ReadError::Unknown);
     }
-    let changes: Vec<Change> = sqlx::query_as(concat!(
-        "SELECT ",
-        change_columns!(),
-        " FROM change_log WHERE position > $1 AND ($2::uuid IS NULL OR user_id = $2) ORDER BY position LIMIT $3"
-    ))
-    .bind(after)
-    .bind(user_id)
-    .bind(limit)
-    .fetch_all(&mut *tx)
-    .await?;
+    // Two statements, not `($2 IS NULL OR user_id = $2)`: a prepared statement's generic plan could
+    // not use the per-user index for that.
+    let changes: Vec<Change> = match user_id {
+        None => self::after(&mut tx, Cursor(after), limit).await?,
+        Some(user_id) => {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                change_columns!(),
+                " FROM change_log WHERE user_id = $3 AND position > $1 ORDER BY position LIMIT $2"
+            ))
+            .bind(after)
+            .bind(limit)
+            .bind(user_id)
+            .fetch_all(&mut *tx)
+            .await?
+        }
+    };
     tx.commit().await?;
     // A short page holds everything up to the mark (for a filtered read: the user's part of it),
     // so the reader may skip to the mark and not scan other users' changes again.

@@ -1,0 +1,174 @@
+//! The change feed's cost and pace: the worker's drain with the feed's triggers on vs off (same
+//! run, same webhooks), whether the push side keeps up with what the drain commits (its backlog),
+//! and `GET /changes` pages per second at `limit=1000`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use calsync_common::db::changes;
+
+use crate::Ctx;
+use crate::procs::{Proc, free_port, wait_ok};
+use crate::stats::{self, ratio, row};
+use crate::worker::{DEFAULT_BATCH, PREFIX, queue_all, start_workers};
+use crate::world::World;
+
+const CONCURRENCY: u16 = 256;
+const API_TOKEN: &str = "bench-internal-token";
+
+/// The feed's triggers on or off (off = the drain as it was before the feed).
+async fn set_feed(world: &World, on: bool) -> anyhow::Result<()> {
+    let verb = if on { "ENABLE" } else { "DISABLE" };
+    for table in ["meetings", "meeting_invitees"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!("ALTER TABLE {table} {verb} TRIGGER USER")))
+            .execute(&world.pool)
+            .await?;
+    }
+    Ok(())
+}
+
+/// One drain of `bodies`; with the feed on, also how the push side kept up.
+struct Drain {
+    rate: f64,
+    seconds: f64,
+    changes: i64,
+    max_backlog: i64,
+    /// From the last commit of the drain until everything was published.
+    catch_up: Duration,
+}
+
+async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: bool) -> anyhow::Result<Drain> {
+    set_feed(world, feed).await?;
+    world.truncate().await?;
+    crate::purge(ctx, &calsync_common::queue::Topology::new(PREFIX).webhooks_queue()).await?;
+    queue_all(ctx, bodies).await?;
+    let max_backlog = Arc::new(AtomicI64::new(0));
+    let stop = CancellationToken::new();
+    let sampler = {
+        let (pool, max_backlog, stop) = (world.pool.clone(), max_backlog.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                if let Ok(mut conn) = pool.acquire().await
+                    && let Ok(backlog) = changes::unpublished(&mut conn).await
+                {
+                    max_backlog.fetch_max(backlog, Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let workers = start_workers(ctx, world, 1, CONCURRENCY, DEFAULT_BATCH).await?;
+    let seconds = world.wait_processed(bodies.len(), Duration::from_secs(900)).await?;
+    let drained = Instant::now();
+    let mut conn = world.pool.acquire().await?;
+    while changes::unpublished(&mut conn).await? > 0 {
+        anyhow::ensure!(drained.elapsed() < Duration::from_secs(300), "the publisher did not catch up in 5 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let catch_up = drained.elapsed();
+    stop.cancel();
+    sampler.await?;
+    for w in workers {
+        w.stop().await;
+    }
+    let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM change_log").fetch_one(&world.pool).await?;
+    let max_backlog = max_backlog.load(Ordering::Relaxed);
+    Ok(Drain { rate: bodies.len() as f64 / seconds, seconds, changes, max_backlog, catch_up })
+}
+
+/// `GET /changes?limit=1000` read from the start to the end, again and again, for the run's duration.
+async fn pages_per_second(ctx: &Ctx, world: &World) -> anyhow::Result<(f64, i64)> {
+    let port = free_port()?;
+    let ingest = Proc::spawn(
+        "calsync-ingest",
+        &[
+            ("INGEST_ADDR", format!("127.0.0.1:{port}")),
+            ("CALENDLY_WEBHOOK_SIGNING_KEYS", "bench-unused-key".into()),
+            ("TOKEN_ENCRYPTION_KEY", world.token_key.clone()),
+            ("AMQP_URL", ctx.amqp_url.clone()),
+            ("AMQP_TOPOLOGY_PREFIX", PREFIX.into()),
+            ("DATABASE_URL", ctx.db_url.clone()),
+            ("INTERNAL_API_TOKEN", API_TOKEN.into()),
+        ],
+        &[],
+    )?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ok(&ctx.http, &format!("{url}/readyz")).await?;
+    let started = Instant::now();
+    let (mut pages, mut cursor) = (0i64, String::new());
+    let mut changes_read = 0i64;
+    while started.elapsed() < ctx.duration {
+        let page: serde_json::Value = ctx
+            .http
+            .get(format!("{url}/changes?limit=1000&after={cursor}"))
+            .bearer_auth(API_TOKEN)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let n = page["changes"].as_array().map_or(0, Vec::len);
+        pages += 1;
+        changes_read += n as i64;
+        // At the end: start over, as a new reader would.
+        cursor = if n == 0 { String::new() } else { page["next_cursor"].as_str().unwrap_or_default().to_owned() };
+    }
+    let rate = pages as f64 / started.elapsed().as_secs_f64();
+    ingest.stop().await;
+    Ok((rate, changes_read))
+}
+
+pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
+    crate::reset_topology(ctx, PREFIX).await?;
+    // Declares the topology afresh (the drains purge its queue first).
+    crate::broker(ctx, PREFIX, 1).await?.close().await;
+    world.set_latency(ctx, 0).await?;
+    let bodies = world.generate(ctx, ctx.webhooks, 10).await?;
+    // Alternated, twice each, so a slow disk moment does not land on one side only.
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        off.push(drain(ctx, world, &bodies, false).await?);
+        on.push(drain(ctx, world, &bodies, true).await?);
+    }
+    set_feed(world, true).await?;
+    let best = |runs: &[Drain]| runs.iter().map(|d| d.rate).fold(0.0, f64::max);
+    let (off_rate, on_rate) = (best(&off), best(&on));
+    rows.push(row(
+        "changes",
+        format!(
+            "drain {} webhooks, API 0 ms, 1 process × {CONCURRENCY}, batch {DEFAULT_BATCH}: feed on (best of 2)",
+            bodies.len()
+        ),
+        format!("{on_rate:.0}/s"),
+        format!("feed off, same run {off_rate:.0}/s (target ≥ 90 %)"),
+        ratio(on_rate, off_rate),
+    ));
+    let last = on.last().expect("two runs");
+    let committed = last.changes as f64 / last.seconds;
+    let published = last.changes as f64 / (last.seconds + last.catch_up.as_secs_f64());
+    rows.push(row(
+        "changes",
+        format!(
+            "push side during that drain: {} changes, max backlog {}, caught up {:.1} s after the last commit",
+            last.changes,
+            last.max_backlog,
+            last.catch_up.as_secs_f64()
+        ),
+        format!("{published:.0} changes/s published"),
+        format!("{committed:.0} changes/s committed"),
+        ratio(published, committed),
+    ));
+    let (pages, read) = pages_per_second(ctx, world).await?;
+    rows.push(row(
+        "changes",
+        format!("GET /changes?limit=1000 over {} changes ({read} read)", last.changes),
+        format!("{pages:.0} pages/s"),
+        "-",
+        "-",
+    ));
+    crate::reset_topology(ctx, PREFIX).await?;
+    Ok(())
+}
