@@ -33,7 +33,14 @@ pub async fn upsert_meetings(
                  canceled_at = EXCLUDED.canceled_at, cancel_reason = EXCLUDED.cancel_reason, \
                  source_updated_at = EXCLUDED.source_updated_at, updated_at = now() \
              -- Deliveries arrive out of order: an older snapshot of the event never overwrites a newer one.
-             WHERE meetings.source_updated_at IS NULL OR meetings.source_updated_at <= EXCLUDED.source_updated_at \
+             -- The same snapshot again (every invitee of a group event carries it) writes nothing: no
+             -- dead row version, and nothing for the change feed to compare.
+             WHERE (meetings.source_updated_at IS NULL OR meetings.source_updated_at <= EXCLUDED.source_updated_at) \
+               AND (meetings.name, meetings.status, meetings.start_time, meetings.end_time, meetings.event_type_uri, \
+                    meetings.location, meetings.canceled_at, meetings.cancel_reason, meetings.source_updated_at) \
+                   IS DISTINCT FROM (EXCLUDED.name, EXCLUDED.status, EXCLUDED.start_time, EXCLUDED.end_time, \
+                    EXCLUDED.event_type_uri, EXCLUDED.location, EXCLUDED.canceled_at, EXCLUDED.cancel_reason, \
+                    EXCLUDED.source_updated_at) \
              RETURNING id, user_id, calendly_event_uri",
         )
         .bind(round.iter().map(|_| Uuid::new_v4()).collect::<Vec<_>>())
