@@ -8,6 +8,7 @@
 //! - [`change_publisher`]: the push side of the change feed (`calsync.changes`), one worker at a time.
 //! - [`leader`]: one worker at a time, by a PostgreSQL advisory lock.
 //! - [`gauges`]: fleet-wide gauges every worker reads from the tables.
+//! - [`retention`]: the retention pass (inbox, changes, OAuth states), run by the scheduler.
 //! - [`outcome`]: what becomes of a delivery, decided once for webhooks and sync jobs.
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
 //! - [`calendly_call`]: `CalendlyCalls`, the one way to call Calendly as a user (401 → refresh once,
@@ -38,6 +39,7 @@ pub mod gauges;
 pub mod leader;
 pub mod outcome;
 pub mod process;
+pub mod retention;
 pub mod scheduler;
 pub mod settings;
 pub mod single_flight;
@@ -110,6 +112,8 @@ impl Worker {
             broker: self.broker.clone(),
             reconcile_every: Duration::from_secs(self.settings.reconcile_interval_secs),
             check_subscriptions_every: Duration::from_secs(self.settings.subscription_check_interval_secs),
+            retention_every: Duration::from_secs(self.settings.retention_interval_secs),
+            retention: self.settings.retention(),
         };
         let subscriptions_checked = self.settings.subscription_check_interval_secs > 0;
         tokio::spawn(gauges::keep_current(self.database.pool().clone(), subscriptions_checked, self.shutdown.clone()));

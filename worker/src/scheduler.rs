@@ -5,6 +5,8 @@
 //!   [`crate::subscription_check`].
 //! - Reconciliation (`RECONCILE_INTERVAL_SECS`): one sync pass per active connection (the same job
 //!   as a backfill), so a booking, cancel or change whose webhook never arrived is corrected.
+//! - Retention (`RETENTION_INTERVAL_SECS`): run here, by the scheduler itself; see
+//!   [`crate::retention`].
 
 use std::time::Duration;
 
@@ -16,7 +18,7 @@ use calsync_common::db::connections;
 use calsync_common::queue::Broker;
 use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 
-use crate::leader;
+use crate::{leader, retention};
 
 /// The advisory lock key of the scheduler ("calsync" and a 1).
 const SCHEDULER_LOCK: i64 = 0x6361_6c73_796e_6301;
@@ -33,25 +35,50 @@ pub struct Schedule {
     pub reconcile_every: Duration,
     /// `SUBSCRIPTION_CHECK_INTERVAL_SECS`; zero turns subscription checks off.
     pub check_subscriptions_every: Duration,
+    /// `RETENTION_INTERVAL_SECS`; zero turns retention off.
+    pub retention_every: Duration,
+    pub retention: retention::Policy,
+}
+
+/// What the scheduler does at a tick.
+#[derive(Debug, Clone, Copy)]
+enum Task {
+    /// Queue one job of this kind per active connection (any worker runs them).
+    Jobs(SyncKind),
+    /// Delete what is past its retention (the scheduler itself, in small batches).
+    Retention,
+}
+
+impl Task {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Jobs(kind) => kind.as_str(),
+            Self::Retention => "retention",
+        }
+    }
 }
 
 impl Schedule {
-    /// The checks that are on, each with its interval.
-    fn checks(&self) -> Vec<(SyncKind, Duration)> {
-        [(SyncKind::CheckSubscription, self.check_subscriptions_every), (SyncKind::Reconcile, self.reconcile_every)]
-            .into_iter()
-            .filter(|(_, every)| !every.is_zero())
-            .collect()
+    /// The tasks that are on, each with its interval.
+    fn tasks(&self) -> Vec<(Task, Duration)> {
+        [
+            (Task::Jobs(SyncKind::CheckSubscription), self.check_subscriptions_every),
+            (Task::Jobs(SyncKind::Reconcile), self.reconcile_every),
+            (Task::Retention, self.retention_every),
+        ]
+        .into_iter()
+        .filter(|(_, every)| !every.is_zero())
+        .collect()
     }
 }
 
 pub async fn run(schedule: Schedule, shutdown: CancellationToken) {
-    let checks = schedule.checks();
-    let Some(shortest) = checks.iter().map(|(_, every)| *every).min() else { return };
+    let tasks = schedule.tasks();
+    let Some(shortest) = tasks.iter().map(|(_, every)| *every).min() else { return };
     while !shutdown.is_cancelled() {
         if let Some(lock) = leader::try_lead(&schedule.database_url, SCHEDULER_LOCK).await {
             tracing::info!("this worker schedules the periodic checks");
-            schedule_while_holding(&schedule, &checks, lock, &shutdown).await;
+            schedule_while_holding(&schedule, &tasks, lock, &shutdown).await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -62,34 +89,34 @@ pub async fn run(schedule: Schedule, shutdown: CancellationToken) {
 
 async fn schedule_while_holding(
     schedule: &Schedule,
-    checks: &[(SyncKind, Duration)],
+    tasks: &[(Task, Duration)],
     mut lock: PgConnection,
     shutdown: &CancellationToken,
 ) {
-    let mut ticks: Vec<_> = checks
+    let mut ticks: Vec<_> = tasks
         .iter()
-        .map(|(kind, every)| {
+        .map(|(task, every)| {
             // The first tick is one interval away: a new connection was just set up and backfilled,
             // and a worker taking over need not repeat what the last scheduler just did.
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + *every, *every);
             tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-            (*kind, tick)
+            (*task, tick)
         })
         .collect();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + LOCK_PING_INTERVAL, LOCK_PING_INTERVAL);
     ping.set_missed_tick_behavior(MissedTickBehavior::Skip);
     loop {
         let due = {
-            let next = futures_util::future::select_all(ticks.iter_mut().map(|(kind, tick)| {
-                let kind = *kind;
+            let next = futures_util::future::select_all(ticks.iter_mut().map(|(task, tick)| {
+                let task = *task;
                 Box::pin(async move {
                     tick.tick().await;
-                    kind
+                    task
                 })
             }));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                (kind, _, _) = next => Some(kind),
+                (task, _, _) = next => Some(task),
                 _ = ping.tick() => None,
             }
         };
@@ -100,9 +127,19 @@ async fn schedule_while_holding(
             return;
         }
         let Some(due) = due else { continue };
-        match queue_for_every_connection(&schedule.pool, &schedule.broker, due).await {
-            Ok(queued) => tracing::debug!(queued, job = due.as_str(), "periodic check scheduled"),
-            Err(error) => tracing::warn!(%error, job = due.as_str(), "could not schedule a periodic check"),
+        let done = match due {
+            Task::Jobs(kind) => queue_for_every_connection(&schedule.pool, &schedule.broker, kind).await,
+            Task::Retention => retention::run_once(&schedule.pool, &schedule.retention)
+                .await
+                .map(|deleted| {
+                    tracing::info!(?deleted, "retention pass done");
+                    0
+                })
+                .map_err(Into::into),
+        };
+        match done {
+            Ok(queued) => tracing::debug!(queued, task = due.as_str(), "periodic task done"),
+            Err(error) => tracing::warn!(%error, task = due.as_str(), "a periodic task failed"),
         }
     }
 }

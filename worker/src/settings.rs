@@ -44,6 +44,27 @@ pub struct WorkerSettings {
 
     /// Where replacement subscriptions point (ingest's public webhook URL); unset: where the
     /// subscription being replaced pointed.
+    /// How often the scheduler deletes what is past its retention (0 = never).
+    #[arg(long, env = "RETENTION_INTERVAL_SECS", default_value_t = 3600)]
+    pub retention_interval_secs: u64,
+
+    /// Days `processed` / `ignored` deliveries are kept (at least 2: Calendly retries a delivery for
+    /// 24 hours, and a retry must still be recognised as a duplicate).
+    #[arg(long, env = "INBOX_RETENTION_DAYS", default_value_t = 30)]
+    pub inbox_retention_days: u32,
+
+    /// Days `awaiting_reauth` deliveries (with their bodies) wait for their user to reconnect.
+    #[arg(long, env = "PARKED_RETENTION_DAYS", default_value_t = 30)]
+    pub parked_retention_days: u32,
+
+    /// Days `dead` deliveries (with their bodies) are kept.
+    #[arg(long, env = "DEAD_RETENTION_DAYS", default_value_t = 30)]
+    pub dead_retention_days: u32,
+
+    /// Days the change feed keeps a change (an older cursor answers `409 cursor_expired`).
+    #[arg(long, env = "CHANGES_RETENTION_DAYS", default_value_t = 7)]
+    pub changes_retention_days: u32,
+
     #[arg(long, env = "CALENDLY_WEBHOOK_CALLBACK_URL", value_parser = optional_url)]
     pub calendly_webhook_callback_url: Option<OptionalUrl>,
 
@@ -80,6 +101,17 @@ impl WorkerSettings {
         (u32::from(self.worker_concurrency) / 4).clamp(4, 16)
     }
 
+    /// How long each kind of row is kept (`*_RETENTION_DAYS`, `INBOX_REPLAY_DAYS`).
+    pub fn retention(&self) -> crate::retention::Policy {
+        crate::retention::Policy::from_days(
+            self.inbox_retention_days,
+            self.inbox.inbox_replay_days,
+            self.parked_retention_days,
+            self.dead_retention_days,
+            self.changes_retention_days,
+        )
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.shared.validate()?;
         if self.worker_concurrency == 0 {
@@ -90,6 +122,25 @@ impl WorkerSettings {
         }
         if self.worker_max_attempts == 0 {
             return Err(ConfigError::Invalid("WORKER_MAX_ATTEMPTS", "must be at least 1".into()));
+        }
+        if self.inbox_retention_days < 2 {
+            return Err(ConfigError::Invalid(
+                "INBOX_RETENTION_DAYS",
+                format!(
+                    "is {}, must be at least 2: Calendly retries a delivery for 24 hours, and a retry must still \
+                     be recognised as a duplicate",
+                    self.inbox_retention_days
+                ),
+            ));
+        }
+        for (name, days) in [
+            ("PARKED_RETENTION_DAYS", self.parked_retention_days),
+            ("DEAD_RETENTION_DAYS", self.dead_retention_days),
+            ("CHANGES_RETENTION_DAYS", self.changes_retention_days),
+        ] {
+            if days == 0 {
+                return Err(ConfigError::Invalid(name, "must be at least 1".into()));
+            }
         }
         Ok(())
     }

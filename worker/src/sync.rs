@@ -56,7 +56,11 @@ pub async fn process_sync(deps: &Deps, delivery: &Incoming) -> Outcome {
                 Outcome::ack(InboxStatus::Processed)
             }
             Ok(Pass::Paused { rest, wait }) => Outcome::Continue { job: rest, at_least: wait },
-            Ok(Pass::NotActive) => Outcome::ack(InboxStatus::Ignored),
+            Ok(Pass::NotActive) => {
+                // A pass cut short by a disconnect or reauth does not stay "running" for the app.
+                let _ = connections::sync_ended(&deps.pool, connection_id, SyncResult::Failed).await;
+                Outcome::ack(InboxStatus::Ignored)
+            }
             Err(error) => outcome::decide(error, delivery.attempt, deps.max_attempts),
         },
     };

@@ -127,11 +127,6 @@ impl Kind {
             Self::ConnectionSubscriptionRepaired => "connection.subscription_repaired",
         }
     }
-
-    /// A change of a meeting or one of its invitees (what a sync pass counts as corrected).
-    pub fn is_meeting(self) -> bool {
-        !self.as_str().starts_with("connection.")
-    }
 }
 
 impl fmt::Display for Kind {
@@ -188,8 +183,6 @@ pub async fn meeting_changes_in_transaction(tx: &mut PgConnection) -> sqlx::Resu
 pub struct Cursor(i64);
 
 impl Cursor {
-    pub const START: Cursor = Cursor(0);
-
     pub fn position(self) -> i64 {
         self.0
     }
@@ -310,7 +303,7 @@ pub struct Page {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// The changes after this cursor were pruned (`CHANGES_RETENTION_DAYS`).
+    /// The changes after this cursor were pruned by retention ([`prune`]).
     #[error("changes after this cursor were deleted by retention; reread your tables and start from a new cursor")]
     Expired,
     /// Ahead of anything this feed has handed out: not one of its cursors.
@@ -397,26 +390,28 @@ pub async fn unpublished(conn: &mut PgConnection) -> sqlx::Result<i64> {
     .await
 }
 
-/// Deletes numbered changes that occurred before `before`, at most `batch` of them, and moves
-/// `pruned_through` past them (cursors below it answer [`ReadError::Expired`]). Returns how many.
+/// Deletes numbered changes that occurred before `before`, at most `batch` of them (oldest
+/// positions first), and moves `pruned_through` to the highest position deleted: a cursor below it
+/// answers [`ReadError::Expired`], since a change after it may be gone. Returns how many.
 pub async fn prune(pool: &PgPool, before: OffsetDateTime, batch: i64) -> sqlx::Result<u64> {
     let mut tx = pool.begin().await?;
-    let through: Option<i64> = sqlx::query_scalar(
-        "SELECT max(position) FROM (SELECT position FROM change_log \
-             WHERE position IS NOT NULL AND occurred_at < $1 ORDER BY position LIMIT $2) oldest",
+    let deleted: Vec<i64> = sqlx::query_scalar(
+        "DELETE FROM change_log WHERE change_id IN ( \
+             SELECT change_id FROM change_log WHERE position IS NOT NULL AND occurred_at < $1 \
+             ORDER BY position LIMIT $2) \
+         RETURNING position",
     )
     .bind(before)
     .bind(batch)
-    .fetch_one(&mut *tx)
+    .fetch_all(&mut *tx)
     .await?;
-    let Some(through) = through else { return Ok(0) };
-    let deleted = sqlx::query("DELETE FROM change_log WHERE position <= $1").bind(through).execute(&mut *tx).await?;
+    let Some(through) = deleted.iter().max() else { return Ok(0) };
     sqlx::query("UPDATE change_feed SET pruned_through = greatest(pruned_through, $1)")
         .bind(through)
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(deleted.rows_affected())
+    Ok(deleted.len() as u64)
 }
 
 #[cfg(test)]
@@ -437,6 +432,5 @@ mod tests {
             let json = serde_json::to_value(kind).unwrap();
             assert_eq!(json, kind.as_str());
         }
-        assert!(Kind::InviteeCanceled.is_meeting() && !Kind::ConnectionActive.is_meeting());
     }
 }

@@ -6,6 +6,7 @@
 //! - [`inbox`]: `webhook_inbox`, what became of every delivery.
 //! - [`oauth_states`]: single-use OAuth state for the connect flow.
 //! - [`pending`]: what a callback was granted, until the app confirms it for the right user.
+//! - [`retention`]: deleting what is past its retention, in small batches.
 //! - [`forgotten`]: tombstones of people erased on request, which later writes honour.
 
 pub mod changes;
@@ -15,6 +16,7 @@ pub mod inbox;
 pub mod meetings;
 pub mod oauth_states;
 pub mod pending;
+pub mod retention;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

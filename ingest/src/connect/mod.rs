@@ -381,8 +381,8 @@ impl ConnectService {
         }
     }
 
-    /// `user_id`'s connection, if the user ever connected (the route decides what of it to show).
-    /// `user_id`'s connection and its last sync pass, if the user ever connected.
+    /// `user_id`'s connection and its last sync pass, if the user ever connected (the route decides
+    /// what of them to show).
     pub async fn status(&self, user_id: Uuid) -> Result<Option<(Connection, Option<SyncStatus>)>, ConnectError> {
         let Some(connection) = connections::find_by_user(&self.pool, user_id).await? else { return Ok(None) };
         let sync = connections::sync_status(&self.pool, connection.id).await?;
