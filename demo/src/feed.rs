@@ -1,13 +1,14 @@
 //! The demo as the app that owns the users sees it: a reader following `GET /changes` with its
 //! cursor, printing each change as it arrives while the story runs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::stack::Stack;
 
@@ -97,9 +98,11 @@ impl AppFeed {
         Ok(Self { stop, reader })
     }
 
-    /// Stops reading; returns every change the app received, after checking that each of `kinds`
-    /// is among them.
-    pub async fn stop(self, kinds: &[&str]) -> anyhow::Result<String> {
+    /// Stops reading, then checks what an app needs: each of `kinds` arrived, and every meeting and
+    /// invitee row of `users` was announced by at least one change (which kinds depends on the order
+    /// Calendly's deliveries happened to arrive in: a no-show processed before its booking is one
+    /// `invitee.created`). Returns a summary line.
+    pub async fn stop(self, pool: &sqlx::PgPool, users: &[Uuid], kinds: &[&str]) -> anyhow::Result<String> {
         self.stop.cancel();
         let seen = self.reader.await.context("the feed reader")??;
         let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
@@ -110,7 +113,26 @@ impl AppFeed {
         if !missing.is_empty() {
             bail!("the app was never told: {missing:?} (it got {counts:?})");
         }
+        let announced: HashSet<&str> =
+            seen.iter().flat_map(|c| [c["meeting_id"].as_str(), c["invitee_id"].as_str()]).flatten().collect();
+        let rows: Vec<(String,)> = sqlx::query_as(
+            "SELECT m.id::text FROM meetings m WHERE m.user_id = ANY($1) \
+             UNION ALL SELECT i.id::text FROM meeting_invitees i JOIN meetings m ON m.id = i.meeting_id \
+             WHERE m.user_id = ANY($1)",
+        )
+        .bind(users)
+        .fetch_all(pool)
+        .await?;
+        let unannounced = rows.iter().filter(|(id,)| !announced.contains(id.as_str())).count();
+        if unannounced > 0 {
+            bail!("{unannounced} of {} meeting and invitee rows were never announced in the feed", rows.len());
+        }
         let counts: Vec<String> = counts.into_iter().map(|(k, n)| format!("{k} {n}")).collect();
-        Ok(format!("the app received {} changes through GET /changes: {}", seen.len(), counts.join(", ")))
+        Ok(format!(
+            "the app received {} changes through GET /changes, announcing all {} meeting and invitee rows: {}",
+            seen.len(),
+            rows.len(),
+            counts.join(", ")
+        ))
     }
 }
