@@ -91,14 +91,16 @@ fn write(d: &Delivery, connection: &Connection, side: &str) -> Write {
     let invitee_uri = |n: u8| format!("https://api.calendly.com/scheduled_events/E{}/invitees/I{n}", n % 3);
     Write {
         connection: connection.clone(),
+        // What the app sees changes every other minute: two snapshots a minute apart may differ
+        // only in their stamp (a newer copy of the same meeting, which is no change to tell).
         meeting: Meeting {
             calendly_event_uri: event,
-            name: Some(format!("Meeting v{}", d.event_minute)),
+            name: Some(format!("Meeting v{}", d.event_minute / 2)),
             status: status(d.event_canceled),
-            start_time: at(d.event_minute + 60),
-            end_time: at(d.event_minute + 90),
+            start_time: at(d.event_minute / 2 + 60),
+            end_time: at(d.event_minute / 2 + 90),
             event_type_uri: None,
-            location: Some(serde_json::json!({ "type": "zoom", "v": d.event_minute })),
+            location: Some(serde_json::json!({ "type": "zoom", "v": d.event_minute / 2 })),
             canceled_at: d.event_canceled.then(|| at(d.event_minute)),
             cancel_reason: d.event_canceled.then(|| "host canceled".to_owned()),
             source_updated_at: at(d.event_minute),
