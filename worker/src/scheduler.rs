@@ -24,6 +24,8 @@ use crate::{leader, retention};
 const SCHEDULER_LOCK: i64 = 0x6361_6c73_796e_6301;
 /// How often a worker that is not the scheduler tries to become it.
 const TAKEOVER_INTERVAL: Duration = Duration::from_secs(10);
+/// The longest a new scheduler waits before its first retention pass.
+const RETENTION_FIRST_PASS: Duration = Duration::from_secs(60);
 /// How often the scheduler checks that its lock connection is alive between (hour-long) ticks.
 const LOCK_PING_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -96,9 +98,14 @@ async fn schedule_while_holding(
     let mut ticks: Vec<_> = tasks
         .iter()
         .map(|(task, every)| {
-            // The first tick is one interval away: a new connection was just set up and backfilled,
-            // and a worker taking over need not repeat what the last scheduler just did.
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + *every, *every);
+            // The first check is one interval away: a new connection was just set up and backfilled,
+            // and a worker taking over need not repeat what the last scheduler just did. Retention
+            // starts within a minute: a fleet redeployed more often than its interval must still prune.
+            let first = match task {
+                Task::Jobs(_) => *every,
+                Task::Retention => (*every).min(RETENTION_FIRST_PASS),
+            };
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, *every);
             tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
             (*task, tick)
         })

@@ -181,6 +181,30 @@ async fn pruning_a_large_inbox_in_batches_never_makes_a_delivery_wait_a_second_f
     h.stop().await;
 }
 
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn the_scheduling_worker_prunes_on_its_interval_and_counts_what_it_deleted(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    inbox_row(&h.pool, "old", "processed", time::Duration::days(31)).await;
+    inbox_row(&h.pool, "recent", "processed", time::Duration::days(29)).await;
+
+    let addr = h.start_worker(&["--retention-interval-secs=1"]).await;
+
+    calsync_testkit::wait_until(DEADLINE, "the old delivery pruned", || async {
+        inbox_ids(&h.pool).await == ["recent"]
+    })
+    .await;
+    let http = calsync_common::http::client_builder().build().unwrap();
+    let metrics = http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(r#"calsync_retention_deleted_total{table="webhook_inbox"}"#) && !l.ends_with(" 0")),
+        "{}",
+        metrics.lines().filter(|l| l.contains("retention")).collect::<Vec<_>>().join("\n")
+    );
+    h.stop().await;
+}
+
 #[derive(Parser)]
 struct Cli {
     #[command(flatten)]
