@@ -118,8 +118,11 @@ async fn reconciliation_recovers_a_booking_whose_webhook_never_arrived_and_two_w
     let holders: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_locks \
          WHERE locktype = 'advisory' AND granted \
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())) AS killed",
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND ((classid::bigint << 32) | objid::bigint) = $1) AS killed",
     )
+    // The scheduler's key (worker/src/scheduler.rs); the change publisher holds a lock of its own.
+    .bind(0x6361_6c73_796e_6301_i64)
     .fetch_one(&h.pool)
     .await
     .unwrap();
