@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::model::{FREE_PLAN_REQUESTS_PER_MINUTE, Plan};
+use crate::model::{FREE_PLAN_REQUESTS_PER_MINUTE, Plan, TOKEN_REQUESTS_PER_MINUTE};
 use crate::model::{Subscription, Uris, World};
 use crate::sim::Sim;
 
@@ -34,13 +34,33 @@ pub(crate) fn api_error(status: StatusCode, title: &str, message: &str) -> Respo
 
 type Answer = Result<(StatusCode, Value), Response>;
 
-struct Rate {
+pub(crate) struct Rate {
     limit: u32,
     remaining: u32,
     reset_secs: u64,
 }
 
-fn with_rate(mut response: Response, rate: &Rate) -> Response {
+type Windows = std::sync::Mutex<std::collections::HashMap<Uuid, (Instant, u32)>>;
+
+/// Takes one request from `user`'s window in `windows` (a window starts at the first request after
+/// the last one ended), or the spent window's rate.
+fn take_from_window(windows: &Windows, user: Uuid, limit: u32, window_secs: u64) -> Result<Rate, Rate> {
+    let mut buckets = windows.lock().expect("rate lock");
+    let now = Instant::now();
+    let (start, used) = buckets.entry(user).or_insert((now, 0));
+    if now.duration_since(*start) >= Duration::from_secs(window_secs) {
+        *start = now;
+        *used = 0;
+    }
+    let reset_secs = window_secs.saturating_sub(now.duration_since(*start).as_secs()).max(1);
+    if *used >= limit {
+        return Err(Rate { limit, remaining: 0, reset_secs });
+    }
+    *used += 1;
+    Ok(Rate { limit, remaining: limit - *used, reset_secs })
+}
+
+pub(crate) fn with_rate(mut response: Response, rate: &Rate) -> Response {
     let h = response.headers_mut();
     h.insert("X-RateLimit-Limit", HeaderValue::from(rate.limit));
     h.insert("X-RateLimit-Remaining", HeaderValue::from(rate.remaining));
@@ -101,23 +121,27 @@ impl Sim {
             Plan::Paid => self.config().rate_limit_per_minute,
         });
         let window = faults.rate_limit_window_secs.unwrap_or(60).max(1);
-        let mut buckets = self.inner.rate.lock().expect("rate lock");
-        let now = Instant::now();
-        let (start, used) = buckets.entry(user).or_insert((now, 0));
-        if now.duration_since(*start) >= Duration::from_secs(window) {
-            *start = now;
-            *used = 0;
-        }
-        let reset_secs = window.saturating_sub(now.duration_since(*start).as_secs()).max(1);
-        if *used >= limit {
-            let rate = Rate { limit, remaining: 0, reset_secs };
-            return Err(with_rate(
-                api_error(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", "Rate limit exceeded"),
-                &rate,
-            ));
-        }
-        *used += 1;
-        Ok(Rate { limit, remaining: limit - *used, reset_secs })
+        take_from_window(&self.inner.rate, user, limit, window).map_err(|rate| {
+            with_rate(api_error(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests", "Rate limit exceeded"), &rate)
+        })
+    }
+
+    /// The token endpoint's window (Calendly's minute, or the `rate_limit_window_secs` fault).
+    pub(crate) fn token_window_secs(&self) -> u64 {
+        self.faults().rate_limit_window_secs.unwrap_or(60).max(1)
+    }
+
+    /// Takes one of `user`'s token requests (8 per window), or the spent window's rate. Locks only
+    /// the token windows, so it may be called while the world is locked.
+    pub(crate) fn take_token_request(&self, user: Uuid, window_secs: u64) -> Result<(), Rate> {
+        take_from_window(&self.inner.token_rate, user, TOKEN_REQUESTS_PER_MINUTE, window_secs).map(|_| ())
+    }
+
+    /// Calendly's 429 for a token request over the user's budget, counted.
+    pub(crate) fn refuse_token_request(&self, rate: Rate) -> Response {
+        self.counters().token_rate_limited += 1;
+        let body = json!({ "error": "rate_limited", "error_description": "Too many token requests" });
+        with_rate((StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response(), &rate)
     }
 
     /// An injected failure, or `None`. 5xx answers carry the caller's real rate headers; an injected

@@ -34,6 +34,8 @@ pub enum Plan {
 
 /// Requests a minute a free-plan user may make.
 pub const FREE_PLAN_REQUESTS_PER_MINUTE: u32 = 50;
+/// Token requests a minute one user's grants may make (every plan).
+pub const TOKEN_REQUESTS_PER_MINUTE: u32 = 8;
 
 #[derive(Debug, Clone)]
 pub struct User {

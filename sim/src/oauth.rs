@@ -146,6 +146,7 @@ async fn token(State(sim): State<Sim>, headers: HeaderMap, Form(form): Form<BTre
         }
     }
     let grant_type = form.get("grant_type").map(String::as_str).unwrap_or_default();
+    let token_window = sim.token_window_secs();
     let user = match grant_type {
         "authorization_code" => {
             let mut world = sim.world();
@@ -179,6 +180,11 @@ async fn token(State(sim): State<Sim>, headers: HeaderMap, Form(form): Form<BTre
                     );
                 }
             }
+            // A request over the user's token budget is refused before it uses up the code.
+            if let Err(refused) = sim.take_token_request(code.user, token_window) {
+                drop(world);
+                return sim.refuse_token_request(refused);
+            }
             code.used = true;
             code.user
         }
@@ -194,6 +200,11 @@ async fn token(State(sim): State<Sim>, headers: HeaderMap, Form(form): Form<BTre
             }
             if grant.revoked {
                 return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", "The refresh token was revoked");
+            }
+            // A request over the user's token budget is refused before it uses up the token.
+            if let Err(refused) = sim.take_token_request(grant.user, token_window) {
+                drop(world);
+                return sim.refuse_token_request(refused);
             }
             grant.used = true;
             grant.user

@@ -105,6 +105,8 @@ pub struct Counters {
     pub delivery_attempts_failed: u64,
     /// API calls answered 429 because the caller's window was spent (injected 429s not counted).
     pub rate_limited: u64,
+    /// Token requests answered 429 because the user's token window was spent.
+    pub token_rate_limited: u64,
 }
 
 pub(crate) struct Inner {
@@ -115,6 +117,8 @@ pub(crate) struct Inner {
     pub faults: Mutex<Faults>,
     pub fail_next: Mutex<HashMap<String, (u32, u16)>>,
     pub rate: Mutex<HashMap<Uuid, (Instant, u32)>>,
+    /// Token-endpoint windows, per user.
+    pub token_rate: Mutex<HashMap<Uuid, (Instant, u32)>>,
     pub authorize_log: Mutex<Vec<Value>>,
     pub delivery_mode: Mutex<DeliveryMode>,
     pub captured: Mutex<Vec<Captured>>,
@@ -272,6 +276,7 @@ impl Sim {
                 faults: Mutex::new(faults),
                 fail_next: Mutex::default(),
                 rate: Mutex::default(),
+                token_rate: Mutex::default(),
                 authorize_log: Mutex::default(),
                 delivery_mode: Mutex::new(DeliveryMode::Send),
                 captured: Mutex::default(),
@@ -562,6 +567,7 @@ impl Sim {
             "deliveries_succeeded": c.deliveries_succeeded,
             "delivery_attempts_failed": c.delivery_attempts_failed,
             "rate_limited": c.rate_limited,
+            "token_rate_limited": c.token_rate_limited,
         })
     }
 
@@ -576,6 +582,11 @@ impl Sim {
     /// API calls answered 429 because the caller's window was spent.
     pub fn rate_limited(&self) -> u64 {
         self.counters().rate_limited
+    }
+
+    /// Token requests answered 429 because the user's token window was spent.
+    pub fn token_rate_limited(&self) -> u64 {
+        self.counters().token_rate_limited
     }
 
     pub fn refresh_token_reuse_attempts(&self) -> u64 {
