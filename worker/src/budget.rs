@@ -1,143 +1,90 @@
-//! Each Calendly user's API budget, as the rate-limit headers of Calendly's answers describe it
-//! (50 requests a minute on the free plan, 500 on paid ones). A call is made only while the user's
-//! window has requests left; otherwise the caller learns how long until it resets and puts the
-//! work off (through the delay queues, never holding a worker slot), so a burst for one user ends
-//! in a handful of 429s at most, and other users are never slowed by it.
+//! Each Calendly user's budgets, shared by every worker process through PostgreSQL
+//! (`api_budgets`): the API window (50 requests a minute on the free plan, 500 on paid ones, as
+//! the rate-limit headers of Calendly's answers say) and the token endpoint's (8 requests a
+//! minute). A request is made only while the user's window has one left; otherwise the caller
+//! learns how long until it resets and puts the work off (through the delay queues, never holding a
+//! worker slot), so a burst for one user ends in a handful of 429s at most however many workers
+//! drain it, and other users are never slowed by it.
 //!
-//! The budget is per process: several workers each learn the same window from the headers their
-//! own answers carry, so together they overshoot by at most what they have in flight.
+//! Cost: one statement before each call and one after it (measured in BENCHMARKS.md).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use sqlx::PgPool;
 
 use calsync_common::calendly::rate::RateLimit;
+use calsync_common::db::budgets::{self, Taken};
 
 /// Assumed until an answer says otherwise: Calendly's windows are a minute long.
 const WINDOW: Duration = Duration::from_secs(60);
+/// Assumed until an answer says otherwise: the smallest plan's limit, so a free user's first
+/// window is never overshot by what the fleet sends before any answer is back.
+const ASSUMED_API_LIMIT: u32 = 50;
+/// Calendly's token endpoint: 8 requests per user a minute. Its answers carry no window, so this
+/// budget is counted only.
+const TOKEN_LIMIT: u32 = 8;
 
-#[derive(Default)]
+/// Which of a user's budgets a request draws on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// The API (events, invitees, subscriptions, users/me).
+    Api,
+    /// The token endpoint (refreshes).
+    Token,
+}
+
+impl Budget {
+    fn key(self, user: &str) -> String {
+        match self {
+            Self::Api => format!("api:{user}"),
+            Self::Token => format!("token:{user}"),
+        }
+    }
+
+    fn assumed_limit(self) -> u32 {
+        match self {
+            Self::Api => ASSUMED_API_LIMIT,
+            Self::Token => TOKEN_LIMIT,
+        }
+    }
+}
+
+/// The fleet's budgets: a cheap-to-clone handle over the pool that holds them.
+#[derive(Clone)]
 pub struct Budgets {
-    users: Mutex<HashMap<String, Window>>,
+    pool: PgPool,
 }
 
-struct Window {
-    /// Requests left in the window, as last reported (`None` until an answer says).
-    remaining: Option<u32>,
-    limit: u32,
-    resets_at: Instant,
-    /// Calls made and not yet answered: not in `remaining` yet.
-    in_flight: u32,
-}
-
-/// Leave to make one call for a user; dropping it without [`Permit::settle`] (a cancelled call)
-/// gives the slot back.
-pub struct Permit<'a> {
-    budgets: &'a Budgets,
-    user: String,
+/// Leave to make one request as a user, counted already; [`Permit::settle`] tells the budget what
+/// the answer said.
+#[must_use = "settle the permit with the answer's rate-limit headers"]
+pub struct Permit {
+    key: String,
+    window: i64,
 }
 
 impl Budgets {
-    /// Leave to call Calendly now as `user`, or how long until `user`'s window resets.
-    pub fn reserve(&self, user: &str) -> Result<Permit<'_>, Duration> {
-        let now = Instant::now();
-        let mut users = self.users.lock().expect("budget lock");
-        let window = users.entry(user.to_owned()).or_insert(Window {
-            remaining: None,
-            limit: 0,
-            resets_at: now + WINDOW,
-            in_flight: 0,
-        });
-        if window.remaining.is_some() && now >= window.resets_at {
-            // A new window: the whole limit, until the next answer says more precisely.
-            window.remaining = Some(window.limit);
-            window.resets_at = now + WINDOW;
-        }
-        if let Some(remaining) = window.remaining
-            && remaining <= window.in_flight
-        {
-            return Err(window.resets_at.saturating_duration_since(now).max(Duration::from_millis(100)));
-        }
-        window.in_flight += 1;
-        Ok(Permit { budgets: self, user: user.to_owned() })
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
     }
 
-    /// Requests `user` has left in this process's view.
-    #[cfg(test)]
-    fn remaining(&self, user: &str) -> Option<u32> {
-        self.users.lock().expect("budget lock").get(user).and_then(|w| w.remaining)
+    /// Leave to call Calendly now as `user` (a Calendly user, or a connection without one yet),
+    /// or how long until `user`'s window of `budget` resets.
+    pub async fn reserve(&self, budget: Budget, user: &str) -> sqlx::Result<Result<Permit, Duration>> {
+        let key = budget.key(user);
+        Ok(match budgets::take(&self.pool, &key, budget.assumed_limit(), WINDOW).await? {
+            Taken::Granted { window } => Ok(Permit { key, window }),
+            Taken::Spent { wait } => Err(wait.max(Duration::from_millis(100))),
+        })
     }
-}
 
-impl Permit<'_> {
-    /// Records what the answer said about the window (nothing when it carried no headers).
-    pub fn settle(self, rate: Option<RateLimit>) {
+    /// Records what the answer said about the window (nothing when it carried no headers). The call
+    /// has been made by then: a database that cannot take the correction costs the budget its
+    /// precision for this answer (the next one corrects it), never the call's result.
+    pub async fn settle(&self, permit: Permit, rate: Option<RateLimit>) {
         let Some(rate) = rate else { return };
-        let mut users = self.budgets.users.lock().expect("budget lock");
-        if let Some(window) = users.get_mut(&self.user) {
-            window.remaining = Some(rate.remaining);
-            window.limit = rate.limit;
-            // checked: a reset no clock can represent must not panic while the lock is held
-            // (the client caps it already; this is the last line).
-            let now = Instant::now();
-            window.resets_at = now.checked_add(rate.reset).unwrap_or(now + WINDOW);
+        if let Err(error) = budgets::settle(&self.pool, &permit.key, permit.window, rate).await {
+            tracing::warn!(%error, budget = %permit.key, "the answer's rate limit was not recorded");
         }
-    }
-}
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        let mut users = self.budgets.users.lock().expect("budget lock");
-        if let Some(window) = users.get_mut(&self.user) {
-            window.in_flight = window.in_flight.saturating_sub(1);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rate(remaining: u32, reset_secs: u64) -> Option<RateLimit> {
-        Some(RateLimit { limit: 50, remaining, reset: Duration::from_secs(reset_secs) })
-    }
-
-    #[test]
-    fn a_user_whose_window_is_spent_waits_for_its_reset_and_others_do_not() {
-        let budgets = Budgets::default();
-        budgets.reserve("ada").unwrap().settle(rate(0, 40));
-
-        let wait = budgets.reserve("ada").err().expect("ada's budget is spent");
-        assert!(wait > Duration::from_secs(38) && wait <= Duration::from_secs(40), "{wait:?}");
-        assert!(budgets.reserve("bob").is_ok());
-    }
-
-    #[test]
-    fn calls_in_flight_count_against_what_is_left() {
-        let budgets = Budgets::default();
-        budgets.reserve("ada").unwrap().settle(rate(2, 40));
-        let first = budgets.reserve("ada").unwrap();
-        let second = budgets.reserve("ada").unwrap();
-        assert!(budgets.reserve("ada").is_err(), "two left, two in flight");
-        drop(first); // cancelled: its slot comes back
-        assert!(budgets.reserve("ada").is_ok());
-        drop(second);
-    }
-
-    #[test]
-    fn an_answer_with_an_unrepresentable_reset_does_not_panic_under_the_lock() {
-        let budgets = Budgets::default();
-        let permit = budgets.reserve("ada").unwrap();
-        permit.settle(Some(RateLimit { limit: 50, remaining: 0, reset: Duration::MAX }));
-        assert!(budgets.reserve("ada").is_err(), "spent, and still usable");
-        assert!(budgets.reserve("bob").is_ok());
-    }
-
-    #[test]
-    fn a_window_that_has_reset_allows_the_whole_limit_again() {
-        let budgets = Budgets::default();
-        budgets.reserve("ada").unwrap().settle(rate(0, 0));
-        assert!(budgets.reserve("ada").is_ok());
-        assert_eq!(budgets.remaining("ada"), Some(50));
     }
 }

@@ -3,7 +3,6 @@
 //! seconds, and every other answer turned into a typed error.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
@@ -14,7 +13,7 @@ use calsync_common::db::changes::ReauthReason;
 use calsync_common::db::connections::Connection;
 use calsync_common::retry;
 
-use crate::budget::Budgets;
+use crate::budget::{Budget, Budgets};
 use crate::error::ProcessError;
 use crate::tokens::Tokens;
 
@@ -41,13 +40,13 @@ pub struct CalendlyCalls {
     calendly: CalendlyClient,
     /// The user's own token, refreshed once after a 401.
     tokens: Tokens,
-    /// Each Calendly user's API budget in this process.
-    budgets: Arc<Budgets>,
+    /// Each Calendly user's API budget, shared by the fleet.
+    budgets: Budgets,
 }
 
 impl CalendlyCalls {
-    pub fn new(calendly: CalendlyClient, tokens: Tokens) -> Self {
-        Self { calendly, tokens, budgets: Arc::default() }
+    pub fn new(calendly: CalendlyClient, tokens: Tokens, budgets: Budgets) -> Self {
+        Self { calendly, tokens, budgets }
     }
 
     /// The client, for the call itself (inside [`Self::call`]'s closure).
@@ -98,7 +97,7 @@ where
     // Calendly counts requests per Calendly user; a connection without one yet is its own budget.
     let budget_key = connection.calendly_user_uri.clone().unwrap_or_else(|| connection.id.to_string());
     loop {
-        let permit = match calls.budgets.reserve(&budget_key) {
+        let permit = match calls.budgets.reserve(Budget::Api, &budget_key).await? {
             Ok(permit) => permit,
             Err(wait) if wait <= MAX_IN_PROCESS_RATE_WAIT && backoff.next_delay().is_some() => {
                 tokio::time::sleep(wait).await;
@@ -112,7 +111,7 @@ where
         };
         let secret = SecretString::from(token.secret.expose_secret().to_owned());
         let (result, rate) = rate::observe(call(secret)).await;
-        permit.settle(rate);
+        calls.budgets.settle(permit, rate).await;
         let error = match result {
             Ok(value) => return Ok(value),
             Err(error) => error,

@@ -11,6 +11,7 @@ use calsync_common::calendly::CalendlyClient;
 use calsync_common::crypto::{KeyFailures, TokenCipher};
 use calsync_common::queue::Broker;
 
+use crate::budget::Budgets;
 use crate::calendly_call::CalendlyCalls;
 use crate::db_gate::DbGate;
 use crate::fetch::EventFetcher;
@@ -48,8 +49,9 @@ impl Deps {
         let calendly = CalendlyClient::new(&settings.shared.calendly)?;
         let cipher = Arc::new(TokenCipher::from_settings(&settings.shared.token_keys)?);
         let key_failures = cipher.failures();
-        let tokens = Tokens::new(pool.clone(), calendly.clone(), cipher);
-        let calls = CalendlyCalls::new(calendly, tokens);
+        let budgets = Budgets::new(pool.clone());
+        let tokens = Tokens::new(pool.clone(), calendly.clone(), cipher, budgets.clone());
+        let calls = CalendlyCalls::new(calendly, tokens, budgets);
         Ok(Self {
             events: EventFetcher::new(calls.clone()),
             calls,

@@ -13,7 +13,7 @@
 //! - [`error`]: transient / permanent / needs-reauth, decided by type.
 //! - [`calendly_call`]: `CalendlyCalls`, the one way to call Calendly as a user (401 → refresh once,
 //!   429, retries, the budget).
-//! - [`budget`]: each Calendly user's API budget, from the rate-limit headers.
+//! - [`budget`]: each Calendly user's API and token budgets, shared by the fleet through PostgreSQL.
 //! - [`subscription_check`]: reads a connection's subscription and replaces a broken one.
 //! - [`tokens`]: `Tokens`, the connection's token, refreshed once per expiry under a refresh lease.
 //! - [`access_token`]: the token as held in memory.

@@ -16,6 +16,7 @@ use calsync_common::db::changes::ReauthReason;
 use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, ConnectionStatus, REFRESH_TOKEN, binding};
 use calsync_common::retry;
 
+use crate::budget::{Budget, Budgets};
 use crate::error::ProcessError;
 use crate::single_flight::{Flight, SingleFlight};
 
@@ -39,11 +40,13 @@ pub struct Tokens {
     cipher: Arc<TokenCipher>,
     /// Refreshes in flight in this process, shared by the deliveries of one connection.
     refreshes: Arc<Refreshes>,
+    /// Token requests draw on their own budget (8 a minute per Calendly user), shared by the fleet.
+    budgets: Budgets,
 }
 
 impl Tokens {
-    pub fn new(pool: PgPool, calendly: CalendlyClient, cipher: Arc<TokenCipher>) -> Self {
-        Self { pool, calendly, cipher, refreshes: Arc::default() }
+    pub fn new(pool: PgPool, calendly: CalendlyClient, cipher: Arc<TokenCipher>, budgets: Budgets) -> Self {
+        Self { pool, calendly, cipher, refreshes: Arc::default(), budgets }
     }
 
     /// `connection`'s access token, refreshed first when it expires within [`REFRESH_MARGIN`].
@@ -185,6 +188,10 @@ async fn refresh_leased(tk: &Tokens, row: Connection, owner: Uuid) -> Result<Acc
             return Err(error.into());
         }
     };
+    if let Err(error) = within_token_budget(tk, &row).await {
+        connections::release_refresh(&tk.pool, row.id, owner).await?;
+        return Err(error);
+    }
     match tk.calendly.refresh(&refresh_token).await {
         Ok(tokens) => {
             let access = tk.cipher.encrypt(tokens.access_token.expose_secret(), binding(row.id, ACCESS_TOKEN));
@@ -224,6 +231,21 @@ async fn refresh_leased(tk: &Tokens, row: Connection, owner: Uuid) -> Result<Acc
             metrics::counter!("calsync_token_refreshes_total", "outcome" => "error").increment(1);
             connections::release_refresh(&tk.pool, row.id, owner).await?;
             Err(error.into())
+        }
+    }
+}
+
+/// Takes one of the user's token requests (8 a minute, across the fleet), or puts the work off
+/// until the window resets: the refresh token stays unused, so nothing is lost by waiting.
+async fn within_token_budget(tk: &Tokens, row: &Connection) -> Result<(), ProcessError> {
+    let user = row.calendly_user_uri.clone().unwrap_or_else(|| row.id.to_string());
+    match tk.budgets.reserve(Budget::Token, &user).await? {
+        // Counted when taken; the token endpoint's answers say nothing about the window.
+        Ok(_counted) => Ok(()),
+        Err(wait) => {
+            metrics::counter!("calsync_calendly_budget_deferrals_total").increment(1);
+            let reason = format!("this Calendly user's token requests are spent; the window resets in {wait:?}");
+            Err(ProcessError::Deferred { reason, until: wait })
         }
     }
 }

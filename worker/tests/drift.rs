@@ -43,11 +43,6 @@ fn invitee_id(booking: &serde_json::Value, n: usize) -> uuid::Uuid {
     uuid_of(booking["invitees"][n]["uri"].as_str().unwrap())
 }
 
-async fn metrics(addr: std::net::SocketAddr) -> String {
-    let http = calsync_common::http::client_builder().build().unwrap();
-    http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap()
-}
-
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_disabled_subscription_is_replaced_and_the_bookings_it_missed_are_recovered_without_a_webhook(pool: PgPool) {
     let mut h = Harness::new(pool).await;

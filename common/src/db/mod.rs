@@ -1,5 +1,6 @@
 //! PostgreSQL: pool, migrations, and the data access both services use.
 //!
+//! - [`budgets`]: `api_budgets`, each Calendly user's request window, shared by every worker.
 //! - [`changes`]: `change_log`, the change feed the app reads (positions, cursor, push bookkeeping).
 //! - [`connections`]: `calendar_connections` (encrypted tokens, the row lock for refreshes).
 //! - [`meetings`]: `meetings` / `meeting_invitees` upserts guarded against out-of-order deliveries.
@@ -9,6 +10,7 @@
 //! - [`retention`]: deleting what is past its retention, in small batches.
 //! - [`forgotten`]: tombstones of people erased on request, which later writes honour.
 
+pub mod budgets;
 pub mod changes;
 pub mod connections;
 pub mod forgotten;

@@ -337,6 +337,22 @@ impl Harness {
     }
 }
 
+/// A worker's `/metrics` page.
+pub async fn metrics(addr: SocketAddr) -> String {
+    let http = calsync_common::http::client_builder().build().unwrap();
+    http.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap()
+}
+
+/// The sum of `name`'s samples (all label sets) on a worker's `/metrics` page; 0 when absent.
+pub async fn metric(addr: SocketAddr, name: &str) -> f64 {
+    metrics(addr)
+        .await
+        .lines()
+        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 pub fn uuid_of(uri: &str) -> Uuid {
     uri.rsplit('/').next().unwrap().parse().unwrap()
 }

@@ -1,0 +1,187 @@
+//! One API budget per Calendly user across the fleet (ARCHITECTURE.md, "Calendly API budget"):
+//! the shared window in PostgreSQL, three worker processes draining one free-plan burst, and the
+//! token endpoint's own budget.
+
+mod support;
+
+use std::time::Duration;
+
+use calendly_sim::{Faults, NewUser, Plan};
+use calsync_common::calendly::rate::RateLimit;
+use calsync_common::db::budgets::{self, Taken};
+use calsync_testkit::wait_until;
+use sqlx::PgPool;
+use support::*;
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+fn answer(limit: u32, remaining: u32, reset_secs: u64) -> RateLimit {
+    RateLimit { limit, remaining, reset: Duration::from_secs(reset_secs) }
+}
+
+async fn granted(pool: &PgPool, key: &str) -> i64 {
+    match budgets::take(pool, key, 50, MINUTE).await.unwrap() {
+        Taken::Granted { window } => window,
+        Taken::Spent { wait } => panic!("{key}: spent for another {wait:?}"),
+    }
+}
+
+async fn spent(pool: &PgPool, key: &str) -> Duration {
+    match budgets::take(pool, key, 50, MINUTE).await.unwrap() {
+        Taken::Granted { .. } => panic!("{key}: granted past its window's limit"),
+        Taken::Spent { wait } => wait,
+    }
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn two_hundred_takers_at_once_on_many_connections_get_exactly_the_windows_fifty(pool: PgPool) {
+    let takers = (0..200).map(|_| {
+        let pool = pool.clone();
+        tokio::spawn(async move { budgets::take(&pool, "api:ada", 50, MINUTE).await.unwrap() })
+    });
+    let mut granted = 0;
+    for taker in takers {
+        if matches!(taker.await.unwrap(), Taken::Granted { .. }) {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 50, "a free plan's window, assumed until Calendly answers");
+    // Another user's window is untouched.
+    assert!(matches!(budgets::take(&pool, "api:bob", 50, MINUTE).await.unwrap(), Taken::Granted { .. }));
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_spent_window_says_how_long_until_calendly_resets_it(pool: PgPool) {
+    let window = granted(&pool, "api:ada").await;
+    // Calendly: 10 requests were made in this window (some by another app), 40 left, 20 s to go.
+    budgets::settle(&pool, "api:ada", window, answer(50, 40, 20)).await.unwrap();
+    for _ in 0..40 {
+        granted(&pool, "api:ada").await;
+    }
+    let wait = spent(&pool, "api:ada").await;
+    assert!(wait > Duration::from_secs(18) && wait <= Duration::from_secs(20), "{wait:?}");
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn an_answer_from_a_paid_plan_lifts_the_assumed_limit_within_the_same_window(pool: PgPool) {
+    let window = granted(&pool, "api:ada").await;
+    budgets::settle(&pool, "api:ada", window, answer(500, 499, 60)).await.unwrap();
+    for _ in 1..200 {
+        granted(&pool, "api:ada").await;
+    }
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn until_calendly_answers_a_guessed_window_is_looked_at_again_within_a_second(pool: PgPool) {
+    for _ in 0..50 {
+        granted(&pool, "api:ada").await;
+    }
+    assert!(spent(&pool, "api:ada").await <= Duration::from_secs(1), "the minute is only a guess");
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn an_answer_to_a_request_of_an_earlier_window_says_nothing_about_the_current_one(pool: PgPool) {
+    let earlier = granted(&pool, "api:ada").await;
+    // The window ends, and the next one starts with the next request.
+    sqlx::query("UPDATE api_budgets SET resets_at = now() - interval '1 second'").execute(&pool).await.unwrap();
+    let current = granted(&pool, "api:ada").await;
+    assert_ne!(earlier, current);
+    budgets::settle(&pool, "api:ada", current, answer(50, 48, 30)).await.unwrap();
+    // The earlier window's last answer arrives late: it was spent then, with a second to go.
+    budgets::settle(&pool, "api:ada", earlier, answer(50, 0, 1)).await.unwrap();
+    for _ in 2..50 {
+        granted(&pool, "api:ada").await;
+    }
+    assert!(spent(&pool, "api:ada").await > Duration::from_secs(25));
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn an_answer_whose_window_ends_clearly_later_follows_the_newer_window_calendly_started(pool: PgPool) {
+    let window = granted(&pool, "api:ada").await;
+    budgets::settle(&pool, "api:ada", window, answer(50, 0, 3)).await.unwrap();
+    assert!(spent(&pool, "api:ada").await <= Duration::from_secs(3));
+    // A request sent as Calendly's window reset landed in its next window: 49 left there, not 0.
+    budgets::settle(&pool, "api:ada", window, answer(50, 49, 60)).await.unwrap();
+    for _ in 0..49 {
+        granted(&pool, "api:ada").await;
+    }
+    assert!(spent(&pool, "api:ada").await > Duration::from_secs(55));
+}
+
+/// Webhooks among `ids` that are processed.
+async fn processed(pool: &PgPool, ids: &[String]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM webhook_inbox WHERE message_id = ANY($1) AND status = 'processed'")
+        .bind(ids)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn three_worker_processes_drain_a_free_plan_burst_inside_its_window_and_another_user_is_not_held_up(
+    pool: PgPool,
+) {
+    let h = Harness::new(pool).await;
+    // The free plan's 50 requests per window; a 5-second window keeps the test short.
+    h.sim.sim.set_faults(Faults { rate_limit_window_secs: Some(5), ..Faults::default() });
+    let ada = h.connect_as(NewUser { plan: Plan::Free, ..NewUser::named("Ada") }).await;
+    let bob = h.connect("Bob").await;
+    for _ in 0..120 {
+        h.book(&ada, 1);
+    }
+    let burst = h.captured();
+    assert_eq!(burst.len(), 120, "120 webhooks on 120 events");
+    // Three processes of 32 slots each: 96 requests could be in flight before Calendly answers any.
+    let mut workers = [(); 3].map(|_| h.spawn_worker_process(&["--worker-concurrency=32"]));
+
+    let ada_ids = h.publish_all(&burst).await;
+    wait_until(DEADLINE, "Ada's first window used", || async { processed(&h.pool, &ada_ids).await >= 50 }).await;
+    h.book(&bob, 1);
+    let bob_ids = h.publish_all(&h.captured()).await;
+    h.wait_for_inbox(&bob_ids, &["processed"]).await;
+    let ada_done_when_bob_was = processed(&h.pool, &ada_ids).await;
+
+    wait_until(Duration::from_secs(120), "Ada's burst drained", || async { processed(&h.pool, &ada_ids).await == 120 })
+        .await;
+    assert!(ada_done_when_bob_was < 120, "Bob's webhook was handled while Ada's waited for her window");
+    let refused = h.sim.sim.rate_limited();
+    assert!(refused <= 5, "{refused} answers were 429: the workers together overshot Ada's window");
+    assert_eq!(h.meetings(ada.app_user).await.len(), 120);
+    assert!(h.dead_letters().await.is_empty());
+    for worker in &mut workers {
+        worker.kill().await.unwrap();
+    }
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_ninth_token_refresh_in_a_minute_waits_for_the_next_window_instead_of_a_429(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let ada = h.connect("Ada").await;
+    let addr = h.start_worker(&[]).await;
+    // Each delivery finds Ada's access token revoked at Calendly (401) and refreshes it: nine
+    // deliveries, nine token requests, one more than Calendly allows a user in a minute.
+    let mut ids = Vec::new();
+    for n in 1..=9 {
+        h.sim.sim.expire_tokens(&ada.uri).unwrap();
+        h.book(&ada, 1);
+        ids.extend(h.publish_all(&h.captured()).await);
+        if n < 9 {
+            h.wait_for_inbox(&ids, &["processed"]).await;
+        }
+    }
+    assert_eq!(h.sim.sim.token_grants("refresh_token"), 8);
+    wait_until(DEADLINE, "the ninth refresh put off", || async {
+        metric(addr, "calsync_calendly_budget_deferrals_total").await >= 1.0
+    })
+    .await;
+    // Put off, not lost: it is done once the window has reset.
+    wait_until(Duration::from_secs(150), "the ninth delivery processed", || async {
+        h.inbox_status(ids.last().unwrap()).await.as_deref() == Some("processed")
+    })
+    .await;
+    assert_eq!(h.sim.sim.token_rate_limited(), 0, "no token request was refused");
+    assert_eq!(h.sim.sim.token_grants("refresh_token"), 9);
+    assert!(h.dead_letters().await.is_empty());
+    h.stop().await;
+}
