@@ -29,6 +29,9 @@ enum Command {
     /// List dead webhooks (age, event, attempts, reason) without their bodies, and count
     /// calsync.dead, without taking a single message out of it.
     Dead,
+    /// Print the rabbitmqctl command that makes dead letters in calsync.dead expire after
+    /// DEAD_RETENTION_DAYS (a policy: an existing queue adopts it, letters already in it too).
+    DeadLetterPolicy,
     /// Erase one invitee's personal data (a deletion request): invitee rows, their meetings'
     /// locations and cancel reasons, kept and queued webhook bodies; later writes honour it.
     Forget {
@@ -51,6 +54,7 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Connections) => list_connections(&cli.settings).await,
         Some(Command::Resync { user_id }) => resync(&cli.settings, user_id).await,
         Some(Command::Dead) => list_dead(&cli.settings).await,
+        Some(Command::DeadLetterPolicy) => dead_letter_policy(&cli.settings),
         Some(Command::Forget { email, dry_run }) => forget(&cli.settings, &email, dry_run).await,
         None => run(cli.settings).await,
     };
@@ -148,6 +152,17 @@ async fn list_dead(settings: &WorkerSettings) -> anyhow::Result<()> {
         report.webhooks.len(),
         report.in_queue
     );
+    Ok(())
+}
+
+fn dead_letter_policy(settings: &WorkerSettings) -> anyhow::Result<()> {
+    use calsync_worker::admin::dead_letter_policy as policy;
+    use secrecy::ExposeSecret;
+    let amqp = &settings.shared.amqp;
+    let topology = calsync_common::queue::topology::Topology::new(amqp.amqp_topology_prefix.clone());
+    let ttl = std::time::Duration::from_secs(u64::from(settings.dead_retention_days) * 86_400);
+    let args = policy::rabbitmqctl_args(&topology, &policy::vhost_of(amqp.amqp_url.expose_secret())?, ttl)?;
+    println!("{}", policy::shell_line(&args));
     Ok(())
 }
 

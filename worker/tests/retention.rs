@@ -222,3 +222,41 @@ fn an_inbox_retention_shorter_than_calendlys_retry_horizon_is_refused_with_the_r
     assert!(refused.contains("INBOX_RETENTION_DAYS") && refused.contains("at least 2"), "{refused}");
     assert!(settings("2").validate().is_ok());
 }
+
+/// Runs `rabbitmqctl` (the machine's, as root) with `args`.
+fn rabbitmqctl(args: &[String]) {
+    let status = std::process::Command::new("rabbitmqctl").arg("-q").args(args).status().expect("rabbitmqctl runs");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn the_printed_policy_expires_dead_letters_in_an_existing_calsync_dead_and_the_queue_is_declared_as_before(
+    pool: PgPool,
+) {
+    use calsync_common::queue::{Outgoing, RetryTarget, Topology};
+    use calsync_worker::admin::dead_letter_policy::{rabbitmqctl_args, vhost_of};
+
+    // An existing deployment: calsync.dead declared (by the harness) without any TTL.
+    let mut h = Harness::new(pool).await;
+    let dead = h.topology.topology.dead_queue();
+    // The command's policy, with a one-second TTL in place of DEAD_RETENTION_DAYS.
+    let vhost = vhost_of(&calsync_testkit::amqp_url()).unwrap();
+    let args = rabbitmqctl_args(&h.topology.topology, &vhost, Duration::from_secs(1)).unwrap();
+    rabbitmqctl(&args);
+    // A worker starting declares the topology again: not refused.
+    h.start_worker(&[]).await;
+
+    let letter = Outgoing {
+        routing_key: Topology::dead_routing_key(RetryTarget::Webhooks),
+        body: b"{}".to_vec(),
+        properties: lapin::BasicProperties::default().with_delivery_mode(2),
+    };
+    h.publisher.publish(&letter).await.unwrap();
+    let expired = calsync_testkit::wait_until(DEADLINE, "the dead letter expired", || async {
+        h.topology.depth(&dead).await == 0
+    });
+    expired.await;
+
+    rabbitmqctl(&["clear_policy".into(), "-p".into(), vhost, args[3].clone()]);
+    h.stop().await;
+}

@@ -6,10 +6,12 @@
 //! - [`connections`]: one line per connection.
 //! - [`resync`]: queue a full resync of one connection.
 //! - [`dead`]: list dead letters without touching them.
+//! - [`dead_letter_policy`]: the RabbitMQ policy that expires dead letters.
 //! - [`forget`]: erase one invitee's personal data.
 
 pub mod connections;
 pub mod dead;
+pub mod dead_letter_policy;
 pub mod forget;
 pub mod replay_dead;
 pub mod resync;
