@@ -63,18 +63,10 @@ pub async fn run(ctx: &Ctx, world: &mut World, rows: &mut Vec<stats::Row>) -> an
     // Every user on their plan's real limit (the other sections lift it).
     world.set_faults(ctx, json!({})).await?;
     let reconciled = world.connect(ctx, "reconciled", "paid").await?;
-    let free = world.connect(ctx, "free-plan", "free").await?;
-    let other = world.connect(ctx, "other-user", "paid").await?;
     let uri = |c: &Connection| c.calendly_user_uri.clone().unwrap_or_default();
     world.book(ctx, &uri(&reconciled), RECONCILED_EVENTS).await?;
-    let burst = world.book(ctx, &uri(&free), BURST).await?;
-    let others = world.book(ctx, &uri(&other), 30).await?;
 
-    let mut env = world.worker_env(ctx, PREFIX, 32)?;
-    env.extend([("RECONCILE_INTERVAL_SECS", "0".to_owned()), ("SUBSCRIPTION_CHECK_INTERVAL_SECS", "0".to_owned())]);
-    let addr = env.iter().find(|(k, _)| *k == "WORKER_ADDR").map(|(_, v)| v.clone()).unwrap_or_default();
-    let worker = Proc::spawn("calsync-worker", &env, &[])?;
-    wait_ok(&ctx.http, &format!("http://{addr}/healthz")).await?;
+    let workers = spawn_workers(ctx, world, 1).await?;
     let broker = crate::broker(ctx, PREFIX, 2).await?;
 
     // A reconciliation pass over an account whose 250 events are all stored already.
@@ -89,6 +81,42 @@ pub async fn run(ctx: &Ctx, world: &mut World, rows: &mut Vec<stats::Row>) -> an
         "target ≤ 3 (+ any token refresh)",
         if spent <= 3.0 { "✓" } else { "✗" },
     ));
+
+    broker.close().await;
+    for worker in workers {
+        worker.stop().await;
+    }
+    for processes in [1, 3] {
+        burst(ctx, world, processes, rows).await?;
+    }
+    cost(world, rows).await?;
+    crate::reset_topology(ctx, PREFIX).await?;
+    Ok(())
+}
+
+/// `processes` workers of 32 slots each, without the periodic passes.
+async fn spawn_workers(ctx: &Ctx, world: &World, processes: usize) -> anyhow::Result<Vec<Proc>> {
+    let mut workers = Vec::new();
+    for _ in 0..processes {
+        let mut env = world.worker_env(ctx, PREFIX, 32)?;
+        env.extend([("RECONCILE_INTERVAL_SECS", "0".to_owned()), ("SUBSCRIPTION_CHECK_INTERVAL_SECS", "0".to_owned())]);
+        let addr = env.iter().find(|(k, _)| *k == "WORKER_ADDR").map(|(_, v)| v.clone()).unwrap_or_default();
+        workers.push(Proc::spawn("calsync-worker", &env, &[])?);
+        wait_ok(&ctx.http, &format!("http://{addr}/healthz")).await?;
+    }
+    Ok(workers)
+}
+
+/// The burst: 120 webhooks for one free-plan user at once, drained by `processes` workers;
+/// another user's webhooks meanwhile.
+async fn burst(ctx: &Ctx, world: &mut World, processes: usize, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
+    let uri = |c: &Connection| c.calendly_user_uri.clone().unwrap_or_default();
+    let free = world.connect(ctx, &format!("free-plan-{processes}"), "free").await?;
+    let other = world.connect(ctx, &format!("other-user-{processes}"), "paid").await?;
+    let burst = world.book(ctx, &uri(&free), BURST).await?;
+    let others = world.book(ctx, &uri(&other), 30).await?;
+    let workers = spawn_workers(ctx, world, processes).await?;
+    let broker = crate::broker(ctx, PREFIX, 2).await?;
 
     // The burst: 120 webhooks for one free-plan user at once; another user's webhooks meanwhile.
     let limited_before = world.counter(ctx, &["rate_limited"]).await?;
@@ -129,29 +157,104 @@ pub async fn run(ctx: &Ctx, world: &mut World, rows: &mut Vec<stats::Row>) -> an
     .collect();
     latencies.sort();
     broker.close().await;
-    worker.stop().await;
-    crate::reset_topology(ctx, PREFIX).await?;
+    for worker in workers {
+        worker.stop().await;
+    }
+    let workers = if processes == 1 { "1 worker".to_owned() } else { format!("{processes} workers") };
 
     rows.push(row(
         "budget",
-        format!("free-plan burst: {BURST} webhooks on {BURST} events for one user (50 requests/min): 429s received"),
+        format!(
+            "free-plan burst, {workers} × 32: {BURST} webhooks on {BURST} events for one user (50 requests/min): 429s"
+        ),
         format!("{limited:.0}"),
         "target ≤ 5",
         if limited <= 5.0 { "✓" } else { "✗" },
     ));
     rows.push(row(
         "budget",
-        "free-plan burst: time to drain",
+        format!("free-plan burst, {workers}: time to drain"),
         format!("{drain:.1} s"),
         format!("budget's lower bound {lower_bound:.0} s"),
         format!("{:.2}×", drain / lower_bound),
     ));
     rows.push(row(
         "budget",
-        format!("another user's webhook during the burst: p50 / max latency ({} webhooks)", latencies.len()),
+        format!("another user's webhook during the burst, {workers}: p50 / max latency ({} webhooks)", latencies.len()),
         format!("{} / {}", ms(percentile(&latencies, 0.5)), ms(latencies.last().copied().unwrap_or_default())),
         "not delayed by the burst",
         "-",
     ));
+    Ok(())
+}
+
+/// Tasks taking and settling at once: a worker's slots.
+const COST_TASKS: usize = 32;
+const COST_CALLS_PER_TASK: usize = 300;
+
+/// Mean latency of `op` run `COST_CALLS_PER_TASK` times by each of `COST_TASKS` tasks at once.
+async fn mean_latency<F, Fut>(op: F) -> anyhow::Result<Duration>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send,
+{
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..COST_TASKS)
+        .map(|task| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                for _ in 0..COST_CALLS_PER_TASK {
+                    op(task).await?;
+                }
+                anyhow::Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    Ok(started.elapsed() * COST_TASKS as u32 / (COST_TASKS * COST_CALLS_PER_TASK) as u32)
+}
+
+/// What the fleet-wide budget adds to each Calendly call: one statement before (take) and one
+/// after (settle), against two bare round trips to the same database in the same run.
+async fn cost(world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
+    use calsync_common::calendly::rate::RateLimit;
+    use calsync_common::db::budgets::{self, Taken};
+    // A window no call here can spend: the cost, not the waiting, is measured.
+    let answer = RateLimit { limit: 1_000_000, remaining: 999_999, reset: Duration::from_secs(60) };
+    let pool = world.pool.clone();
+    let ceiling = mean_latency(move |_| {
+        let pool = pool.clone();
+        async move {
+            for _ in 0..2 {
+                sqlx::query("SELECT 1").execute(&pool).await?;
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    for (label, shared) in [("one user (every task on one row)", true), ("32 users (a row each)", false)] {
+        let pool = world.pool.clone();
+        let latency = mean_latency(move |task| {
+            let pool = pool.clone();
+            let key = if shared { "api:bench-cost".to_owned() } else { format!("api:bench-cost-{task}") };
+            async move {
+                match budgets::take(&pool, &key, 1_000_000, Duration::from_secs(60)).await? {
+                    Taken::Granted { window } => budgets::settle(&pool, &key, window, answer).await?,
+                    Taken::Spent { .. } => anyhow::bail!("the bench's window was spent"),
+                }
+                Ok(())
+            }
+        })
+        .await?;
+        rows.push(row(
+            "budget",
+            format!("fleet-wide budget per Calendly call, {COST_TASKS} at once, {label}: 2 round trips"),
+            format!("{:.0} µs", latency.as_secs_f64() * 1e6),
+            format!("2 × SELECT 1, same run {:.0} µs", ceiling.as_secs_f64() * 1e6),
+            format!("{:.1}×", latency.as_secs_f64() / ceiling.as_secs_f64()),
+        ));
+    }
     Ok(())
 }

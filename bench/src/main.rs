@@ -10,6 +10,7 @@ mod e2e;
 mod ingest;
 mod load;
 mod procs;
+mod retention;
 mod stats;
 mod worker;
 mod world;
@@ -39,8 +40,8 @@ struct Cli {
     /// A few seconds per figure and 2,000 webhooks: for checking the harness, not for numbers.
     #[arg(long)]
     quick: bool,
-    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget.
-    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,changes,e2e,budget")]
+    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention.
+    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,changes,e2e,budget,retention")]
     only: Vec<String>,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
@@ -152,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("▸ cluster");
         cluster::run(&ctx, &mut rows).await?;
     }
-    if section("worker") || section("changes") || section("e2e") || section("budget") {
+    if section("worker") || section("changes") || section("e2e") || section("budget") || section("retention") {
         let mut world = world::World::setup(&ctx).await?;
         if section("worker") {
             eprintln!("▸ worker");
@@ -169,6 +170,10 @@ async fn main() -> anyhow::Result<()> {
         if section("budget") {
             eprintln!("▸ Calendly API budget (the burst takes over two minutes: real 60 s windows)");
             budget::run(&ctx, &mut world, &mut rows).await?;
+        }
+        if section("retention") {
+            eprintln!("▸ retention");
+            retention::run(&ctx, &world, &mut rows).await?;
         }
         world.sim.stop().await;
     }
