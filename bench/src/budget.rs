@@ -240,7 +240,8 @@ async fn cost(world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
             let pool = pool.clone();
             let key = if shared { "api:bench-cost".to_owned() } else { format!("api:bench-cost-{task}") };
             async move {
-                match budgets::take(&pool, &key, 1_000_000, Duration::from_secs(60)).await? {
+                let window = budgets::Window { limit: 1_000_000, length: Duration::from_secs(60), known: false };
+                match budgets::take(&pool, &key, window).await? {
                     Taken::Granted { window } => budgets::settle(&pool, &key, window, answer).await?,
                     Taken::Spent { .. } => anyhow::bail!("the bench's window was spent"),
                 }

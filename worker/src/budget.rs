@@ -13,7 +13,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 
 use calsync_common::calendly::rate::RateLimit;
-use calsync_common::db::budgets::{self, Taken};
+use calsync_common::db::budgets::{self, Taken, Window};
+use calsync_common::db::connections::Connection;
 
 /// Assumed until an answer says otherwise: Calendly's windows are a minute long.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -34,17 +35,20 @@ pub enum Budget {
 }
 
 impl Budget {
-    fn key(self, user: &str) -> String {
+    /// `connection`'s row: Calendly counts requests per Calendly user (several connections of one
+    /// account share it); a connection without one yet is its own.
+    fn key(self, connection: &Connection) -> String {
+        let user = connection.calendly_user_uri.clone().unwrap_or_else(|| connection.id.to_string());
         match self {
             Self::Api => format!("api:{user}"),
             Self::Token => format!("token:{user}"),
         }
     }
 
-    fn assumed_limit(self) -> u32 {
+    fn window(self) -> Window {
         match self {
-            Self::Api => ASSUMED_API_LIMIT,
-            Self::Token => TOKEN_LIMIT,
+            Self::Api => Window { limit: ASSUMED_API_LIMIT, length: WINDOW, known: false },
+            Self::Token => Window { limit: TOKEN_LIMIT, length: WINDOW, known: true },
         }
     }
 }
@@ -68,11 +72,11 @@ impl Budgets {
         Self { pool }
     }
 
-    /// Leave to call Calendly now as `user` (a Calendly user, or a connection without one yet),
-    /// or how long until `user`'s window of `budget` resets.
-    pub async fn reserve(&self, budget: Budget, user: &str) -> sqlx::Result<Result<Permit, Duration>> {
-        let key = budget.key(user);
-        Ok(match budgets::take(&self.pool, &key, budget.assumed_limit(), WINDOW).await? {
+    /// Leave to call Calendly now as `connection`'s Calendly user, or how long until that user's
+    /// window of `budget` resets.
+    pub async fn reserve(&self, budget: Budget, connection: &Connection) -> sqlx::Result<Result<Permit, Duration>> {
+        let key = budget.key(connection);
+        Ok(match budgets::take(&self.pool, &key, budget.window()).await? {
             Taken::Granted { window } => Ok(Permit { key, window }),
             Taken::Spent { wait } => Err(wait.max(Duration::from_millis(100))),
         })

@@ -94,10 +94,8 @@ where
     let mut token = calls.tokens.access_token(connection).await?;
     let mut refreshed_after_401 = false;
     let mut backoff = retry::calendly_call();
-    // Calendly counts requests per Calendly user; a connection without one yet is its own budget.
-    let budget_key = connection.calendly_user_uri.clone().unwrap_or_else(|| connection.id.to_string());
     loop {
-        let permit = match calls.budgets.reserve(Budget::Api, &budget_key).await? {
+        let permit = match calls.budgets.reserve(Budget::Api, connection).await? {
             Ok(permit) => permit,
             Err(wait) if wait <= MAX_IN_PROCESS_RATE_WAIT && backoff.next_delay().is_some() => {
                 tokio::time::sleep(wait).await;

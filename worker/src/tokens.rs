@@ -238,8 +238,7 @@ async fn refresh_leased(tk: &Tokens, row: Connection, owner: Uuid) -> Result<Acc
 /// Takes one of the user's token requests (8 a minute, across the fleet), or puts the work off
 /// until the window resets: the refresh token stays unused, so nothing is lost by waiting.
 async fn within_token_budget(tk: &Tokens, row: &Connection) -> Result<(), ProcessError> {
-    let user = row.calendly_user_uri.clone().unwrap_or_else(|| row.id.to_string());
-    match tk.budgets.reserve(Budget::Token, &user).await? {
+    match tk.budgets.reserve(Budget::Token, row).await? {
         // Counted when taken; the token endpoint's answers say nothing about the window.
         Ok(_counted) => Ok(()),
         Err(wait) => {

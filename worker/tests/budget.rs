@@ -8,26 +8,28 @@ use std::time::Duration;
 
 use calendly_sim::{Faults, NewUser, Plan};
 use calsync_common::calendly::rate::RateLimit;
-use calsync_common::db::budgets::{self, Taken};
+use calsync_common::db::budgets::{self, Taken, Window};
 use calsync_testkit::wait_until;
 use sqlx::PgPool;
 use support::*;
 
 const MINUTE: Duration = Duration::from_secs(60);
+/// The API's window before any answer: the free plan's, a guess.
+const ASSUMED: Window = Window { limit: 50, length: MINUTE, known: false };
 
 fn answer(limit: u32, remaining: u32, reset_secs: u64) -> RateLimit {
     RateLimit { limit, remaining, reset: Duration::from_secs(reset_secs) }
 }
 
 async fn granted(pool: &PgPool, key: &str) -> i64 {
-    match budgets::take(pool, key, 50, MINUTE).await.unwrap() {
+    match budgets::take(pool, key, ASSUMED).await.unwrap() {
         Taken::Granted { window } => window,
         Taken::Spent { wait } => panic!("{key}: spent for another {wait:?}"),
     }
 }
 
 async fn spent(pool: &PgPool, key: &str) -> Duration {
-    match budgets::take(pool, key, 50, MINUTE).await.unwrap() {
+    match budgets::take(pool, key, ASSUMED).await.unwrap() {
         Taken::Granted { .. } => panic!("{key}: granted past its window's limit"),
         Taken::Spent { wait } => wait,
     }
@@ -37,7 +39,7 @@ async fn spent(pool: &PgPool, key: &str) -> Duration {
 async fn two_hundred_takers_at_once_on_many_connections_get_exactly_the_windows_fifty(pool: PgPool) {
     let takers = (0..200).map(|_| {
         let pool = pool.clone();
-        tokio::spawn(async move { budgets::take(&pool, "api:ada", 50, MINUTE).await.unwrap() })
+        tokio::spawn(async move { budgets::take(&pool, "api:ada", ASSUMED).await.unwrap() })
     });
     let mut granted = 0;
     for taker in takers {
@@ -47,7 +49,7 @@ async fn two_hundred_takers_at_once_on_many_connections_get_exactly_the_windows_
     }
     assert_eq!(granted, 50, "a free plan's window, assumed until Calendly answers");
     // Another user's window is untouched.
-    assert!(matches!(budgets::take(&pool, "api:bob", 50, MINUTE).await.unwrap(), Taken::Granted { .. }));
+    assert!(matches!(budgets::take(&pool, "api:bob", ASSUMED).await.unwrap(), Taken::Granted { .. }));
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
@@ -77,6 +79,19 @@ async fn until_calendly_answers_a_guessed_window_is_looked_at_again_within_a_sec
         granted(&pool, "api:ada").await;
     }
     assert!(spent(&pool, "api:ada").await <= Duration::from_secs(1), "the minute is only a guess");
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_spent_window_known_in_advance_waits_for_its_reset_rather_than_looking_again_each_second(pool: PgPool) {
+    // The token endpoint's: 8 a minute, and no answer ever says more about it.
+    let tokens = Window { limit: 8, length: MINUTE, known: true };
+    for _ in 0..8 {
+        assert!(matches!(budgets::take(&pool, "token:ada", tokens).await.unwrap(), Taken::Granted { .. }));
+    }
+    match budgets::take(&pool, "token:ada", tokens).await.unwrap() {
+        Taken::Spent { wait } => assert!(wait > Duration::from_secs(55), "{wait:?}"),
+        Taken::Granted { .. } => panic!("a ninth token request in the minute"),
+    }
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
@@ -181,6 +196,8 @@ async fn a_ninth_token_refresh_in_a_minute_waits_for_the_next_window_instead_of_
     })
     .await;
     assert_eq!(h.sim.sim.token_rate_limited(), 0, "no token request was refused");
+    let deferred = metric(addr, "calsync_calendly_budget_deferrals_total").await;
+    assert!(deferred <= 2.0, "put off {deferred} times: it should wait for the reset, not look again every second");
     assert_eq!(h.sim.sim.token_grants("refresh_token"), 9);
     assert!(h.dead_letters().await.is_empty());
     h.stop().await;

@@ -17,8 +17,8 @@ use crate::calendly::rate::RateLimit;
 /// An answer whose window ends this much later than the row's is about a newer window at Calendly
 /// (its reset is in whole seconds, and our clocks and Calendly's differ by a round trip).
 const NEWER_WINDOW_SLACK_MS: i64 = 2000;
-/// While no answer has confirmed a window, its reset is a guess: a caller whose budget that guess
-/// says is spent looks again this soon instead of waiting for a guessed minute.
+/// While no answer has confirmed an assumed window, its reset is a guess: a caller whose budget that
+/// guess says is spent looks again this soon instead of waiting for a guessed minute.
 const UNCONFIRMED_WAIT: Duration = Duration::from_secs(1);
 
 /// What [`take`] decided.
@@ -34,18 +34,28 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Takes one request from `key`'s window: a row not seen before starts a window of `window`
-/// with `assumed_limit` requests, and a window past its reset starts the next one. One statement,
-/// one round trip; concurrent takers of one key queue on its row for the length of that statement.
-pub async fn take(pool: &PgPool, key: &str, assumed_limit: u32, window: Duration) -> sqlx::Result<Taken> {
-    let limit = i32::try_from(assumed_limit).unwrap_or(i32::MAX);
+/// A window's limit and length, as the taker knows them before any answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub limit: u32,
+    pub length: Duration,
+    /// Known (the token endpoint's fixed 8 a minute) rather than assumed until an answer says
+    /// (the API's, which depends on the user's plan).
+    pub known: bool,
+}
+
+/// Takes one request from `key`'s window: a row not seen before starts a window as `window`
+/// describes, and a window past its reset starts the next one. One statement, one round trip;
+/// concurrent takers of one key queue on its row for the length of that statement.
+pub async fn take(pool: &PgPool, key: &str, window: Window) -> sqlx::Result<Taken> {
+    let limit = i32::try_from(window.limit).unwrap_or(i32::MAX);
     let granted: Option<i64> = sqlx::query_scalar(
-        "INSERT INTO api_budgets AS b (budget_key, request_limit, used, resets_at) \
-         VALUES ($1, $2, 1, statement_timestamp() + $3 * interval '1 millisecond') \
+        "INSERT INTO api_budgets AS b (budget_key, request_limit, used, resets_at, confirmed) \
+         VALUES ($1, $2, 1, statement_timestamp() + $3 * interval '1 millisecond', $4) \
          ON CONFLICT (budget_key) DO UPDATE SET \
              used = CASE WHEN b.resets_at <= statement_timestamp() THEN 1 ELSE b.used + 1 END, \
              window_no = b.window_no + (b.resets_at <= statement_timestamp())::int, \
-             confirmed = b.confirmed AND b.resets_at > statement_timestamp(), \
+             confirmed = CASE WHEN b.resets_at <= statement_timestamp() THEN $4 ELSE b.confirmed END, \
              resets_at = CASE WHEN b.resets_at <= statement_timestamp() \
                  THEN statement_timestamp() + $3 * interval '1 millisecond' ELSE b.resets_at END \
          WHERE b.resets_at <= statement_timestamp() OR b.used < b.request_limit \
@@ -53,7 +63,8 @@ pub async fn take(pool: &PgPool, key: &str, assumed_limit: u32, window: Duration
     )
     .bind(key)
     .bind(limit)
-    .bind(millis(window))
+    .bind(millis(window.length))
+    .bind(window.known)
     .fetch_optional(pool)
     .await?;
     if let Some(window) = granted {
