@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::stack::Stack;
+use crate::stack::{Stack, send_patiently};
 
 /// How often the app asks for new changes.
 const POLL: Duration = Duration::from_millis(300);
@@ -54,7 +54,7 @@ impl AppFeed {
                 if let Some(after) = &after {
                     url.query_pairs_mut().append_pair("after", after);
                 }
-                let response = http.get(url).bearer_auth(&e.api_token).send().await?;
+                let response = send_patiently(http.get(url).bearer_auth(&e.api_token)).await?;
                 let status = response.status();
                 let body: Value = response.json().await.context("GET /changes answers JSON")?;
                 if !status.is_success() {

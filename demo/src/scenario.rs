@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::stack::Stack;
+use crate::stack::{Stack, send_patiently};
 
 #[derive(Debug, Clone)]
 pub struct DemoUser {
@@ -44,34 +44,18 @@ impl Stack {
         json_ok(response, path).await
     }
 
-    /// Sends `request`, again for up to a minute while ingest answers 503 (its database or broker
-    /// is unavailable: "retry later").
-    async fn send_patiently(&self, request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
-        let started = std::time::Instant::now();
-        loop {
-            let response = request.try_clone().context("a request that can be sent again")?.send().await?;
-            if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
-                || started.elapsed() > Duration::from_secs(60)
-            {
-                return Ok(response);
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-    }
-
     /// The whole journey: ask ingest for the authorize URL, "click Approve" at Calendly, follow the
     /// redirect back to ingest's callback, then play the app: confirm the consent for the app user
     /// this browser is logged in as (the two-phase connect).
     pub async fn connect(&self, user: &DemoUser) -> anyhow::Result<()> {
         let e = &self.endpoints;
-        let begin = self
-            .send_patiently(
-                self.http
-                    .post(format!("{}/connections/calendly", e.ingest_url))
-                    .bearer_auth(&e.api_token)
-                    .json(&json!({ "user_id": user.app_user })),
-            )
-            .await?;
+        let begin = send_patiently(
+            self.http
+                .post(format!("{}/connections/calendly", e.ingest_url))
+                .bearer_auth(&e.api_token)
+                .json(&json!({ "user_id": user.app_user })),
+        )
+        .await?;
         let authorize = json_ok(begin, "POST /connections/calendly").await?;
         let mut url = url::Url::parse(authorize["authorize_url"].as_str().context("authorize_url")?)?;
         // By URI, not email: on a stack that ran the demo before, an older simulated user has the
@@ -89,22 +73,18 @@ impl Stack {
             bail!("OAuth callback answered {status}: {}", callback.text().await?);
         }
         let connect_id = connect_id_of(callback).await?;
-        let confirm = self
-            .send_patiently(
-                self.http
-                    .post(format!("{}/connections/calendly/{}/confirm", e.ingest_url, user.app_user))
-                    .bearer_auth(&e.api_token)
-                    .json(&json!({ "connect_id": connect_id })),
-            )
-            .await?;
+        let confirm = send_patiently(
+            self.http
+                .post(format!("{}/connections/calendly/{}/confirm", e.ingest_url, user.app_user))
+                .bearer_auth(&e.api_token)
+                .json(&json!({ "connect_id": connect_id })),
+        )
+        .await?;
         json_ok(confirm, "POST /connections/calendly/{user_id}/confirm").await?;
-        let status = self
-            .send_patiently(
-                self.http
-                    .get(format!("{}/connections/calendly/{}", e.ingest_url, user.app_user))
-                    .bearer_auth(&e.api_token),
-            )
-            .await?;
+        let status = send_patiently(
+            self.http.get(format!("{}/connections/calendly/{}", e.ingest_url, user.app_user)).bearer_auth(&e.api_token),
+        )
+        .await?;
         let status = json_ok(status, "GET /connections/calendly").await?;
         if status["status"] != "active" {
             bail!("{} is not connected: {status}", user.name);

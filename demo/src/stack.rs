@@ -103,6 +103,20 @@ pub fn http_client() -> reqwest::Client {
         .expect("http client")
 }
 
+/// Sends `request`, again for up to a minute while ingest answers 503 ("retry later": its
+/// database or broker is not reachable yet, as right after a stack starts), as an app would.
+pub async fn send_patiently(request: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
+    let started = std::time::Instant::now();
+    loop {
+        let response = request.try_clone().context("a request that can be sent again")?.send().await?;
+        if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || started.elapsed() > Duration::from_secs(60)
+        {
+            return Ok(response);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 fn random_secret() -> String {
     calsync_common::crypto::generate_key()
 }
