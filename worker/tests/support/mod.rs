@@ -273,7 +273,13 @@ impl Harness {
 
     /// Waits until every message id has one of `statuses` in the inbox.
     pub async fn wait_for_inbox(&self, ids: &[String], statuses: &[&str]) {
-        calsync_testkit::wait_until(DEADLINE, &format!("inbox rows {statuses:?}"), || async {
+        self.wait_for_inbox_within(DEADLINE, ids, statuses).await;
+    }
+
+    /// [`Self::wait_for_inbox`] with its own deadline, for work that legitimately passes through
+    /// the broker's longer retry tiers.
+    pub async fn wait_for_inbox_within(&self, deadline: Duration, ids: &[String], statuses: &[&str]) {
+        calsync_testkit::wait_until(deadline, &format!("inbox rows {statuses:?}"), || async {
             for id in ids {
                 match self.inbox_status(id).await {
                     Some(s) if statuses.contains(&s.as_str()) => {}
