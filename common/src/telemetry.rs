@@ -45,3 +45,11 @@ pub fn render_metrics() -> String {
     handle.run_upkeep();
     handle.render()
 }
+
+/// Registers the counter `name{labels}` at zero. Prometheus sees a counter's first increment as an
+/// increase only if the series existed before it: an alert on `increase(...[15m]) > 0` would miss
+/// the first dead letter of a process's life without this.
+pub fn zero_counter(name: &'static str, labels: &[(&'static str, &'static str)]) {
+    let labels: Vec<metrics::Label> = labels.iter().map(|(key, value)| metrics::Label::new(*key, *value)).collect();
+    metrics::counter!(name, labels).absolute(0);
+}

@@ -17,6 +17,7 @@ pub mod app;
 pub mod connect;
 pub mod error;
 pub mod routes;
+pub mod series;
 pub mod serve;
 pub mod settings;
 pub mod state;
@@ -49,6 +50,7 @@ impl Application {
         let cipher = TokenCipher::from_settings(&settings.shared.token_keys)?;
         // Installed before the first request so no count is lost before the first scrape.
         calsync_common::telemetry::metrics_handle();
+        series::register();
         let listener = calsync_common::http::listen(&settings.ingest_addr, "INGEST_ADDR").await?;
         let broker = Broker::start(BrokerConfig {
             publish_channels: settings.ingest_publish_channels,

@@ -39,15 +39,20 @@ impl DbGate {
 
     /// Probes the database until `shutdown`, opening and closing the gate as it comes and goes.
     pub async fn watch(self, database: Database, shutdown: CancellationToken) {
+        // Probe first, then wait: the gauge is there from the worker's first scrape on.
+        let mut probe = tokio::time::interval(PROBE_INTERVAL);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+                _ = probe.tick() => {}
             }
             let up = database.is_up().await;
             let was = self.up.send_replace(up);
+            // Set on every probe, not only on a change: a worker that never lost its database
+            // must still say it has it, or the readiness alert sees nothing at all.
+            metrics::gauge!("calsync_worker_database_up").set(if up { 1.0 } else { 0.0 });
             if up != was {
-                metrics::gauge!("calsync_worker_database_up").set(if up { 1.0 } else { 0.0 });
                 if up {
                     tracing::info!("PostgreSQL is back; resuming consumption");
                 } else {

@@ -1,5 +1,6 @@
 //! Gauges every worker keeps current from the tables (not from what it did itself), so whichever
 //! worker is scraped tells the truth about the whole fleet:
+//! - `calsync_connections{status}`: Calendly connections by status (`needs_reauth` is alerted on);
 //! - `calsync_subscriptions{state}`: active connections by what their last subscription check found;
 //! - `calsync_changes_unpublished`: committed changes the push side has not published yet.
 
@@ -10,7 +11,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use calsync_common::db::changes;
-use calsync_common::db::connections::{self, SubscriptionState};
+use calsync_common::db::connections::{self, ConnectionStatus, SubscriptionState};
 
 /// How often the gauges are read from the tables.
 const INTERVAL: Duration = Duration::from_secs(5);
@@ -22,6 +23,12 @@ pub async fn keep_current(pool: PgPool, subscriptions: bool, shutdown: Cancellat
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if let Ok(counts) = connections::count_by_status(&pool).await {
+            for status in ConnectionStatus::ALL {
+                let n = counts.iter().find(|(s, _)| *s == status).map_or(0, |(_, n)| *n);
+                metrics::gauge!("calsync_connections", "status" => status.as_str()).set(n as f64);
+            }
         }
         if subscriptions && let Ok(counts) = connections::count_by_subscription_state(&pool).await {
             for state in SubscriptionState::ALL {

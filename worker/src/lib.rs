@@ -41,6 +41,7 @@ pub mod outcome;
 pub mod process;
 pub mod retention;
 pub mod scheduler;
+pub mod series;
 pub mod settings;
 pub mod single_flight;
 pub mod subscription_check;
@@ -75,6 +76,7 @@ impl Worker {
     pub async fn build(settings: WorkerSettings, shutdown: CancellationToken) -> anyhow::Result<Self> {
         settings.validate_for_consuming()?;
         calsync_common::telemetry::metrics_handle();
+        series::register();
         let listener = calsync_common::http::listen(&settings.worker_addr, "WORKER_ADDR").await?;
         let database =
             Database::start(&settings.shared.database.database_url, settings.db_pool_size(), shutdown.clone())?;

@@ -139,3 +139,31 @@ async fn the_migrate_subcommand_creates_the_database_and_applies_the_schema(pool
     check.close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {name}"))).execute(&pool).await.unwrap();
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_worker_started_without_its_database_reports_it_down_in_its_metrics_until_it_is_back(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let proxy = calsync_testkit::TcpProxy::start(calsync_testkit::postgres_addr(&h.db_url)).await;
+    proxy.cut();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let through = format!("--database-url={}", proxy.url_through(&h.db_url));
+    let mut worker = spawn_worker_with(&h, &[&through, &format!("--worker-addr={addr}")]);
+    // The alert on `calsync_worker_database_up == 0` needs the series to exist while the database
+    // has never been reachable, not only after an outage that began later.
+    let says = |value: &'static str| {
+        let line = format!("calsync_worker_database_up {value}");
+        async move { metrics_if_up(addr).await.is_some_and(|text| text.lines().any(|l| l == line)) }
+    };
+    calsync_testkit::wait_until(DEADLINE, "the worker saying its database is down", || says("0")).await;
+    proxy.restore();
+    calsync_testkit::wait_until(DEADLINE, "the worker saying its database is back", || says("1")).await;
+    worker.kill().await.unwrap();
+    h.stop().await;
+}
+
+/// The worker's `/metrics`, or `None` while it is not listening yet.
+async fn metrics_if_up(addr: std::net::SocketAddr) -> Option<String> {
+    let response = reqwest::get(format!("http://{addr}/metrics")).await.ok()?;
+    response.text().await.ok()
+}

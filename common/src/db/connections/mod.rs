@@ -55,6 +55,18 @@ pub enum SubscriptionState {
     Missing,
 }
 
+impl ConnectionStatus {
+    pub const ALL: [Self; 3] = [Self::Active, Self::NeedsReauth, Self::Disconnected];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::NeedsReauth => "needs_reauth",
+            Self::Disconnected => "disconnected",
+        }
+    }
+}
+
 impl SubscriptionState {
     pub const ALL: [Self; 4] = [Self::Active, Self::Failing, Self::Disabled, Self::Missing];
 

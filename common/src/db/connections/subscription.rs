@@ -89,6 +89,13 @@ pub async fn replace_subscription(
 }
 
 /// How many connections are in each subscription state (for `calsync_subscriptions{state}`).
+/// Calendly connections by status (the gauge operators alert on for `needs_reauth`).
+pub async fn count_by_status(pool: &PgPool) -> sqlx::Result<Vec<(ConnectionStatus, i64)>> {
+    sqlx::query_as("SELECT status, count(*) FROM calendar_connections WHERE provider = 'calendly' GROUP BY status")
+        .fetch_all(pool)
+        .await
+}
+
 pub async fn count_by_subscription_state(pool: &PgPool) -> sqlx::Result<Vec<(SubscriptionState, i64)>> {
     sqlx::query_as(
         "SELECT subscription_state, count(*) FROM calendar_connections \
