@@ -20,6 +20,8 @@ struct Node {
     name: String,
     amqp_port: u16,
     dist_port: u16,
+    /// RabbitMQ's Prometheus plugin listens here, when the cluster was started with it.
+    prometheus_port: Option<u16>,
 }
 
 /// A free port below Linux's ephemeral range (32768+): a port from that range, freed again for the
@@ -42,6 +44,16 @@ impl RabbitCluster {
     /// Starts `size` clustered nodes, or returns `None` (saying why) where `rabbitmq-server` is not
     /// installed.
     pub fn start(size: usize) -> Option<Self> {
+        Self::start_with(size, false)
+    }
+
+    /// One node with RabbitMQ's Prometheus plugin on a port of its own (the metrics operators
+    /// scrape for the backlog), or `None` as [`Self::start`].
+    pub fn start_with_prometheus() -> Option<Self> {
+        Self::start_with(1, true)
+    }
+
+    fn start_with(size: usize, prometheus: bool) -> Option<Self> {
         if !Path::new(SERVER).exists() {
             eprintln!("skipping: no rabbitmq-server installed at {SERVER}; cluster tests need one");
             return None;
@@ -53,11 +65,18 @@ impl RabbitCluster {
         std::fs::write(&cookie, format!("calsync-test-cookie-{run}")).unwrap();
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&cookie, std::fs::Permissions::from_mode(0o400)).unwrap();
-        // No plugins: the management plugin's fixed ports would clash with the machine's node.
-        std::fs::write(dir.join("enabled_plugins"), "[].").unwrap();
+        // No plugins but Prometheus' (on ports of our own): the management plugin's fixed ports
+        // would clash with the machine's node.
+        let plugins = if prometheus { "[rabbitmq_prometheus]." } else { "[]." };
+        std::fs::write(dir.join("enabled_plugins"), plugins).unwrap();
         let host = short_hostname();
         let nodes = (1..=size)
-            .map(|n| Node { name: format!("calsync-{run}-{n}@{host}"), amqp_port: free_port(), dist_port: free_port() })
+            .map(|n| Node {
+                name: format!("calsync-{run}-{n}@{host}"),
+                amqp_port: free_port(),
+                dist_port: free_port(),
+                prometheus_port: prometheus.then(free_port),
+            })
             .collect();
         let mut cluster = Self { dir, nodes };
         for n in 0..size {
@@ -80,6 +99,10 @@ impl RabbitCluster {
         let node = &self.nodes[n];
         let base = self.node_dir(n);
         std::fs::create_dir_all(&base).unwrap();
+        if let Some(port) = node.prometheus_port {
+            let conf = format!("prometheus.tcp.ip = 127.0.0.1\nprometheus.tcp.port = {port}\n");
+            std::fs::write(base.join("rabbitmq.conf"), conf).unwrap();
+        }
         let status = Command::new(SERVER)
             .arg("-detached")
             .current_dir(&base)
@@ -110,6 +133,9 @@ impl RabbitCluster {
             eprintln!("{} did not start (attempt {attempt}); its log ends:\n{}", self.nodes[n].name, self.log_tail(n));
             self.nodes[n].amqp_port = free_port();
             self.nodes[n].dist_port = free_port();
+            if self.nodes[n].prometheus_port.is_some() {
+                self.nodes[n].prometheus_port = Some(free_port());
+            }
         }
         panic!("{} did not start after 3 attempts", self.nodes[n].name);
     }
@@ -195,6 +221,11 @@ impl RabbitCluster {
 
     pub fn node_url(&self, n: usize) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.nodes[n].amqp_port)
+    }
+
+    /// Node `n`'s Prometheus endpoint (`http://127.0.0.1:<port>`), when started with the plugin.
+    pub fn prometheus_url(&self, n: usize) -> Option<String> {
+        self.nodes[n].prometheus_port.map(|port| format!("http://127.0.0.1:{port}"))
     }
 
     /// The node listening on `127.0.0.1:<port>`.
