@@ -12,6 +12,7 @@ mod load;
 mod procs;
 mod retention;
 mod stats;
+mod traces;
 mod worker;
 mod world;
 
@@ -40,8 +41,8 @@ struct Cli {
     /// A few seconds per figure and 2,000 webhooks: for checking the harness, not for numbers.
     #[arg(long)]
     quick: bool,
-    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention.
-    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,changes,e2e,budget,retention")]
+    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces.
+    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,changes,e2e,budget,retention,traces")]
     only: Vec<String>,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
@@ -153,7 +154,8 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("▸ cluster");
         cluster::run(&ctx, &mut rows).await?;
     }
-    if section("worker") || section("changes") || section("e2e") || section("budget") || section("retention") {
+    let needs_world = ["worker", "changes", "e2e", "budget", "retention", "traces"];
+    if needs_world.iter().any(|name| section(name)) {
         let mut world = world::World::setup(&ctx).await?;
         if section("worker") {
             eprintln!("▸ worker");
@@ -174,6 +176,10 @@ async fn main() -> anyhow::Result<()> {
         if section("retention") {
             eprintln!("▸ retention");
             retention::run(&ctx, &world, &mut rows).await?;
+        }
+        if section("traces") {
+            eprintln!("▸ traces on vs off");
+            traces::run(&ctx, &world, &mut rows).await?;
         }
         world.sim.stop().await;
     }

@@ -61,6 +61,7 @@ async fn upsert_ceiling(world: &World, bodies: &[Vec<u8>], concurrency: u16) -> 
                     attempts: 1,
                     last_error: None,
                     body,
+                    traceparent: None,
                 };
                 inbox::record(&mut *tx, &record).await?;
                 tx.commit().await?;
@@ -109,10 +110,23 @@ pub async fn start_workers(
     concurrency: u16,
     batch: usize,
 ) -> anyhow::Result<Vec<Proc>> {
+    start_workers_with(ctx, world, processes, concurrency, batch, &[]).await
+}
+
+/// [`start_workers`] with more environment variables (traces on, say).
+pub async fn start_workers_with(
+    ctx: &Ctx,
+    world: &World,
+    processes: usize,
+    concurrency: u16,
+    batch: usize,
+    extra: &[(&'static str, String)],
+) -> anyhow::Result<Vec<Proc>> {
     let mut procs = Vec::new();
     for _ in 0..processes {
         let mut env = world.worker_env(ctx, PREFIX, concurrency)?;
         env.push(("WORKER_BATCH_SIZE", batch.to_string()));
+        env.extend(extra.iter().cloned());
         let addr = env.iter().find(|(k, _)| *k == "WORKER_ADDR").map(|(_, v)| v.clone()).unwrap_or_default();
         let env: Vec<(&str, String)> = env;
         procs.push((Proc::spawn("calsync-worker", &env, &[])?, addr));

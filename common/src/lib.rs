@@ -27,3 +27,4 @@ pub mod replay;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
+pub mod traces;

@@ -30,8 +30,9 @@ pub async fn replay_parked(
     replay_days: u32,
 ) -> Result<usize, ReplayError> {
     let parked = inbox::parked_for(pool, calendly_user_uri, replay_days).await?;
-    for (message_id, body) in &parked {
-        broker.publish(&message::webhook(body.clone(), OffsetDateTime::now_utc())).await?;
+    for (message_id, body, traceparent) in &parked {
+        let replayed = message::webhook(body.clone(), OffsetDateTime::now_utc());
+        broker.publish(&replayed.continuing(traceparent.as_deref())).await?;
         tracing::info!(%message_id, "replayed a parked delivery");
     }
     metrics::counter!("calsync_inbox_replayed_total").increment(parked.len() as u64);

@@ -7,7 +7,7 @@ use calsync_ingest::settings::IngestSettings;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let settings = IngestSettings::parse();
-    telemetry::init_tracing(settings.shared.telemetry.log_format);
+    let _telemetry = telemetry::init(settings.shared.telemetry.log_format, "calsync-ingest");
     let shutdown = shutdown::on_signal();
     match calsync_ingest::Application::build(settings, shutdown).await {
         Ok(app) => match app.run_until_stopped().await {

@@ -137,3 +137,74 @@ async fn sigterm_with_requests_in_flight_loses_none_of_the_confirmed_webhooks_an
     assert!(accepted.is_subset(&held), "{} confirmed webhooks missing", accepted.difference(&held).count());
     topology.cleanup().await;
 }
+
+/// A local OTLP/HTTP sink: the content type and body of every request to `/v1/traces`.
+async fn otlp_sink() -> (String, std::sync::Arc<std::sync::Mutex<Vec<(String, Vec<u8>)>>>) {
+    use axum::routing::post;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        post(move |headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+            let kind = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+            store.lock().unwrap().push((kind, body.to_vec()));
+            ""
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, received)
+}
+
+/// Runs ingest with `otel` variables, accepts one webhook, stops it with SIGTERM; returns it exited.
+async fn one_webhook_through_ingest(otel: &[(&str, &str)]) {
+    let topology = IsolatedTopology::new().await;
+    let mut command = ingest_command();
+    command
+        .env("CALENDLY_WEBHOOK_SIGNING_KEYS", KEY)
+        .env("TOKEN_ENCRYPTION_KEY", calsync_common::crypto::generate_key())
+        .env("AMQP_TOPOLOGY_PREFIX", &topology.prefix);
+    for (name, value) in otel {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().unwrap();
+    let addr = listening_addr(&mut child).await;
+    let http = calsync_common::http::client_builder().build().unwrap();
+    calsync_testkit::wait_until(Duration::from_secs(10), "ingest ready", || async {
+        http.get(format!("http://{addr}/readyz")).send().await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    let body = sample_body(70_001);
+    let response = http
+        .post(format!("http://{addr}/webhooks/calendly"))
+        .header(calsync_common::calendly::signature::HEADER, signed(KEY, &body))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().await.unwrap().success());
+    let exit = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("ingest exits").unwrap();
+    assert_eq!(exit.code(), Some(0));
+    topology.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_set_ingest_exports_its_spans_as_protobuf_over_http_and_without_it_nothing() {
+    let (url, received) = otlp_sink().await;
+    one_webhook_through_ingest(&[]).await;
+    assert!(received.lock().unwrap().is_empty(), "no endpoint set: nothing is exported");
+
+    one_webhook_through_ingest(&[("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str())]).await;
+    // The spans still buffered are flushed on the way out (SIGTERM), so they are here by now.
+    let received = received.lock().unwrap();
+    assert!(!received.is_empty(), "the spans were exported");
+    let body = received.iter().flat_map(|(_, body)| body.clone()).collect::<Vec<u8>>();
+    assert!(received.iter().all(|(kind, _)| kind == "application/x-protobuf"), "OTLP/HTTP protobuf");
+    let contains = |needle: &str| body.windows(needle.len()).any(|w| w == needle.as_bytes());
+    assert!(contains("calsync-ingest"), "service.name is the binary's name");
+    assert!(contains("POST /webhooks/calendly") && contains("publish calsync"), "the request and publish spans");
+    assert!(!contains(KEY), "no signing key in what is exported");
+}

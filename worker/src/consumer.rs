@@ -21,7 +21,7 @@ use tracing::Instrument;
 use calsync_common::calendly::webhook::Webhook;
 use calsync_common::queue::message::{self, Incoming};
 use calsync_common::queue::{Broker, RetryTarget};
-use calsync_common::retry;
+use calsync_common::{retry, traces};
 
 use crate::db_gate::DbGate;
 use crate::deps::Deps;
@@ -133,10 +133,12 @@ async fn consume(
                     let incoming = Incoming::read(&delivery);
                     // Every log line about this delivery says which one it is, even for a body
                     // that parses as nothing.
-                    let span = tracing::info_span!(
-                        "delivery", %queue, message_id = %incoming.message_id, attempt = incoming.attempt
-                    );
-                    let work = async move { handle(&deps, &broker, target, delivery, incoming).await };
+                    let span = delivery_span(queue, &incoming);
+                    traces::continue_from(&span, &delivery.properties);
+                    let work = async move {
+                        let message_id = incoming.message_id.clone();
+                        traces::for_message(&message_id, handle(&deps, &broker, target, delivery, incoming)).await
+                    };
                     tracker.spawn(work.instrument(span));
                 }
                 Some(Err(error)) => break Err(error.into()),
@@ -150,6 +152,27 @@ async fn consume(
     }
     let _ = channel.close(200, "worker stopping".into()).await;
     result
+}
+
+/// The span of one delivery: every log line about it says which one it is; with traces on it is
+/// also the consumer span, child of ingest's publish (through the `traceparent` header, which
+/// retry copies, dead letters and replays keep).
+fn delivery_span(queue: &str, incoming: &Incoming) -> tracing::Span {
+    if !traces::enabled() {
+        return tracing::info_span!("delivery", %queue, message_id = %incoming.message_id, attempt = incoming.attempt);
+    }
+    tracing::info_span!(
+        "delivery",
+        otel.name = "process",
+        otel.kind = "consumer",
+        messaging.system = "rabbitmq",
+        "messaging.operation.type" = "process",
+        messaging.destination.name = %queue,
+        messaging.message.id = %incoming.message_id,
+        %queue,
+        message_id = %incoming.message_id,
+        attempt = incoming.attempt,
+    )
 }
 
 async fn handle(deps: &Deps, broker: &Broker, target: RetryTarget, delivery: Delivery, incoming: Incoming) {

@@ -46,7 +46,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    telemetry::init_tracing(cli.settings.shared.telemetry.log_format);
+    let _telemetry = telemetry::init(cli.settings.shared.telemetry.log_format, "calsync-worker");
     let result = match cli.command {
         Some(Command::Migrate) => migrate(&cli.settings).await,
         Some(Command::RotateTokenKey) => rotate_token_key(&cli.settings).await,

@@ -149,5 +149,6 @@ fn inbox_row<'a>(
         attempts: delivery.attempt as i32,
         last_error,
         body: &delivery.body,
+        traceparent: delivery.traceparent(),
     }
 }

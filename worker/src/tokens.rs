@@ -8,13 +8,14 @@ use std::sync::Arc;
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::PgPool;
 use time::OffsetDateTime;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::crypto::TokenCipher;
 use calsync_common::db::changes::ReauthReason;
 use calsync_common::db::connections::{self, ACCESS_TOKEN, Connection, ConnectionStatus, REFRESH_TOKEN, binding};
-use calsync_common::retry;
+use calsync_common::{retry, traces};
 
 use crate::budget::{Budget, Budgets};
 use crate::error::ProcessError;
@@ -141,7 +142,8 @@ async fn refresh_across_processes(
         let claimed =
             connections::claim_refresh(&tk.pool, connection, owner, rejected, REFRESH_LEASE, REFRESH_MARGIN).await?;
         if let Some(row) = claimed {
-            return refresh_leased(tk, row, owner).await;
+            let span = refresh_span(&row);
+            return refresh_leased(tk, row, owner).instrument(span).await;
         }
         // Not ours to refresh: find out why.
         let row = connections::find(&tk.pool, connection.id)
@@ -175,6 +177,21 @@ async fn refresh_across_processes(
         }
         tokio::time::sleep(LEASE_POLL).await;
     }
+}
+
+/// The span of one token refresh (with traces on): the connection it is for, never a token.
+fn refresh_span(row: &Connection) -> tracing::Span {
+    if !traces::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "token refresh",
+        otel.kind = "internal",
+        connection_id = %row.id,
+        message_id = tracing::field::Empty,
+    );
+    traces::record_message_id(&span);
+    span
 }
 
 /// Refreshes with the lease held: the single-use refresh token is ours alone to present.

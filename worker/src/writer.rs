@@ -16,12 +16,14 @@ use std::time::Duration;
 use sqlx::PgPool;
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore, mpsc, oneshot};
+use tracing::Instrument;
 
 use calsync_common::db::changes::{self, Cause};
 use calsync_common::db::connections::{self, Connection};
 use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
 use calsync_common::db::meetings;
 use calsync_common::meeting::{Meeting, MeetingInvitee};
+use calsync_common::traces;
 
 use crate::error::ProcessError;
 
@@ -57,6 +59,8 @@ pub enum Applied {
 struct Job {
     write: Write,
     reply: oneshot::Sender<Result<Applied, ProcessError>>,
+    /// The delivery's span, which the batch's span links to.
+    span: tracing::Span,
 }
 
 /// Hands writes to the batcher. Cheap to clone; the batcher stops when every clone is gone.
@@ -134,7 +138,11 @@ impl Writer {
         self.expected.handed.fetch_add(1, Ordering::SeqCst);
         let _handed = Handed(self.expected.clone());
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job { write, reply }).await.map_err(|_| ProcessError::transient("the writer has stopped"))?;
+        let span = tracing::Span::current();
+        self.jobs
+            .send(Job { write, reply, span })
+            .await
+            .map_err(|_| ProcessError::transient("the writer has stopped"))?;
         answer.await.map_err(|_| ProcessError::transient("the writer stopped before committing"))?
     }
 }
@@ -174,6 +182,30 @@ async fn batch_loop(pool: PgPool, mut receiver: mpsc::Receiver<Job>, config: Bat
 }
 
 async fn commit(pool: &PgPool, jobs: Vec<Job>) {
+    let span = batch_span(&jobs);
+    commit_batch(pool, jobs).instrument(span).await;
+}
+
+/// One span for a batch's transaction, linked to each delivery's span (OTel's messaging
+/// conventions model a batch with links: it belongs to many traces at once).
+fn batch_span(jobs: &[Job]) -> tracing::Span {
+    if !traces::enabled() {
+        return tracing::Span::none();
+    }
+    let message_ids: Vec<&str> = jobs.iter().map(|job| job.write.inbox.message_id.as_str()).collect();
+    let span = tracing::info_span!(
+        "batch commit",
+        otel.kind = "internal",
+        "messaging.batch.message_count" = jobs.len(),
+        message_id = %message_ids.join(","),
+    );
+    for job in jobs {
+        traces::link(&span, &job.span);
+    }
+    span
+}
+
+async fn commit_batch(pool: &PgPool, jobs: Vec<Job>) {
     metrics::histogram!("calsync_worker_batch_size").record(jobs.len() as f64);
     let writes: Vec<&Write> = jobs.iter().map(|j| &j.write).collect();
     let error = match apply(pool, &writes).await {
@@ -239,6 +271,7 @@ pub async fn apply(pool: &PgPool, writes: &[&Write]) -> sqlx::Result<Vec<Applied
             attempts: w.inbox.attempts,
             last_error: None,
             body: &[],
+            traceparent: None,
         })
         .collect();
     inbox::record_all(&mut tx, &records).await?;

@@ -7,6 +7,7 @@ use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
+use tracing::Instrument;
 use url::Url;
 
 use super::error::CalendlyError;
@@ -69,11 +70,13 @@ impl CalendlyClient {
     }
 
     async fn send(&self, endpoint: &'static str, request: RequestBuilder) -> Result<Response, CalendlyError> {
-        let result = request.send().await;
+        let span = call_span(endpoint);
+        let result = request.send().instrument(span.clone()).await;
         let status = match &result {
             Ok(r) => r.status().as_u16().to_string(),
             Err(_) => "error".to_owned(),
         };
+        span.record("http.response.status_code", status.as_str());
         metrics::counter!("calsync_calendly_requests_total", "endpoint" => endpoint, "status" => status).increment(1);
         let response = result.map_err(|e| CalendlyError::Transient(format!("{endpoint}: {}", without_url(&e))))?;
         classify(response).await
@@ -345,6 +348,24 @@ async fn classify(response: Response) -> Result<Response, CalendlyError> {
         }
         s => CalendlyError::Unexpected(format!("{} {snippet}", s.as_u16())),
     })
+}
+
+/// A client span per Calendly call (with traces on): the endpoint's name, never its URL (which
+/// names users and events) nor any header (which carry tokens).
+fn call_span(endpoint: &'static str) -> tracing::Span {
+    if !crate::traces::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "calendly",
+        otel.name = endpoint,
+        otel.kind = "client",
+        "calsync.calendly.endpoint" = endpoint,
+        http.response.status_code = tracing::field::Empty,
+        message_id = tracing::field::Empty,
+    );
+    crate::traces::record_message_id(&span);
+    span
 }
 
 #[cfg(test)]

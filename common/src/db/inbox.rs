@@ -48,6 +48,8 @@ pub struct InboxRecord<'a> {
     pub attempts: i32,
     pub last_error: Option<&'a str>,
     pub body: &'a [u8],
+    /// The delivery's `traceparent`, kept (with the body) for a replay to continue its trace.
+    pub traceparent: Option<&'a str>,
 }
 
 pub async fn status_of(pool: &PgPool, message_id: &str) -> sqlx::Result<Option<InboxStatus>> {
@@ -76,13 +78,13 @@ pub async fn record_all(tx: &mut PgConnection, records: &[InboxRecord<'_>]) -> s
 async fn record_round(executor: impl PgExecutor<'_>, round: &[InboxRecord<'_>]) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO webhook_inbox (message_id, event, created_by, received_at, status, attempts, last_error, \
-                 processed_at, body) \
-             SELECT m, e, c, r, s, a, l, clock_timestamp(), b \
+                 processed_at, body, traceparent) \
+             SELECT m, e, c, r, s, a, l, clock_timestamp(), b, t \
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int4[], $7::text[], \
-                 $8::bytea[]) AS x(m, e, c, r, s, a, l, b) \
+                 $8::bytea[], $10::text[]) AS x(m, e, c, r, s, a, l, b, t) \
              ON CONFLICT (message_id) DO UPDATE SET status = EXCLUDED.status, \
                  attempts = GREATEST(webhook_inbox.attempts, EXCLUDED.attempts), last_error = EXCLUDED.last_error, \
-                 processed_at = EXCLUDED.processed_at, body = EXCLUDED.body \
+                 processed_at = EXCLUDED.processed_at, body = EXCLUDED.body, traceparent = EXCLUDED.traceparent \
              -- A late duplicate (or a racing replay) never turns a processed delivery back into a parked or dead one.
              WHERE webhook_inbox.status <> $9 OR EXCLUDED.status = $9",
     )
@@ -95,6 +97,7 @@ async fn record_round(executor: impl PgExecutor<'_>, round: &[InboxRecord<'_>]) 
     .bind(round.iter().map(|r| r.last_error).collect::<Vec<_>>())
     .bind(round.iter().map(|r| r.status.keeps_body().then_some(r.body)).collect::<Vec<_>>())
     .bind(InboxStatus::Processed)
+    .bind(round.iter().map(|r| r.traceparent.filter(|_| r.status.keeps_body())).collect::<Vec<_>>())
     .execute(executor)
     .await
     .map(|_| ())
@@ -102,9 +105,12 @@ async fn record_round(executor: impl PgExecutor<'_>, round: &[InboxRecord<'_>]) 
 
 /// Deliveries parked for `created_by` that a (re)connection should replay: every
 /// `awaiting_reauth` one, and `unmatched` ones younger than `replay_days`.
-pub async fn parked_for(pool: &PgPool, created_by: &str, replay_days: u32) -> sqlx::Result<Vec<(String, Vec<u8>)>> {
+/// A parked delivery to replay: its message id, body and `traceparent` (if it had one).
+pub type Parked = (String, Vec<u8>, Option<String>);
+
+pub async fn parked_for(pool: &PgPool, created_by: &str, replay_days: u32) -> sqlx::Result<Vec<Parked>> {
     sqlx::query_as(
-        "SELECT message_id, body FROM webhook_inbox \
+        "SELECT message_id, body, traceparent FROM webhook_inbox \
          WHERE created_by = $1 AND body IS NOT NULL \
            AND (status = $3 OR (status = $4 AND received_at > now() - make_interval(days => $2))) \
          ORDER BY received_at",

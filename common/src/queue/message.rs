@@ -43,6 +43,20 @@ pub struct Outgoing {
     pub properties: BasicProperties,
 }
 
+/// W3C trace context of the trace a message belongs to (`crate::traces` writes and reads it).
+/// Copied into every retry copy and dead letter with the other headers, and kept in the inbox for
+/// replays of parked deliveries.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+impl Outgoing {
+    /// This message as part of the trace `traceparent` names (a replay of a parked delivery).
+    pub fn continuing(self, traceparent: Option<&str>) -> Self {
+        let Some(traceparent) = traceparent else { return self };
+        let value = AMQPValue::LongString(LongString::from(traceparent.to_owned()));
+        Self { properties: with_headers(&self.properties, &[(TRACEPARENT_HEADER, value)]), ..self }
+    }
+}
+
 /// Lowercase hex SHA-256 of the body: the delivery's identity for dedup and the inbox.
 pub fn message_id(body: &[u8]) -> String {
     hex::encode(Sha256::digest(body))
@@ -214,6 +228,17 @@ impl Incoming {
             received_at,
             body: delivery.data.clone(),
             properties: properties.clone(),
+        }
+    }
+
+    /// The trace context this delivery carries, if it is a well-formed header value (a
+    /// `traceparent` is 55 visible ASCII characters; a longer future version is kept up to 256).
+    pub fn traceparent(&self) -> Option<&str> {
+        match self.properties.headers().as_ref()?.inner().get(TRACEPARENT_HEADER)? {
+            AMQPValue::LongString(value) => std::str::from_utf8(value.as_bytes())
+                .ok()
+                .filter(|v| v.len() <= 256 && v.bytes().all(|b| b.is_ascii_graphic())),
+            _ => None,
         }
     }
 

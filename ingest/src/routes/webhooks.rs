@@ -15,7 +15,9 @@ use time::OffsetDateTime;
 use tower::ServiceBuilder;
 
 use calsync_common::calendly::signature;
-use calsync_common::queue::{PublishError, message};
+use calsync_common::queue::{Outgoing, PublishError, message};
+use calsync_common::traces;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 use crate::routes::body::{self, BodyLimits};
@@ -64,7 +66,22 @@ async fn receive(
     limits: BodyLimits,
 ) -> Result<impl IntoResponse, ApiError> {
     let _in_flight = InFlight::enter();
-    let result = accept(&state, &headers, body, limits).await;
+    // The root of the webhook's trace (Calendly sends no trace context); no span at all with
+    // traces off, so logs cost what they did.
+    let span = if traces::enabled() {
+        tracing::info_span!(
+            "webhook receive",
+            otel.name = "POST /webhooks/calendly",
+            otel.kind = "server",
+            http.request.method = "POST",
+            http.route = "/webhooks/calendly",
+            calsync.outcome = tracing::field::Empty,
+            message_id = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
+    let result = accept(&state, &headers, body, limits).instrument(span.clone()).await;
     let outcome = match &result {
         Ok(_) => "accepted",
         Err(ApiError::Signature(_)) => "unauthorized",
@@ -75,6 +92,7 @@ async fn receive(
         Err(_) => "error",
     };
     metrics::counter!("calsync_ingest_requests_total", "outcome" => outcome).increment(1);
+    span.record("calsync.outcome", outcome);
     result
 }
 
@@ -93,10 +111,12 @@ async fn accept(
     };
     state.verifier.verify(header, &body, received_at.unix_timestamp())?;
 
-    let message = message::webhook(body.to_vec(), received_at);
+    let mut message = message::webhook(body.to_vec(), received_at);
     let message_id = message::message_id(&message.body);
+    let publish = publish_span(state, &message, &message_id);
+    message.properties = traces::inject(&publish, message.properties);
     let started = Instant::now();
-    let published = state.broker.publish(&message).await;
+    let published = state.broker.publish(&message).instrument(publish).await;
     metrics::histogram!("calsync_ingest_publish_seconds").record(started.elapsed().as_secs_f64());
     match published {
         Ok(()) => {
@@ -113,4 +133,24 @@ async fn accept(
             Err(ApiError::Unavailable { code, message: format!("the webhook was not queued: {error}; retry later") })
         }
     }
+}
+
+/// The producer span whose context the message carries (OTel's messaging conventions): the
+/// worker's processing span is its child.
+fn publish_span(state: &AppState, message: &Outgoing, message_id: &str) -> tracing::Span {
+    if !traces::enabled() {
+        return tracing::Span::none();
+    }
+    tracing::Span::current().record("message_id", message_id);
+    tracing::info_span!(
+        "publish",
+        otel.name = "publish calsync",
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        "messaging.operation.type" = "send",
+        messaging.destination.name = %state.broker.topology().exchange(),
+        messaging.rabbitmq.destination.routing_key = %message.routing_key,
+        messaging.message.id = %message_id,
+        message_id = %message_id,
+    )
 }
