@@ -208,3 +208,9 @@ async fn with_an_otlp_endpoint_set_ingest_exports_its_spans_as_protobuf_over_htt
     assert!(contains("POST /webhooks/calendly") && contains("publish calsync"), "the request and publish spans");
     assert!(!contains(KEY), "no signing key in what is exported");
 }
+
+#[tokio::test]
+async fn a_malformed_otlp_endpoint_leaves_traces_off_and_ingest_accepting_webhooks() {
+    // Accepts a webhook (202) and exits 0 on SIGTERM: the exporter's error only turns traces off.
+    one_webhook_through_ingest(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "::not a url")]).await;
+}

@@ -138,7 +138,8 @@ impl Writer {
         self.expected.handed.fetch_add(1, Ordering::SeqCst);
         let _handed = Handed(self.expected.clone());
         let (reply, answer) = oneshot::channel();
-        let span = tracing::Span::current();
+        // Only what the batch's span links to: nothing to carry with traces off.
+        let span = if traces::enabled() { tracing::Span::current() } else { tracing::Span::none() };
         self.jobs
             .send(Job { write, reply, span })
             .await

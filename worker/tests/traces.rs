@@ -59,6 +59,16 @@ fn spans_about(message_id: &str) -> Vec<SpanData> {
         .collect()
 }
 
+/// Every `process` span of `spans` is a child of `publish`, in its trace.
+fn assert_every_attempt_continues(spans: &[SpanData], publish: &SpanData, attempts: usize) {
+    let processing = named(spans, "process");
+    assert!(processing.len() >= attempts, "{attempts} attempts, got {}", processing.len());
+    for span in &processing {
+        assert_eq!(span.span_context.trace_id(), publish.span_context.trace_id());
+        assert_eq!(span.parent_span_id, publish.span_context.span_id(), "every attempt is the publish's child");
+    }
+}
+
 fn named<'a>(spans: &'a [SpanData], name: &str) -> Vec<&'a SpanData> {
     spans.iter().filter(|s| s.name == name).collect()
 }
@@ -234,12 +244,8 @@ async fn a_retry_copy_and_a_replayed_dead_letter_stay_in_the_webhooks_trace(pool
     h.wait_for_inbox(std::slice::from_ref(&id), &["processed"]).await;
     let spans = wait_for_spans(&id, 2).await;
     let (_, publish) = ingest_spans(&spans);
-    let processing = named(&spans, "process");
-    assert!(processing.len() >= 2, "the first attempt and a retry copy");
-    for span in &processing {
-        assert_eq!(span.span_context.trace_id(), publish.span_context.trace_id());
-        assert_eq!(span.parent_span_id, publish.span_context.span_id());
-    }
+    // The first attempt and at least one retry copy.
+    assert_every_attempt_continues(&spans, publish, 2);
 
     // A second booking dies at once (Calendly refuses the event: a permanent failure), then
     // `replay-dead` revives it.
@@ -257,11 +263,8 @@ async fn a_retry_copy_and_a_replayed_dead_letter_stay_in_the_webhooks_trace(pool
     h.wait_for_inbox(std::slice::from_ref(&dead), &["processed"]).await;
     let spans = wait_for_spans(&dead, 2).await;
     let (_, publish) = ingest_spans(&spans);
-    let processing = named(&spans, "process");
-    assert_eq!(processing.len(), 2, "the attempt that died, then the replayed dead letter");
-    for span in &processing {
-        assert_eq!(span.parent_span_id, publish.span_context.span_id(), "every attempt is the publish's child");
-    }
+    assert_eq!(named(&spans, "process").len(), 2, "the attempt that died, then the replayed dead letter");
+    assert_every_attempt_continues(&spans, publish, 2);
     drop(ingest);
     h.stop().await;
 }
@@ -288,11 +291,8 @@ async fn a_parked_delivery_replayed_on_reconnect_continues_its_trace(pool: PgPoo
 
     let spans = wait_for_spans(&id, 2).await;
     let (_, publish) = ingest_spans(&spans);
-    let processing = named(&spans, "process");
-    assert_eq!(processing.len(), 2, "unmatched, then the replay");
-    for span in &processing {
-        assert_eq!(span.parent_span_id, publish.span_context.span_id(), "the replay continues the trace");
-    }
+    assert_eq!(named(&spans, "process").len(), 2, "unmatched, then the replay");
+    assert_every_attempt_continues(&spans, publish, 2);
     drop(ingest);
     h.stop().await;
 }
