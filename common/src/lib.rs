@@ -11,10 +11,12 @@
 //! - [`queue`]: RabbitMQ topology, the confirming publisher, and every message shape (the only
 //!   place that knows header names and routing keys).
 //! - [`db`]: PostgreSQL pool, migrations, and the data access used by both services.
+//! - [`activation`]: subscription and backfill of a connection just made active (connect, import).
 //! - [`replay`]: republishing parked deliveries of a connected Calendly account.
 //! - [`health`]: `/healthz`, `/readyz`, `/metrics` for both services.
 //! - [`http`]: outgoing HTTP clients (rustls + ring) and the services' listeners.
 
+pub mod activation;
 pub mod calendly;
 pub mod config;
 pub mod crypto;

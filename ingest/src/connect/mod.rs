@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use url::Url;
 use uuid::Uuid;
 
-use calsync_common::calendly::subscription::{self, SubscriptionError};
+use calsync_common::activation::Activation;
 use calsync_common::calendly::types::TokenResponse;
 use calsync_common::calendly::{CalendlyClient, CalendlyError};
 use calsync_common::crypto::{CryptoError, TokenCipher};
@@ -24,7 +24,6 @@ use calsync_common::db::connections::{ACCESS_TOKEN, REFRESH_TOKEN};
 use calsync_common::db::oauth_states::{self, StateRejection};
 use calsync_common::db::pending::{self, Pending};
 use calsync_common::queue::Broker;
-use calsync_common::queue::message::{SyncJob, SyncKind, sync_job};
 use calsync_common::replay;
 
 /// How long a user has to finish the consent screen.
@@ -256,11 +255,13 @@ impl ConnectService {
             return Err(ConnectError::WrongUser);
         }
         if let Some(previous) = connections::find_by_user(&self.pool, user_id).await?
-            && previous.calendly_user_uri.as_deref() != Some(held.calendly_user_uri.as_str())
+            && previous.calendly_user_uri.as_deref().is_some_and(|uri| uri != held.calendly_user_uri)
             && previous.status != ConnectionStatus::Disconnected
         {
             // Switching to another Calendly account: exactly a disconnect of the old one first (its
             // row unlinked, then its subscription deleted and our grant revoked), then the row is reused.
+            // A row with no Calendly account (imported as `needs_reauth`: its identity was never
+            // confirmed) has nothing to release, and is reused as it is.
             tracing::info!(%user_id, "switching Calendly accounts; disconnecting the previous one");
             self.disconnect(user_id).await?;
         }
@@ -305,37 +306,16 @@ impl ConnectService {
         ))
     }
 
-    /// Subscription, backfill and replay for a connection just confirmed.
-    async fn start_syncing(
-        &self,
-        connection: &Connection,
-        held: &Pending,
-        access: &SecretString,
-    ) -> Result<(), ConnectError> {
-        let mut problems = Vec::new();
-        let mut subscription = connection.webhook_subscription_uri.clone();
-        if let Some(callback_url) = &self.options.callback_url {
-            let (organization, user) = (&held.calendly_organization_uri, &held.calendly_user_uri);
-            match self.ensure_subscription(callback_url, organization, user, access).await {
-                Ok(uri) => {
-                    // A reconnect that had to replace our old subscription (disabled, say): the old
-                    // one must not linger at Calendly.
-                    if let Some(old) = subscription.as_deref().filter(|old| *old != uri)
-                        && let Err(error) = self.calendly.delete_subscription(old, access).await
-                    {
-                        tracing::warn!(connection_id = %connection.id, %error, "could not delete the replaced subscription");
-                    }
-                    subscription = Some(uri);
-                }
-                Err(problem) => problems.push(problem),
-            }
-        }
-        if let Err(error) = self.broker.publish(&sync_job(&SyncJob::new(connection.id, SyncKind::Backfill))).await {
-            problems.push(format!("backfill not queued: {error}"));
-        }
-        let last_error = (!problems.is_empty()).then(|| problems.join("; "));
-        connections::set_subscription(&self.pool, connection.id, subscription.as_deref(), last_error.as_deref())
-            .await?;
+    /// Subscription, backfill and replay for a connection just confirmed (the steps the import of
+    /// an existing integration shares: [`Activation`]).
+    async fn start_syncing(&self, connection: &Connection, held: &Pending, access: &SecretString) -> sqlx::Result<()> {
+        let activation = Activation {
+            pool: &self.pool,
+            calendly: &self.calendly,
+            broker: &self.broker,
+            callback_url: self.options.callback_url.as_ref(),
+        };
+        activation.subscribe_and_backfill(connection, access).await?;
         // Replayed after the answer, not inside the confirm request: an account with many parked
         // deliveries must not hold the app's call open. What this does not finish (a crash, a
         // broker outage) the worker's next periodic check of this connection replays.
@@ -351,26 +331,6 @@ impl ConnectService {
             }
         });
         Ok(())
-    }
-
-    /// Creates our user-scoped subscription (or reuses / replaces the one Calendly has). Errors are
-    /// returned as the text recorded in `last_error`.
-    async fn ensure_subscription(
-        &self,
-        callback_url: &Url,
-        organization: &str,
-        user: &str,
-        token: &SecretString,
-    ) -> Result<String, String> {
-        subscription::ensure(&self.calendly, callback_url.as_str(), organization, user, token).await.map_err(|error| {
-            match error {
-                SubscriptionError::Calendly(CalendlyError::Forbidden(_)) => {
-                    "webhook subscriptions need a paid Calendly plan (403): connected, but no webhooks will arrive"
-                        .to_owned()
-                }
-                other => format!("webhook subscription not created: {other}"),
-            }
-        })
     }
 
     async fn revoke_quietly(&self, access: &SecretString, refresh: &SecretString) {
