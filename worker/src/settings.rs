@@ -42,8 +42,6 @@ pub struct WorkerSettings {
     #[arg(long, env = "SUBSCRIPTION_CHECK_INTERVAL_SECS", default_value_t = 900)]
     pub subscription_check_interval_secs: u64,
 
-    /// Where replacement subscriptions point (ingest's public webhook URL); unset: where the
-    /// subscription being replaced pointed.
     /// How often the scheduler deletes what is past its retention (0 = never).
     #[arg(long, env = "RETENTION_INTERVAL_SECS", default_value_t = 3600)]
     pub retention_interval_secs: u64,
@@ -65,6 +63,8 @@ pub struct WorkerSettings {
     #[arg(long, env = "CHANGES_RETENTION_DAYS", default_value_t = 7)]
     pub changes_retention_days: u32,
 
+    /// Where replacement and imported subscriptions point (ingest's public webhook URL); unset:
+    /// where the subscription being replaced pointed (and `import-connections` refuses to run).
     #[arg(long, env = "CALENDLY_WEBHOOK_CALLBACK_URL", value_parser = optional_url)]
     pub calendly_webhook_callback_url: Option<OptionalUrl>,
 
