@@ -7,6 +7,7 @@ mod budget;
 mod changes;
 mod cluster;
 mod e2e;
+mod import;
 mod ingest;
 mod load;
 mod procs;
@@ -41,8 +42,12 @@ struct Cli {
     /// A few seconds per figure and 2,000 webhooks: for checking the harness, not for numbers.
     #[arg(long)]
     quick: bool,
-    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces.
-    #[arg(long, value_delimiter = ',', default_value = "ingest,cluster,worker,changes,e2e,budget,retention,traces")]
+    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces, import.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ingest,cluster,worker,changes,e2e,budget,retention,traces,import"
+    )]
     only: Vec<String>,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
@@ -154,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("▸ cluster");
         cluster::run(&ctx, &mut rows).await?;
     }
-    let needs_world = ["worker", "changes", "e2e", "budget", "retention", "traces"];
+    let needs_world = ["worker", "changes", "e2e", "budget", "retention", "traces", "import"];
     if needs_world.iter().any(|name| section(name)) {
         let mut world = world::World::setup(&ctx).await?;
         if section("worker") {
@@ -180,6 +185,10 @@ async fn main() -> anyhow::Result<()> {
         if section("traces") {
             eprintln!("▸ traces on vs off");
             traces::run(&ctx, &world, &mut rows).await?;
+        }
+        if section("import") {
+            eprintln!("▸ import of an existing integration's connections");
+            import::run(&ctx, &world, &mut rows).await?;
         }
         world.sim.stop().await;
     }

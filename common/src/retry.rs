@@ -47,6 +47,12 @@ pub fn calendly_call() -> Delays {
     doubling(Duration::from_millis(100), Duration::from_secs(2), Some(Duration::from_secs(5)))
 }
 
+/// A Calendly call of an operator command (importing connections): nobody is waiting on a queue
+/// behind it, so it rides out a minute of outage before the row is reported as failed.
+pub fn operator_call() -> Delays {
+    doubling(Duration::from_millis(200), Duration::from_secs(5), Some(Duration::from_secs(60)))
+}
+
 /// Storing a refreshed token pair after its first write failed: the pair exists only in memory
 /// (Calendly consumed the old refresh token), so keep trying for a minute.
 pub fn token_store() -> Delays {

@@ -8,10 +8,10 @@ use std::time::Duration;
 use calendly_sim::{DeliveryMode, NewUser, SimConfig, SimServer};
 use calsync_common::config::TokenKeyArgs;
 use calsync_common::crypto::{self, TokenCipher};
-use calsync_common::db::connections::{ACCESS_TOKEN, binding};
+use calsync_common::db::connections::{self, ACCESS_TOKEN, binding};
 use calsync_testkit::{IsolatedTopology, wait_until};
 use clap::Parser;
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -872,5 +872,28 @@ async fn a_consent_whose_storing_fails_on_a_database_error_is_revoked_at_the_cal
     assert_eq!(revocations(&env).await, before + 2, "the taken consent's tokens do not outlive it");
     connections_table(&env, true).await;
     assert_eq!(pending_rows(&env).await, 0);
+    env.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_user_imported_as_needs_reauth_reconnects_straight_to_active_without_a_disconnect_in_the_feed(pool: PgPool) {
+    let env = Env::new(pool, &[]).await;
+    let ada = env.calendly_user("Ada", true);
+    let user = Uuid::new_v4();
+    // What `import-connections` stores for a row whose grant Calendly refused: no account, no token.
+    let reason = "Calendly refused the refresh token (invalid_grant)";
+    let code = calsync_common::db::changes::ReauthReason::InvalidGrant;
+    assert!(connections::store_unverified(&env.pool, user, code, reason).await.unwrap());
+
+    assert_eq!(env.connect(user, &ada).await.status(), 200);
+
+    let status: Value = env.status(user).await.json().await.unwrap();
+    assert_eq!((&status["status"], &status["calendly_user_uri"]), (&json!("active"), &ada["uri"]));
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM change_log WHERE user_id = $1 ORDER BY seq")
+        .bind(user)
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["connection.needs_reauth", "connection.active"]);
     env.stop().await;
 }

@@ -6,8 +6,10 @@
 //! - [`IsolatedTopology`]: a uniquely prefixed exchange and queue set per test, deleted afterwards.
 //! - [`wait_until`]: poll with a deadline instead of sleeping.
 //! - [`cluster::RabbitCluster`]: a private three-node RabbitMQ cluster whose nodes can be killed.
+//! - [`seed::SeedDatabase`]: an existing integration's database, for the import of connections.
 
 pub mod cluster;
+pub mod seed;
 
 use std::future::Future;
 use std::net::SocketAddr;

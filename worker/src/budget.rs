@@ -34,14 +34,18 @@ pub enum Budget {
     Token,
 }
 
+/// Whose budget a request draws on: Calendly counts requests per Calendly user.
+pub fn account_of(connection: &Connection) -> String {
+    // Several connections of one account share it; a connection without one yet is its own.
+    connection.calendly_user_uri.clone().unwrap_or_else(|| connection.id.to_string())
+}
+
 impl Budget {
-    /// `connection`'s row: Calendly counts requests per Calendly user (several connections of one
-    /// account share it); a connection without one yet is its own.
-    fn key(self, connection: &Connection) -> String {
-        let user = connection.calendly_user_uri.clone().unwrap_or_else(|| connection.id.to_string());
+    /// The `api_budgets` row of `account` (see [`account_of`]).
+    fn key(self, account: &str) -> String {
         match self {
-            Self::Api => format!("api:{user}"),
-            Self::Token => format!("token:{user}"),
+            Self::Api => format!("api:{account}"),
+            Self::Token => format!("token:{account}"),
         }
     }
 
@@ -75,7 +79,13 @@ impl Budgets {
     /// Leave to call Calendly now as `connection`'s Calendly user, or how long until that user's
     /// window of `budget` resets.
     pub async fn reserve(&self, budget: Budget, connection: &Connection) -> sqlx::Result<Result<Permit, Duration>> {
-        let key = budget.key(connection);
+        self.reserve_for(budget, &account_of(connection)).await
+    }
+
+    /// [`Self::reserve`] for a Calendly account that has no connection row (yet): the import of
+    /// an existing integration's rows, keyed by the account the row names.
+    pub async fn reserve_for(&self, budget: Budget, account: &str) -> sqlx::Result<Result<Permit, Duration>> {
+        let key = budget.key(account);
         Ok(match budgets::take(&self.pool, &key, budget.window()).await? {
             Taken::Granted { window } => Ok(Permit { key, window }),
             Taken::Spent { wait } => Err(wait.max(Duration::from_millis(100))),

@@ -34,6 +34,25 @@ enum Command {
     DeadLetterPolicy,
     /// Erase one invitee's personal data (a deletion request): invitee rows, their meetings'
     /// locations and cancel reasons, kept and queued webhook bodies; later writes honour it.
+    /// Move the users of an existing Calendly integration in without asking them to reconnect:
+    /// each row's grant is checked with Calendly (refreshed once if needed) and becomes an active
+    /// connection, or needs_reauth. Stop the old system's webhook handler and token refresh first:
+    /// Calendly's refresh tokens are single-use.
+    ImportConnections {
+        /// The existing integration's PostgreSQL database (only read), e.g.
+        /// postgres://reader@old-db/app. Prefer the variable: a URL on the command line shows in `ps`.
+        #[arg(long = "from", env = "IMPORT_SOURCE_DATABASE_URL", hide_env_values = true, value_parser = secret_url)]
+        from: secrecy::SecretString,
+        /// Its connections table, `[schema.]table`.
+        #[arg(long, default_value = "calendar_connections")]
+        table: admin::import::source::TableName,
+        /// Report what would happen; write nothing, refresh nothing, call nobody.
+        #[arg(long)]
+        dry_run: bool,
+        /// Rows checked with Calendly at once.
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+        concurrency: u16,
+    },
     Forget {
         /// The invitee's exact email address (case-insensitive; never a substring).
         email: String,
@@ -56,6 +75,9 @@ async fn main() -> std::process::ExitCode {
         Some(Command::Dead) => list_dead(&cli.settings).await,
         Some(Command::DeadLetterPolicy) => dead_letter_policy(&cli.settings),
         Some(Command::Forget { email, dry_run }) => forget(&cli.settings, &email, dry_run).await,
+        Some(Command::ImportConnections { from, table, dry_run, concurrency }) => {
+            import_connections(&cli.settings, &from, table, dry_run, concurrency).await
+        }
         None => run(cli.settings).await,
     };
     match result {
@@ -180,4 +202,57 @@ async fn forget(settings: &WorkerSettings, email: &str, dry_run: bool) -> anyhow
         println!("erased {email} from {forgotten}; later writes about {email} are erased too");
     }
     Ok(())
+}
+
+fn secret_url(value: &str) -> Result<secrecy::SecretString, String> {
+    Ok(secrecy::SecretString::from(value.to_owned()))
+}
+
+async fn import_connections(
+    settings: &WorkerSettings,
+    from: &secrecy::SecretString,
+    table: admin::import::source::TableName,
+    dry_run: bool,
+    concurrency: u16,
+) -> anyhow::Result<()> {
+    use admin::import::{Target, source::Source, verify::Verifier};
+    settings.validate()?;
+    // Checked before anything is opened: a run that cannot finish its rows must not start them.
+    let callback_url = if dry_run { None } else { Some(admin::import::callback_url(settings)?) };
+    let source = Source::open(from, table.clone()).await?;
+    let pool = pool(settings).await?;
+    let target = match callback_url {
+        None => None,
+        Some(callback_url) => {
+            eprintln!(
+                "calsync-worker: importing. The old system's webhook handler and token refresh must be stopped: \
+                 Calendly's refresh tokens are single-use, and a token refreshed by both systems is lost to one."
+            );
+            let calendly = calsync_common::calendly::CalendlyClient::new(&settings.shared.calendly)?;
+            let cipher =
+                std::sync::Arc::new(calsync_common::crypto::TokenCipher::from_settings(&settings.shared.token_keys)?);
+            Some(Target {
+                cipher,
+                verifier: Verifier { calendly, budgets: calsync_worker::budget::Budgets::new(pool.clone()) },
+                broker: broker(settings, "calsync-worker import-connections").await?,
+                callback_url,
+                replay_days: settings.inbox.inbox_replay_days,
+                concurrency: usize::from(concurrency),
+                stop: calsync_common::shutdown::on_signal(),
+            })
+        }
+    };
+    let report = admin::import::import(&pool, &source, table, target.as_ref()).await;
+    source.close().await;
+    if let Some(target) = target {
+        target.broker.close().await;
+    }
+    let report = report?;
+    println!("{report}");
+    match report.failed() {
+        0 => Ok(()),
+        n => anyhow::bail!(
+            "{n} row(s) could not be checked with Calendly now and were not written: run the import again"
+        ),
+    }
 }

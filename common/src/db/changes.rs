@@ -147,6 +147,20 @@ pub enum ReauthReason {
     InsufficientScope,
     /// The stored token failed its integrity check for its row.
     Integrity,
+    /// An imported grant whose owner Calendly could not confirm: no token, a token refused even
+    /// after a refresh, or a refreshed grant Calendly could not be asked about.
+    Unverified,
+}
+
+impl ReauthReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidGrant => "invalid_grant",
+            Self::InsufficientScope => "insufficient_scope",
+            Self::Integrity => "integrity",
+            Self::Unverified => "unverified",
+        }
+    }
 }
 
 /// Begins a transaction whose changes are recorded with `cause` (one round trip: `BEGIN` and the

@@ -8,11 +8,13 @@
 //! - [`dead`]: list dead letters without touching them.
 //! - [`dead_letter_policy`]: the RabbitMQ policy that expires dead letters.
 //! - [`forget`]: erase one invitee's personal data.
+//! - [`import`]: move an existing integration's connections in.
 
 pub mod connections;
 pub mod dead;
 pub mod dead_letter_policy;
 pub mod forget;
+pub mod import;
 pub mod replay_dead;
 pub mod resync;
 pub mod rotate_key;

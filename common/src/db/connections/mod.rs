@@ -4,7 +4,8 @@
 //! - [`tokens`]: refresh leases, storing refreshed pairs, the reauth verdict;
 //! - [`linking`]: who a row belongs to — connect, the write-time link check, disconnect;
 //! - [`subscription`]: the webhook subscription's URI and health;
-//! - [`sync_status`]: the last sync pass, for the app.
+//! - [`sync_status`]: the last sync pass, for the app;
+//! - [`imported`]: rows moved in from an existing integration.
 //!
 //! Their functions are re-exported here, so callers write `connections::claim_refresh`.
 
@@ -237,11 +238,13 @@ pub async fn id_of_user(tx: &mut PgConnection, user_id: Uuid) -> sqlx::Result<Op
         .await
 }
 
+mod imported;
 mod linking;
 mod subscription;
 mod sync_status;
 mod tokens;
 
+pub use imported::*;
 pub use linking::*;
 pub use subscription::*;
 pub use sync_status::*;
