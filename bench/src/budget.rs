@@ -242,7 +242,7 @@ async fn cost(world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
             async move {
                 let window = budgets::Window { limit: 1_000_000, length: Duration::from_secs(60), known: false };
                 match budgets::take(&pool, &key, window).await? {
-                    Taken::Granted { window } => budgets::settle(&pool, &key, window, answer).await?,
+                    Taken::Granted { window, .. } => budgets::settle(&pool, &key, window, answer).await?,
                     Taken::Spent { .. } => anyhow::bail!("the bench's window was spent"),
                 }
                 Ok(())

@@ -69,6 +69,8 @@ pub struct Budgets {
 pub struct Permit {
     key: String,
     window: i64,
+    seen: budgets::Seen,
+    taken_at: std::time::Instant,
 }
 
 impl Budgets {
@@ -87,16 +89,20 @@ impl Budgets {
     pub async fn reserve_for(&self, budget: Budget, account: &str) -> sqlx::Result<Result<Permit, Duration>> {
         let key = budget.key(account);
         Ok(match budgets::take(&self.pool, &key, budget.window()).await? {
-            Taken::Granted { window } => Ok(Permit { key, window }),
+            Taken::Granted { window, seen } => Ok(Permit { key, window, seen, taken_at: std::time::Instant::now() }),
             Taken::Spent { wait } => Err(wait.max(Duration::from_millis(100))),
         })
     }
 
-    /// Records what the answer said about the window (nothing when it carried no headers). The call
-    /// has been made by then: a database that cannot take the correction costs the budget its
-    /// precision for this answer (the next one corrects it), never the call's result.
+    /// Records what the answer said about the window (nothing when it carried no headers, or
+    /// nothing the row does not already say). The call has been made by then: a database that
+    /// cannot take the correction costs the budget its precision for this answer (the next one
+    /// corrects it), never the call's result.
     pub async fn settle(&self, permit: Permit, rate: Option<RateLimit>) {
         let Some(rate) = rate else { return };
+        if !permit.seen.needs(permit.taken_at.elapsed(), rate) {
+            return;
+        }
         if let Err(error) = budgets::settle(&self.pool, &permit.key, permit.window, rate).await {
             tracing::warn!(%error, budget = %permit.key, "the answer's rate limit was not recorded");
         }

@@ -23,7 +23,7 @@ fn answer(limit: u32, remaining: u32, reset_secs: u64) -> RateLimit {
 
 async fn granted(pool: &PgPool, key: &str) -> i64 {
     match budgets::take(pool, key, ASSUMED).await.unwrap() {
-        Taken::Granted { window } => window,
+        Taken::Granted { window, .. } => window,
         Taken::Spent { wait } => panic!("{key}: spent for another {wait:?}"),
     }
 }

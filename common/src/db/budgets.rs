@@ -24,8 +24,9 @@ const UNCONFIRMED_WAIT: Duration = Duration::from_secs(1);
 /// What [`take`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
-    /// Counted: make the request, then [`settle`] with what its answer said, naming `window`.
-    Granted { window: i64 },
+    /// Counted: make the request, then [`settle`] with what its answer said, naming `window` —
+    /// when the answer tells the row something `seen` does not already say ([`Seen::needs`]).
+    Granted { window: i64, seen: Seen },
     /// The window is spent: it resets in this long.
     Spent { wait: Duration },
 }
@@ -44,12 +45,49 @@ pub struct Window {
     pub known: bool,
 }
 
+/// The row as the take that granted a request left it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen {
+    /// Requests counted in the window, this one included.
+    pub used: u32,
+    pub limit: u32,
+    /// The limit and reset come from one of Calendly's answers (not assumed).
+    pub confirmed: bool,
+    /// Until the row's window resets, as of the take.
+    pub resets_in: Duration,
+}
+
+/// While at most this share of the window is left, every answer is recorded: near the limit the
+/// row must match Calendly's count and reset exactly.
+const SETTLE_EVERY_ANSWER_BELOW: f64 = 0.1;
+/// Calendly's reset is in whole seconds: an answer whose window ends within this of the row's is
+/// about the same window, and says nothing new about when it ends.
+const RESET_RESOLUTION: Duration = Duration::from_millis(1000);
+
+impl Seen {
+    /// Whether an answer, `since_take` after the take, tells the row anything: its limit or reset
+    /// are assumed, its limit differs, Calendly counted more requests than the row did (other
+    /// clients of the same user), its window ends elsewhere than the row's, or the window is nearly
+    /// spent. Otherwise recording it would rewrite the row with what it already says — a round trip
+    /// saved on most calls (BENCHMARKS.md, "Budget cost per call").
+    pub fn needs(&self, since_take: Duration, rate: RateLimit) -> bool {
+        let calendly_used = rate.limit.saturating_sub(rate.remaining);
+        let row_ends = self.resets_in.saturating_sub(since_take);
+        let ends_apart = rate.reset.abs_diff(row_ends);
+        !self.confirmed
+            || rate.limit != self.limit
+            || calendly_used > self.used
+            || ends_apart > RESET_RESOLUTION
+            || f64::from(rate.remaining) <= f64::from(rate.limit) * SETTLE_EVERY_ANSWER_BELOW
+    }
+}
+
 /// Takes one request from `key`'s window: a row not seen before starts a window as `window`
 /// describes, and a window past its reset starts the next one. One statement, one round trip;
 /// concurrent takers of one key queue on its row for the length of that statement.
 pub async fn take(pool: &PgPool, key: &str, window: Window) -> sqlx::Result<Taken> {
     let limit = i32::try_from(window.limit).unwrap_or(i32::MAX);
-    let granted: Option<i64> = sqlx::query_scalar(
+    let granted: Option<(i64, i32, i32, bool, f64)> = sqlx::query_as(
         "INSERT INTO api_budgets AS b (budget_key, request_limit, used, resets_at, confirmed) \
          VALUES ($1, $2, 1, statement_timestamp() + $3 * interval '1 millisecond', $4) \
          ON CONFLICT (budget_key) DO UPDATE SET \
@@ -59,7 +97,8 @@ pub async fn take(pool: &PgPool, key: &str, window: Window) -> sqlx::Result<Take
              resets_at = CASE WHEN b.resets_at <= statement_timestamp() \
                  THEN statement_timestamp() + $3 * interval '1 millisecond' ELSE b.resets_at END \
          WHERE b.resets_at <= statement_timestamp() OR b.used < b.request_limit \
-         RETURNING b.window_no",
+         RETURNING b.window_no, b.used, b.request_limit, b.confirmed, \
+             GREATEST(EXTRACT(EPOCH FROM b.resets_at - statement_timestamp()), 0)::float8",
     )
     .bind(key)
     .bind(limit)
@@ -67,8 +106,14 @@ pub async fn take(pool: &PgPool, key: &str, window: Window) -> sqlx::Result<Take
     .bind(window.known)
     .fetch_optional(pool)
     .await?;
-    if let Some(window) = granted {
-        return Ok(Taken::Granted { window });
+    if let Some((window, used, limit, confirmed, resets_in)) = granted {
+        let seen = Seen {
+            used: u32::try_from(used).unwrap_or(0),
+            limit: u32::try_from(limit).unwrap_or(0),
+            confirmed,
+            resets_in: Duration::from_secs_f64(resets_in),
+        };
+        return Ok(Taken::Granted { window, seen });
     }
     let spent: Option<(f64, bool)> = sqlx::query_as(
         "SELECT GREATEST(EXTRACT(EPOCH FROM resets_at - clock_timestamp()), 0)::float8, confirmed \
@@ -115,4 +160,31 @@ pub async fn settle(pool: &PgPool, key: &str, window: i64, rate: RateLimit) -> s
     .execute(pool)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROW: Seen = Seen { used: 20, limit: 500, confirmed: true, resets_in: Duration::from_secs(40) };
+
+    fn answer(remaining: u32, reset_secs: u64) -> RateLimit {
+        RateLimit { limit: 500, remaining, reset: Duration::from_secs(reset_secs) }
+    }
+
+    #[test]
+    fn an_answer_that_says_what_the_row_says_is_not_recorded() {
+        assert!(!ROW.needs(Duration::from_millis(300), answer(480, 40)));
+        assert!(!ROW.needs(Duration::from_secs(2), answer(485, 39)), "Calendly counted fewer: the row keeps its own");
+    }
+
+    #[test]
+    fn an_answer_with_news_or_near_the_limit_is_recorded() {
+        assert!(Seen { confirmed: false, ..ROW }.needs(Duration::ZERO, answer(480, 40)), "an assumed window");
+        assert!(ROW.needs(Duration::ZERO, RateLimit { limit: 50, ..answer(30, 40) }), "another plan");
+        assert!(ROW.needs(Duration::ZERO, answer(470, 40)), "Calendly counted more requests");
+        assert!(ROW.needs(Duration::ZERO, answer(480, 45)), "its window ends later");
+        assert!(ROW.needs(Duration::ZERO, answer(480, 30)), "its window ends sooner");
+        assert!(Seen { used: 460, ..ROW }.needs(Duration::ZERO, answer(40, 40)), "the window is nearly spent");
+    }
 }
