@@ -49,6 +49,11 @@ pub struct Outgoing {
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 
 impl Outgoing {
+    /// The `message_id` property (every constructor here sets one).
+    pub fn message_id(&self) -> &str {
+        self.properties.message_id().as_ref().map_or("", |id| id.as_str())
+    }
+
     /// This message as part of the trace `traceparent` names (a replay of a parked delivery).
     pub fn continuing(self, traceparent: Option<&str>) -> Self {
         let Some(traceparent) = traceparent else { return self };
