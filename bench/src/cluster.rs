@@ -47,8 +47,9 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<crate::stats::Row>) -> anyhow::Result
     let queue = broker.topology().webhooks_queue();
 
     // Throughput: 64 connections, against confirmed publishes to the same quorum queue.
-    let publishes = crate::ingest::publish_ceiling(&broker, 64, ctx.duration).await;
-    let (rps, accepted) = load::closed_loop(&ctx.http, &hook, 64, ctx.duration, &seq).await;
+    let (publishes, _) = crate::ingest::publish_ceiling(&broker, 64, ctx.duration).await;
+    let (rps, tally) = load::closed_loop(&ctx.http, &hook, 64, ctx.duration, &seq).await;
+    let accepted = tally.accepted();
     let inspect = |n: usize| Ctx { amqp_url: cluster.node_url(n), ..clone_ctx(&on_cluster) };
     let held = crate::depth(&inspect(0), &queue).await?;
     anyhow::ensure!(held >= accepted, "the cluster holds {held} but ingest answered 202 {accepted} times");
@@ -78,7 +79,8 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<crate::stats::Row>) -> anyhow::Result
         })
         .await
     };
-    let ((latencies, refused), longest) = tokio::join!(offered, killer);
+    let ((latencies, tally), longest) = tokio::join!(offered, killer);
+    let refused = tally.failed();
     let live = (0..3).find(|n| *n != victim).unwrap_or(0);
     let held = crate::depth(&inspect(live), &queue).await? as usize;
     let accepted = latencies.len();

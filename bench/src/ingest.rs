@@ -15,7 +15,7 @@ use calsync_common::queue::{Broker, message};
 
 use crate::Ctx;
 use crate::load::{self, SIGNING_KEY};
-use crate::procs::{Memory, Proc, free_port, wait_ok};
+use crate::procs::{CpuMeter, Memory, Proc, Who, free_port, machine_broker_pid, micros_per, wait_ok};
 use crate::stats::{self, ms, ratio, row};
 
 /// The HTTP-only ceiling: axum with the same body limit, signature check and message preparation
@@ -47,7 +47,8 @@ pub async fn serve_ceiling(addr: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn publish_ceiling(broker: &Broker, concurrency: usize, duration: Duration) -> f64 {
+/// Confirmed publishes per second through `broker` with `concurrency` in flight, and how many.
+pub async fn publish_ceiling(broker: &Broker, concurrency: usize, duration: Duration) -> (f64, u64) {
     let done = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let tasks: Vec<_> = (0..concurrency)
@@ -69,7 +70,46 @@ pub async fn publish_ceiling(broker: &Broker, concurrency: usize, duration: Dura
     for t in tasks {
         let _ = t.await;
     }
-    done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+    let done = done.load(Ordering::Relaxed);
+    (done as f64 / started.elapsed().as_secs_f64(), done)
+}
+
+/// `calsync_ingest_requests_total{outcome}` as ingest counts it.
+async fn ingest_count(ctx: &Ctx, ingest_url: &str, outcome: &str) -> anyhow::Result<u64> {
+    let metrics = ctx.http.get(format!("{ingest_url}/metrics")).send().await?.text().await?;
+    let series = format!("calsync_ingest_requests_total{{outcome=\"{outcome}\"}} ");
+    Ok(metrics.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        as u64)
+}
+
+/// The queue must hold what ingest answered 202 for. Checked against ingest's own count of its
+/// answers, so a mismatch says which side is off:
+/// - fewer held than ingest's 202s: a webhook lost after its 202 — an error;
+/// - ingest's 202s missing at the load generator: the harness lost answers — an error;
+/// - more held than ingest's 202s: ingest answered 503 for messages the broker then held (a confirm
+///   that came after the publish timeout). Nothing is lost: Calendly sends them again and the
+///   worker drops the copies as duplicates. Reported, as the figure's `duplicates`.
+pub fn check_held(held: u64, seen: &load::Tally, ingest_accepted: u64, ingest_unavailable: u64) -> anyhow::Result<u64> {
+    anyhow::ensure!(
+        held >= ingest_accepted,
+        "LOST: the queue holds {held} but ingest answered 202 {ingest_accepted} times"
+    );
+    anyhow::ensure!(
+        seen.accepted() == ingest_accepted,
+        "ingest answered 202 {ingest_accepted} times but the load generator saw {} ({} answers lost on the way, \
+         {} other statuses): the load generator, not ingest, is off",
+        seen.accepted(),
+        seen.lost(),
+        seen.refused()
+    );
+    let duplicates = held - ingest_accepted;
+    if duplicates > 0 {
+        eprintln!(
+            "  note: ingest answered 503 for {duplicates} message(s) the broker then held ({ingest_unavailable} \
+             unavailable in all): confirms later than INGEST_PUBLISH_TIMEOUT_MS; Calendly resends them as duplicates"
+        );
+    }
+    Ok(duplicates)
 }
 
 pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory> {
@@ -103,36 +143,60 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
         (format!("{ingest_url}/webhooks/calendly"), format!("{ceiling_url}/webhooks/calendly"));
 
     let mut capacity = 0.0f64;
+    let broker_pid = machine_broker_pid();
+    let own_pid = Some(std::process::id());
     for connections in [1usize, 16, 64] {
         // Ceilings at the same concurrency: the same number of publishes (or requests) in flight.
-        let publishes = publish_ceiling(&broker, connections, ctx.duration).await;
+        let meter = CpuMeter::start(vec![Who::Pid(broker_pid), Who::Pid(own_pid)]);
+        let (publishes, published) = publish_ceiling(&broker, connections, ctx.duration).await;
+        let ceiling_cpu = meter.used();
         crate::purge(ctx, &queue).await?;
         let (http_only, _) = load::closed_loop(&ctx.http, &ceiling_hook, connections, ctx.duration, &seq).await;
-        let (rps, accepted) = load::closed_loop(&ctx.http, &ingest_hook, connections, ctx.duration, &seq).await;
+        let before =
+            (ingest_count(ctx, &ingest_url, "accepted").await?, ingest_count(ctx, &ingest_url, "unavailable").await?);
+        let meter = CpuMeter::start(vec![Who::Pid(ingest.child.id()), Who::Pid(broker_pid), Who::Pid(own_pid)]);
+        let (rps, seen) = load::closed_loop(&ctx.http, &ingest_hook, connections, ctx.duration, &seq).await;
+        let cpu = meter.used();
         let held = crate::depth(ctx, &queue).await?;
-        anyhow::ensure!(held == accepted, "queue holds {held} but ingest answered 202 {accepted} times");
+        let accepted = ingest_count(ctx, &ingest_url, "accepted").await? - before.0;
+        let unavailable = ingest_count(ctx, &ingest_url, "unavailable").await? - before.1;
+        let duplicates = check_held(held, &seen, accepted, unavailable)?;
         crate::purge(ctx, &queue).await?;
         capacity = capacity.max(rps);
         rows.push(row(
             "ingest",
-            format!("closed loop, {connections} connection(s): 202/s (queue = 202s: {held} ✓)"),
+            format!("closed loop, {connections} connection(s): 202/s (queue {held} = 202s {accepted} + 503-but-held {duplicates} ✓)"),
             format!("{rps:.0}/s"),
             format!("HTTP-only {http_only:.0}/s; confirmed publishes {publishes:.0}/s"),
             ratio(rps, http_only.min(publishes)),
         ));
+        rows.push(row(
+            "ingest",
+            format!("CPU per accepted webhook, {connections} connection(s): ingest / RabbitMQ / load generator"),
+            format!("{} / {} / {}", micros_per(cpu[0], held), micros_per(cpu[1], held), micros_per(cpu[2], held)),
+            format!(
+                "raw confirmed publish: RabbitMQ {} / publisher {}",
+                micros_per(ceiling_cpu[0], published),
+                micros_per(ceiling_cpu[1], published)
+            ),
+            "-",
+        ));
     }
     for rate in [1000u64, 5000] {
-        let (latencies, failed) = load::open_loop(&ctx.http, &ingest_hook, rate, ctx.duration, &seq).await;
+        let before =
+            (ingest_count(ctx, &ingest_url, "accepted").await?, ingest_count(ctx, &ingest_url, "unavailable").await?);
+        let (latencies, seen) = load::open_loop(&ctx.http, &ingest_hook, rate, ctx.duration, &seq).await;
         let held = crate::depth(ctx, &queue).await?;
-        anyhow::ensure!(
-            held as usize == latencies.len(),
-            "queue holds {held} but ingest answered 202 {} times",
-            latencies.len()
-        );
+        let accepted = ingest_count(ctx, &ingest_url, "accepted").await? - before.0;
+        let unavailable = ingest_count(ctx, &ingest_url, "unavailable").await? - before.1;
+        let duplicates = check_held(held, &seen, accepted, unavailable)?;
         crate::purge(ctx, &queue).await?;
         rows.push(row(
             "ingest",
-            format!("open loop {rate}/s: p50 / p99 / p99.9 ({} not 202)", failed),
+            format!(
+                "open loop {rate}/s: p50 / p99 / p99.9 ({} not 202, of which held anyway {duplicates})",
+                seen.failed()
+            ),
             format!(
                 "{} / {} / {}",
                 ms(stats::percentile(&latencies, 0.5)),
@@ -143,7 +207,7 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
             "-",
         ));
     }
-    overload(ctx, &ingest, &ingest_hook, &queue, capacity, &seq, rows).await?;
+    overload(ctx, &ingest, &ingest_url, &queue, capacity, &seq, rows).await?;
     let peak_mib = ingest.peak_rss_mib();
     broker.close().await;
     ingest.stop().await;
@@ -157,7 +221,7 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
 async fn overload(
     ctx: &Ctx,
     ingest: &Proc,
-    hook: &str,
+    ingest_url: &str,
     queue: &str,
     capacity: f64,
     seq: &Arc<AtomicU64>,
@@ -173,23 +237,25 @@ async fn overload(
         }
         peak
     };
+    let hook = format!("{ingest_url}/webhooks/calendly");
+    let before =
+        (ingest_count(ctx, ingest_url, "accepted").await?, ingest_count(ctx, ingest_url, "unavailable").await?);
     let offered = async {
-        let result = load::open_loop(&ctx.http, hook, rate, ctx.duration, seq).await;
+        let result = load::open_loop(&ctx.http, &hook, rate, ctx.duration, seq).await;
         stop.store(true, Ordering::Relaxed);
         result
     };
-    let ((latencies, failed), peak) = tokio::join!(offered, sample);
+    let ((latencies, seen), peak) = tokio::join!(offered, sample);
     let held = crate::depth(ctx, queue).await?;
-    anyhow::ensure!(
-        held as usize == latencies.len(),
-        "queue holds {held} but ingest answered 202 {} times",
-        latencies.len()
-    );
+    let accepted = ingest_count(ctx, ingest_url, "accepted").await? - before.0;
+    let unavailable = ingest_count(ctx, ingest_url, "unavailable").await? - before.1;
+    let duplicates = check_held(held, &seen, accepted, unavailable)?;
+    let failed = seen.failed();
     crate::purge(ctx, queue).await?;
     let total = latencies.len() as f64 + failed as f64;
     rows.push(row(
         "ingest",
-        format!("overload: open loop at 2× capacity ({rate}/s): shed share / p99 of 202s / RSS peak (queue = 202s ✓)"),
+        format!("overload: open loop at 2× capacity ({rate}/s): shed share / p99 of 202s / RSS peak (queue = 202s + {duplicates} 503-but-held ✓)"),
         format!(
             "{:.1}% / {} / {peak:.1} MiB",
             100.0 * failed as f64 / total.max(1.0),

@@ -21,37 +21,80 @@ fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
+/// What became of the requests the load generator sent.
+#[derive(Debug, Default)]
+pub struct Tally {
+    /// Answered 202.
+    pub accepted: AtomicU64,
+    /// Answered with another status (503 shed or broker trouble, 408, ...).
+    pub refused: AtomicU64,
+    /// No answer reached the load generator (connection error, its own timeout).
+    pub lost: AtomicU64,
+}
+
+impl Tally {
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Everything that was not a 202.
+    pub fn failed(&self) -> u64 {
+        self.refused() + self.lost()
+    }
+
+    fn count(&self, status: Option<u16>) {
+        let counter = match status {
+            Some(202) => &self.accepted,
+            Some(_) => &self.refused,
+            None => &self.lost,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Sends one signed webhook; the status, or `None` when no answer came back. The whole answer is
+/// read, so a 202 counts only once ingest has finished it.
 pub async fn post(http: &reqwest::Client, url: &str, body: Vec<u8>) -> Option<u16> {
     let sig = signature::sign(SIGNING_KEY.as_bytes(), now(), &body);
-    http.post(url)
+    let response = http
+        .post(url)
         .header(signature::HEADER, sig)
         .header("content-type", "application/json")
         .body(body)
         .send()
         .await
-        .ok()
-        .map(|r| r.status().as_u16())
+        .ok()?;
+    let status = response.status().as_u16();
+    response.bytes().await.ok()?;
+    Some(status)
 }
 
-/// `connections` tasks each sending one request after another for `duration`: answers 202 per second.
+/// `connections` tasks each sending one request after another for `duration`: answers 202 per
+/// second, and what became of every request.
 pub async fn closed_loop(
     http: &reqwest::Client,
     url: &str,
     connections: usize,
     duration: Duration,
     seq: &Arc<AtomicU64>,
-) -> (f64, u64) {
-    let accepted = Arc::new(AtomicU64::new(0));
+) -> (f64, Tally) {
+    let tally = Arc::new(Tally::default());
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
-            let (http, url, accepted, seq) = (http.clone(), url.to_owned(), accepted.clone(), seq.clone());
+            let (http, url, tally, seq) = (http.clone(), url.to_owned(), tally.clone(), seq.clone());
             tokio::spawn(async move {
                 while started.elapsed() < duration {
                     let n = seq.fetch_add(1, Ordering::Relaxed);
-                    if post(&http, &url, body(n)).await == Some(202) {
-                        accepted.fetch_add(1, Ordering::Relaxed);
-                    }
+                    tally.count(post(&http, &url, body(n)).await);
                 }
             })
         })
@@ -59,20 +102,20 @@ pub async fn closed_loop(
     for t in tasks {
         let _ = t.await;
     }
-    let n = accepted.load(Ordering::Relaxed);
-    (n as f64 / started.elapsed().as_secs_f64(), n)
+    let tally = Arc::into_inner(tally).expect("every task is done");
+    (tally.accepted() as f64 / started.elapsed().as_secs_f64(), tally)
 }
 
 /// Requests started on a fixed schedule (`rate` per second) whatever the answers do; latency is
 /// measured from the scheduled start, so a stall is not hidden (no coordinated omission).
-/// Returns sorted latencies of 202 answers and the count of other outcomes.
+/// Returns sorted latencies of 202 answers and what became of every request.
 pub async fn open_loop(
     http: &reqwest::Client,
     url: &str,
     rate: u64,
     duration: Duration,
     seq: &Arc<AtomicU64>,
-) -> (Vec<Duration>, u64) {
+) -> (Vec<Duration>, Tally) {
     let total = rate * duration.as_secs();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
     let start = tokio::time::Instant::now();
@@ -87,13 +130,14 @@ pub async fn open_loop(
         }));
     }
     let mut latencies = Vec::with_capacity(tasks.len());
-    let mut failed = 0;
+    let tally = Tally::default();
     for t in tasks {
-        match t.await {
-            Ok((Some(202), latency)) => latencies.push(latency),
-            _ => failed += 1,
+        let (status, latency) = t.await.unwrap_or((None, Duration::ZERO));
+        tally.count(status);
+        if status == Some(202) {
+            latencies.push(latency);
         }
     }
     latencies.sort();
-    (latencies, failed)
+    (latencies, tally)
 }

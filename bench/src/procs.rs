@@ -78,3 +78,106 @@ pub async fn wait_ok(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     }
     bail!("{url} never became ready")
 }
+
+/// CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_of(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command (which may hold spaces), counted from field 3: utime is 14, stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(ticks as f64 / CLOCK_TICKS_PER_SECOND))
+}
+
+/// Linux's USER_HZ, what `/proc/<pid>/stat` counts CPU time in.
+const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
+
+/// The machine's own RabbitMQ node (Debian's service: `-home /var/lib/rabbitmq`), not a private
+/// cluster node a benchmark started.
+pub fn machine_broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.filter_map(Result::ok).find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        (cmdline.contains("beam.smp") && cmdline.contains("-home /var/lib/rabbitmq")).then_some(pid)
+    })
+}
+
+/// Whose CPU a [`CpuMeter`] measures.
+#[derive(Clone, Copy)]
+pub enum Who {
+    /// One process (`None`: unknown, reported as `?`).
+    Pid(Option<u32>),
+    /// Every process with this command name (PostgreSQL's backends come and go with the pools: a
+    /// backend that exits during the stretch takes its CPU with it, so this is a lower bound).
+    Comm(&'static str),
+}
+
+impl Who {
+    fn pids(self) -> Vec<u32> {
+        match self {
+            Self::Pid(pid) => pid.into_iter().collect(),
+            Self::Comm(name) => std::fs::read_dir("/proc")
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim_end() == name))
+                .collect(),
+        }
+    }
+}
+
+/// CPU used by the measured processes over a stretch of a benchmark, and by the whole machine.
+pub struct CpuMeter {
+    who: Vec<Who>,
+    start: Vec<std::collections::HashMap<u32, Duration>>,
+    machine_start: Option<Duration>,
+}
+
+impl CpuMeter {
+    pub fn start(who: Vec<Who>) -> Self {
+        let start = who.iter().map(|w| w.pids().into_iter().filter_map(|p| Some((p, cpu_of(p)?))).collect()).collect();
+        Self { who, start, machine_start: machine_busy() }
+    }
+
+    /// CPU each of them used since [`Self::start`], in the order given.
+    pub fn used(&self) -> Vec<Option<Duration>> {
+        self.who
+            .iter()
+            .zip(&self.start)
+            .map(|(who, start)| {
+                let pids = who.pids();
+                if pids.is_empty() {
+                    return None;
+                }
+                Some(
+                    pids.into_iter()
+                        .filter_map(|p| Some(cpu_of(p)?.saturating_sub(*start.get(&p).unwrap_or(&Duration::ZERO))))
+                        .sum(),
+                )
+            })
+            .collect()
+    }
+
+    /// CPU the whole machine spent (all cores, everything but idle and I/O wait) since the start.
+    pub fn machine(&self) -> Option<Duration> {
+        Some(machine_busy()?.saturating_sub(self.machine_start?))
+    }
+}
+
+/// Busy CPU time of the machine since boot, from `/proc/stat`'s first line.
+fn machine_busy() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal ...: busy = all but idle (3) and iowait (4).
+    let busy: u64 = fields.iter().enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, v)| v).sum();
+    Some(Duration::from_secs_f64(busy as f64 / CLOCK_TICKS_PER_SECOND))
+}
+
+/// CPU per unit of work, in µs (or `?` when unknown).
+pub fn micros_per(cpu: Option<Duration>, units: u64) -> String {
+    match cpu {
+        Some(cpu) if units > 0 => format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / units as f64),
+        _ => "?".into(),
+    }
+}
