@@ -13,9 +13,9 @@
 //! Callers never wait for a reconnect: while the link is down `publish` fails at once, which
 //! ingest turns into a fast 503 so Calendly retries later.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{Channel, Confirmation, Connection, ConnectionProperties};
@@ -89,6 +89,21 @@ struct Link {
     broken: Notify,
     /// Confirm waits that timed out in a row on this link (reset by any ack).
     timeouts_in_a_row: AtomicUsize,
+    /// When this link last heard a confirm (ack or nack), in ms since `opened`.
+    last_confirm_ms: AtomicU64,
+    opened: Instant,
+}
+
+impl Link {
+    fn heard_confirm(&self) {
+        self.last_confirm_ms.store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Whether the node has confirmed nothing at all for `window`: wedged, as opposed to slow.
+    fn silent_for(&self, window: Duration) -> bool {
+        let last = Duration::from_millis(self.last_confirm_ms.load(Ordering::Relaxed));
+        self.opened.elapsed().saturating_sub(last) >= window
+    }
 }
 
 /// One confirm-mode channel of the publish pool, replaceable in place.
@@ -230,8 +245,14 @@ impl Broker {
         };
         let outcome = match tokio::time::timeout(timeout, confirm).await {
             Err(_) => {
-                // One slow confirm is a 503; several in a row mean the node is wedged: move on.
-                if link.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_FAILOVER {
+                // One slow confirm is a 503. Several in a row with no confirm at all meanwhile mean
+                // the node is wedged: move on. A node that is only slow (overloaded, a long fsync)
+                // keeps confirming: leaving it would abandon every publish in flight on this link,
+                // answering 503 for hundreds of messages it is about to hold (each one a duplicate
+                // Calendly then sends again).
+                if link.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_BEFORE_FAILOVER
+                    && link.silent_for(timeout)
+                {
                     tracing::warn!(node = %link.node, "RabbitMQ stopped confirming; moving to the next node");
                     self.mark_broken(&link);
                 }
@@ -244,6 +265,7 @@ impl Broker {
             Ok(Ok(confirmation)) => confirmation,
         };
         link.timeouts_in_a_row.store(0, Ordering::Relaxed);
+        link.heard_confirm();
         match outcome {
             Confirmation::Ack(None) => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable),
@@ -345,7 +367,15 @@ async fn connect(config: &BrokerConfig, node: &SecretString) -> lapin::Result<Li
     for _ in 0..config.publish_channels {
         publish.push(PublishChannel::new(confirm_channel(&conn).await?));
     }
-    Ok(Link { conn, node: node_name(node), publish, broken: Notify::new(), timeouts_in_a_row: AtomicUsize::new(0) })
+    Ok(Link {
+        conn,
+        node: node_name(node),
+        publish,
+        broken: Notify::new(),
+        timeouts_in_a_row: AtomicUsize::new(0),
+        last_confirm_ms: AtomicU64::new(0),
+        opened: Instant::now(),
+    })
 }
 
 async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
