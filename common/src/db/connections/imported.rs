@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{ACCESS_TOKEN, Connected, Connection, ConnectionStatus, PROVIDER, REFRESH_TOKEN, binding};
+use super::linking::insert_connected;
+use super::{Connected, Connection, ConnectionStatus, PROVIDER, StoreError};
 use crate::crypto::TokenCipher;
 use crate::db::changes::{self, Cause, ReauthReason};
 
@@ -48,35 +49,18 @@ pub enum Imported {
 /// account belongs to another app user.
 pub async fn store_imported(pool: &PgPool, cipher: &TokenCipher, c: &Connected<'_>) -> sqlx::Result<Imported> {
     let mut tx = changes::begin(pool, Cause::Connect).await?;
-    let id = Uuid::new_v4();
-    let access = cipher.encrypt(c.access_token, binding(id, ACCESS_TOKEN));
-    let refresh = cipher.encrypt(c.refresh_token, binding(id, REFRESH_TOKEN));
-    let stored = sqlx::query_as(concat!(
+    let insert = concat!(
         "INSERT INTO calendar_connections (id, user_id, provider, calendly_user_uri, calendly_organization_uri, \
              access_token, refresh_token, token_expires_at, is_active, status, imported_at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, true, $9, now()) \
          ON CONFLICT (provider, user_id) DO NOTHING RETURNING ",
         connection_columns!()
-    ))
-    .bind(id)
-    .bind(c.user_id)
-    .bind(PROVIDER)
-    .bind(c.calendly_user_uri)
-    .bind(c.calendly_organization_uri)
-    .bind(&access)
-    .bind(&refresh)
-    .bind(c.expires_at)
-    .bind(ConnectionStatus::Active)
-    .fetch_optional(&mut *tx)
-    .await;
-    let outcome = match stored {
+    );
+    let outcome = match insert_connected(&mut tx, cipher, Uuid::new_v4(), c, insert).await {
         Ok(Some(connection)) => Imported::Stored(Box::new(connection)),
         Ok(None) => Imported::UserHasConnection,
-        // calendar_connections_active_calendly_user_key: one Calendly account, one app user.
-        Err(sqlx::Error::Database(e)) if e.constraint() == Some("calendar_connections_active_calendly_user_key") => {
-            return Ok(Imported::AccountTaken);
-        }
-        Err(e) => return Err(e),
+        Err(StoreError::AccountTaken) => return Ok(Imported::AccountTaken),
+        Err(StoreError::Database(e)) => return Err(e),
     };
     tx.commit().await?;
     Ok(outcome)

@@ -121,37 +121,50 @@ pub async fn store_connected(pool: &PgPool, cipher: &TokenCipher, c: &Connected<
             .fetch_optional(&mut *tx)
             .await?;
     let id = existing.map_or_else(Uuid::new_v4, |(id,)| id);
-    let access = cipher.encrypt(c.access_token, binding(id, ACCESS_TOKEN));
-    let refresh = cipher.encrypt(c.refresh_token, binding(id, REFRESH_TOKEN));
-    let result = sqlx::query(
+    let upsert = concat!(
         "INSERT INTO calendar_connections (id, user_id, provider, calendly_user_uri, calendly_organization_uri, \
              access_token, refresh_token, token_expires_at, is_active, status, last_error) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, true, $9, NULL) \
          ON CONFLICT (provider, user_id) DO UPDATE SET calendly_user_uri = EXCLUDED.calendly_user_uri, \
              calendly_organization_uri = EXCLUDED.calendly_organization_uri, access_token = EXCLUDED.access_token, \
              refresh_token = EXCLUDED.refresh_token, token_expires_at = EXCLUDED.token_expires_at, \
-             is_active = true, status = EXCLUDED.status, last_error = NULL, updated_at = now()",
-    )
-    .bind(id)
-    .bind(c.user_id)
-    .bind(PROVIDER)
-    .bind(c.calendly_user_uri)
-    .bind(c.calendly_organization_uri)
-    .bind(&access)
-    .bind(&refresh)
-    .bind(c.expires_at)
-    .bind(ConnectionStatus::Active)
-    .execute(&mut *tx)
-    .await;
-    match result {
-        Ok(_) => {}
-        // calendar_connections_active_calendly_user_key: one Calendly account, one app user.
-        Err(sqlx::Error::Database(e)) if e.constraint() == Some("calendar_connections_active_calendly_user_key") => {
-            return Err(StoreError::AccountTaken);
-        }
-        Err(e) => return Err(e.into()),
-    }
-    let connection = sqlx::query_as(select_connection!("WHERE id = $1")).bind(id).fetch_one(&mut *tx).await?;
+             is_active = true, status = EXCLUDED.status, last_error = NULL, updated_at = now() \
+         RETURNING ",
+        connection_columns!()
+    );
+    let connection = insert_connected(&mut tx, cipher, id, c, upsert).await?.ok_or(sqlx::Error::RowNotFound)?;
     tx.commit().await?;
     Ok(connection)
+}
+
+/// Runs `sql` — an insert of `c` as row `id`, its parameters in the order bound here, `RETURNING`
+/// the connection — with the tokens sealed to that row. `None` when `sql`'s conflict rule wrote
+/// nothing; [`StoreError::AccountTaken`] when the Calendly account is another app user's.
+pub(super) async fn insert_connected(
+    tx: &mut PgConnection,
+    cipher: &TokenCipher,
+    id: Uuid,
+    c: &Connected<'_>,
+    sql: &'static str,
+) -> Result<Option<Connection>, StoreError> {
+    let result = sqlx::query_as(sql)
+        .bind(id)
+        .bind(c.user_id)
+        .bind(PROVIDER)
+        .bind(c.calendly_user_uri)
+        .bind(c.calendly_organization_uri)
+        .bind(cipher.encrypt(c.access_token, binding(id, ACCESS_TOKEN)))
+        .bind(cipher.encrypt(c.refresh_token, binding(id, REFRESH_TOKEN)))
+        .bind(c.expires_at)
+        .bind(ConnectionStatus::Active)
+        .fetch_optional(tx)
+        .await;
+    match result {
+        Ok(connection) => Ok(connection),
+        // calendar_connections_active_calendly_user_key: one Calendly account, one app user.
+        Err(sqlx::Error::Database(e)) if e.constraint() == Some("calendar_connections_active_calendly_user_key") => {
+            Err(StoreError::AccountTaken)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
