@@ -129,8 +129,13 @@ async fn replay_dead(settings: &WorkerSettings) -> anyhow::Result<()> {
 }
 
 async fn pool(settings: &WorkerSettings) -> anyhow::Result<sqlx::PgPool> {
+    pool_of(settings, 2).await
+}
+
+/// An operator command's pool of `size` connections, migrated.
+async fn pool_of(settings: &WorkerSettings, size: u32) -> anyhow::Result<sqlx::PgPool> {
     let url = &settings.shared.database.database_url;
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_lazy(url)?;
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(size).connect_lazy(url)?;
     calsync_common::db::prepare(url, &pool).await?;
     Ok(pool)
 }
@@ -220,7 +225,9 @@ async fn import_connections(
     // Checked before anything is opened: a run that cannot finish its rows must not start them.
     let callback_url = if dry_run { None } else { Some(admin::import::callback_url(settings)?) };
     let source = Source::open(from, table.clone()).await?;
-    let pool = pool(settings).await?;
+    // Each row in flight takes budget and store statements of its own: two connections would
+    // queue `--concurrency` rows behind each other.
+    let pool = pool_of(settings, u32::from(concurrency).div_ceil(2).max(2)).await?;
     let target = match callback_url {
         None => None,
         Some(callback_url) => {

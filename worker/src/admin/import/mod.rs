@@ -83,22 +83,21 @@ pub async fn import(
     let ids: Vec<Uuid> = read.rows.iter().filter_map(|r| r.user_id.parse().ok()).collect();
     let existing = connections::existing_for(pool, &ids).await?;
     let mut seen = HashSet::new();
-    // Decided from the two databases alone: the rows Calendly must not be asked about.
-    let decided: Vec<Option<Outcome>> = read
+    // Decided from the two databases alone: the rows Calendly must not be asked about (`Err`), and
+    // the app user of each row it must be (`Ok`).
+    let decided: Vec<Result<Uuid, Outcome>> = read
         .rows
         .iter()
         .map(|row| {
-            let Ok(user) = row.user_id.parse::<Uuid>() else { return Some(Outcome::Skipped(Skip::NotAUuid)) };
+            let Ok(user) = row.user_id.parse::<Uuid>() else { return Err(Outcome::Skipped(Skip::NotAUuid)) };
             if !seen.insert(user) {
-                return Some(Outcome::Skipped(Skip::DuplicateUser));
+                return Err(Outcome::Skipped(Skip::DuplicateUser));
             }
-            existing.get(&user).map(|had| {
-                Outcome::Skipped(if had.imported {
-                    Skip::AlreadyImported
-                } else {
-                    Skip::UserHasConnection(Some(had.status))
-                })
-            })
+            match existing.get(&user) {
+                Some(had) if had.imported => Err(Outcome::Skipped(Skip::AlreadyImported)),
+                Some(had) => Err(Outcome::Skipped(Skip::UserHasConnection(Some(had.status)))),
+                None => Ok(user),
+            }
         })
         .collect();
 
@@ -107,8 +106,8 @@ pub async fn import(
             let mut rows = Vec::with_capacity(read.rows.len());
             for (row, decided) in read.rows.iter().zip(decided) {
                 let outcome = match decided {
-                    Some(outcome) => outcome,
-                    None => Outcome::WouldImport { notes: dry_run_notes(pool, row).await? },
+                    Err(outcome) => outcome,
+                    Ok(user) => Outcome::WouldImport { notes: dry_run_notes(pool, row, user).await? },
                 };
                 rows.push(RowReport { user_id: row.user_id.clone(), outcome });
             }
@@ -117,9 +116,9 @@ pub async fn import(
         Some(target) => {
             let work = read.rows.iter().zip(decided).enumerate().map(|(n, (row, decided))| async move {
                 let outcome = match decided {
-                    Some(outcome) => outcome,
-                    None if target.stop.is_cancelled() => Outcome::Failed("interrupted before it started".into()),
-                    None => import_row(pool, target, row).await,
+                    Err(outcome) => outcome,
+                    Ok(_) if target.stop.is_cancelled() => Outcome::Failed("interrupted before it started".into()),
+                    Ok(user) => import_row(pool, target, row, user).await,
                 };
                 (n, RowReport { user_id: row.user_id.clone(), outcome })
             });
@@ -140,12 +139,11 @@ pub async fn import(
 }
 
 /// What a dry run can say about a row without asking Calendly.
-async fn dry_run_notes(pool: &PgPool, row: &SourceRow) -> anyhow::Result<Vec<String>> {
+async fn dry_run_notes(pool: &PgPool, row: &SourceRow, user: Uuid) -> anyhow::Result<Vec<String>> {
     let mut notes = Vec::new();
     match &row.calendly_user_uri {
         None => notes.push("no Calendly user in the source: Calendly will say whose it is".to_owned()),
         Some(uri) => {
-            let user: Uuid = row.user_id.parse()?;
             if connections::is_linked_to_another_user(pool, uri, user).await? {
                 notes.push(format!(
                     "the source's {uri} is connected to another app user here: skipped if Calendly confirms it"
@@ -160,11 +158,7 @@ async fn dry_run_notes(pool: &PgPool, row: &SourceRow) -> anyhow::Result<Vec<Str
 }
 
 /// Verifies one row with Calendly and stores what it is.
-async fn import_row(pool: &PgPool, target: &Target, row: &SourceRow) -> Outcome {
-    let user: Uuid = match row.user_id.parse() {
-        Ok(user) => user,
-        Err(_) => return Outcome::Skipped(Skip::NotAUuid),
-    };
+async fn import_row(pool: &PgPool, target: &Target, row: &SourceRow, user: Uuid) -> Outcome {
     let result = match target.verifier.verify(row).await {
         Verdict::Failed(reason) => return Outcome::Failed(reason),
         Verdict::Unverifiable { code, reason } => {
