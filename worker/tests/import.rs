@@ -309,3 +309,29 @@ async fn a_source_without_the_table_or_its_columns_or_out_of_reach_is_a_clear_er
     seed.drop_now().await;
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_pair_refreshed_for_an_account_connected_to_another_app_user_is_revoked_not_kept(pool: PgPool) {
+    let h = Harness::new(pool).await;
+    let seed = SeedDatabase::create(&h.db_url).await;
+    // The old system holds a grant of Eve's account, which is connected here to another app user;
+    // its access token expired, so the import spends the source's refresh token to ask who it is.
+    let eve_here = h.connect("Eve").await;
+    let old = h.sim.sim.grant_tokens(&eve_here.uri).unwrap();
+    h.sim.sim.expire_tokens(&eve_here.uri).unwrap();
+    let someone = Uuid::new_v4();
+    let token = |k: &str| old[k].as_str().unwrap().to_owned();
+    seed.insert(&[SeedRow::calendly(someone, &token("access_token"), &token("refresh_token"))]).await;
+    let revocations = |h: &Harness| h.sim.sim.counters_json()["revocations"].as_u64().unwrap();
+    let (revoked_before, refreshes_before) = (revocations(&h), h.sim.sim.token_grants("refresh_token"));
+
+    let run = import(&h, &seed, &[]).await;
+
+    assert!(run.ok, "{}", run.everything);
+    assert!(line_of(&run, someone).contains("connected to another app user"), "{}", run.stdout);
+    assert_eq!(h.sim.sim.token_grants("refresh_token"), refreshes_before + 1, "the source's grant was refreshed");
+    assert_eq!(revocations(&h), revoked_before + 2, "the new access and refresh token are revoked, not left live");
+    assert!(!connections_here(&h).await.contains_key(&someone));
+    seed.drop_now().await;
+    h.stop().await;
+}
