@@ -18,7 +18,7 @@ const POLL: Duration = Duration::from_millis(300);
 /// The app's reader, running in the background until [`AppFeed::stop`].
 pub struct AppFeed {
     stop: CancellationToken,
-    reader: JoinHandle<anyhow::Result<Vec<Value>>>,
+    reader: JoinHandle<anyhow::Result<(Reader, Vec<Value>)>>,
 }
 
 /// What the app keeps of one change (and prints).
@@ -41,56 +41,66 @@ fn line(change: &Value) -> String {
     )
 }
 
+/// The app's side of `GET /changes`: where it has read up to.
+struct Reader {
+    http: reqwest::Client,
+    ingest_url: String,
+    api_token: String,
+    cursor: Option<String>,
+}
+
+impl Reader {
+    /// The next page after the cursor (the cursor moves on).
+    async fn next_page(&mut self) -> anyhow::Result<Vec<Value>> {
+        let mut url = url::Url::parse(&format!("{}/changes", self.ingest_url))?;
+        url.query_pairs_mut().append_pair("limit", "1000");
+        if let Some(after) = &self.cursor {
+            url.query_pairs_mut().append_pair("after", after);
+        }
+        let response = send_patiently(self.http.get(url).bearer_auth(&self.api_token)).await?;
+        let status = response.status();
+        let body: Value = response.json().await.context("GET /changes answers JSON")?;
+        if !status.is_success() {
+            bail!("GET /changes: {status} {body}");
+        }
+        self.cursor = Some(body["next_cursor"].as_str().context("next_cursor")?.to_owned());
+        Ok(body["changes"].as_array().cloned().unwrap_or_default())
+    }
+
+    /// Reads one page and prints each change as the app receives it.
+    async fn read_into(&mut self, seen: &mut Vec<Value>) -> anyhow::Result<()> {
+        for change in self.next_page().await? {
+            println!("{}", line(&change));
+            seen.push(change);
+        }
+        Ok(())
+    }
+}
+
+/// How long [`AppFeed::stop`] keeps reading for changes still on their way: a change is numbered
+/// in the feed shortly after its transaction commits, so the rows can be in PostgreSQL a moment
+/// before the app is told about them.
+const SETTLE: Duration = Duration::from_secs(60);
+
 impl AppFeed {
     /// Starts reading from the feed's current end (a stack that ran the demo before has older
     /// changes: they are not this run's story).
     pub async fn follow(stack: &Stack) -> anyhow::Result<Self> {
-        let (http, e) = (stack.http.clone(), stack.endpoints.clone());
-        let page = move |after: Option<String>| {
-            let (http, e) = (http.clone(), e.clone());
-            async move {
-                let mut url = url::Url::parse(&format!("{}/changes", e.ingest_url))?;
-                url.query_pairs_mut().append_pair("limit", "1000");
-                if let Some(after) = &after {
-                    url.query_pairs_mut().append_pair("after", after);
-                }
-                let response = send_patiently(http.get(url).bearer_auth(&e.api_token)).await?;
-                let status = response.status();
-                let body: Value = response.json().await.context("GET /changes answers JSON")?;
-                if !status.is_success() {
-                    bail!("GET /changes: {status} {body}");
-                }
-                let changes = body["changes"].as_array().cloned().unwrap_or_default();
-                let next = body["next_cursor"].as_str().context("next_cursor")?.to_owned();
-                anyhow::Ok((changes, next))
-            }
+        let mut reader = Reader {
+            http: stack.http.clone(),
+            ingest_url: stack.endpoints.ingest_url.clone(),
+            api_token: stack.endpoints.api_token.clone(),
+            cursor: None,
         };
-        let mut cursor = None;
-        loop {
-            let (changes, next) = page(cursor.clone()).await?;
-            cursor = Some(next);
-            if changes.is_empty() {
-                break;
-            }
-        }
+        while !reader.next_page().await?.is_empty() {}
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let reader = tokio::spawn(async move {
             let mut seen = Vec::new();
             loop {
-                // A last read after the stop, so nothing committed before it is left out.
-                let last = stopped.is_cancelled();
-                let (changes, next) = page(cursor.clone()).await?;
-                cursor = Some(next);
-                for change in changes {
-                    println!("{}", line(&change));
-                    seen.push(change);
-                }
-                if last {
-                    return Ok(seen);
-                }
+                reader.read_into(&mut seen).await?;
                 tokio::select! {
-                    _ = stopped.cancelled() => {}
+                    _ = stopped.cancelled() => return Ok((reader, seen)),
                     _ = tokio::time::sleep(POLL) => {}
                 }
             }
@@ -98,23 +108,13 @@ impl AppFeed {
         Ok(Self { stop, reader })
     }
 
-    /// Stops reading, then checks what an app needs: each of `kinds` arrived, and every meeting and
-    /// invitee row of `users` was announced by at least one change (which kinds depends on the order
-    /// Calendly's deliveries happened to arrive in: a no-show processed before its booking is one
-    /// `invitee.created`). Returns a summary line.
+    /// Stops the background reader, then goes on reading until what an app needs has arrived or
+    /// [`SETTLE`] has passed: each of `kinds`, and a change announcing every meeting and invitee
+    /// row of `users` (which kinds depends on the order Calendly's deliveries happened to arrive
+    /// in: a no-show processed before its booking is one `invitee.created`). Returns a summary line.
     pub async fn stop(self, pool: &sqlx::PgPool, users: &[Uuid], kinds: &[&str]) -> anyhow::Result<String> {
         self.stop.cancel();
-        let seen = self.reader.await.context("the feed reader")??;
-        let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
-        for change in &seen {
-            *counts.entry(change["kind"].as_str().unwrap_or("?")).or_default() += 1;
-        }
-        let missing: Vec<&&str> = kinds.iter().filter(|k| !counts.contains_key(**k)).collect();
-        if !missing.is_empty() {
-            bail!("the app was never told: {missing:?} (it got {counts:?})");
-        }
-        let announced: HashSet<&str> =
-            seen.iter().flat_map(|c| [c["meeting_id"].as_str(), c["invitee_id"].as_str()]).flatten().collect();
+        let (mut reader, mut seen) = self.reader.await.context("the feed reader")??;
         let rows: Vec<(String,)> = sqlx::query_as(
             "SELECT m.id::text FROM meetings m WHERE m.user_id = ANY($1) \
              UNION ALL SELECT i.id::text FROM meeting_invitees i JOIN meetings m ON m.id = i.meeting_id \
@@ -123,16 +123,37 @@ impl AppFeed {
         .bind(users)
         .fetch_all(pool)
         .await?;
-        let unannounced = rows.iter().filter(|(id,)| !announced.contains(id.as_str())).count();
-        if unannounced > 0 {
-            bail!("{unannounced} of {} meeting and invitee rows were never announced in the feed", rows.len());
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        loop {
+            let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+            for change in &seen {
+                *counts.entry(change["kind"].as_str().unwrap_or("?")).or_default() += 1;
+            }
+            let missing: Vec<&&str> = kinds.iter().filter(|k| !counts.contains_key(**k)).collect();
+            let announced: HashSet<&str> =
+                seen.iter().flat_map(|c| [c["meeting_id"].as_str(), c["invitee_id"].as_str()]).flatten().collect();
+            let unannounced = rows.iter().filter(|(id,)| !announced.contains(id.as_str())).count();
+            if missing.is_empty() && unannounced == 0 {
+                let counts: Vec<String> = counts.into_iter().map(|(k, n)| format!("{k} {n}")).collect();
+                return Ok(format!(
+                    "the app received {} changes through GET /changes, announcing all {} meeting and invitee rows: {}",
+                    seen.len(),
+                    rows.len(),
+                    counts.join(", ")
+                ));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                if !missing.is_empty() {
+                    bail!("the app was never told: {missing:?} (it got {counts:?})");
+                }
+                bail!(
+                    "{unannounced} of {} meeting and invitee rows were not announced in the feed within {}s",
+                    rows.len(),
+                    SETTLE.as_secs()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+            reader.read_into(&mut seen).await?;
         }
-        let counts: Vec<String> = counts.into_iter().map(|(k, n)| format!("{k} {n}")).collect();
-        Ok(format!(
-            "the app received {} changes through GET /changes, announcing all {} meeting and invitee rows: {}",
-            seen.len(),
-            rows.len(),
-            counts.join(", ")
-        ))
     }
 }
