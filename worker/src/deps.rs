@@ -15,6 +15,7 @@ use crate::budget::Budgets;
 use crate::calendly_call::CalendlyCalls;
 use crate::db_gate::DbGate;
 use crate::fetch::EventFetcher;
+use crate::resolver::Resolver;
 use crate::settings::WorkerSettings;
 use crate::tokens::Tokens;
 use crate::writer::Writer;
@@ -25,6 +26,8 @@ pub struct Deps {
     pub calls: CalendlyCalls,
     /// The event a webhook is about, shared among concurrent deliveries.
     pub events: EventFetcher,
+    /// Whose delivery it is, looked up for many deliveries at once.
+    pub resolver: Resolver,
     /// The database stage: deliveries' rows, written in batches.
     pub writer: Writer,
     /// Closed while PostgreSQL is unreachable: the consumers pause.
@@ -55,6 +58,7 @@ impl Deps {
         Ok(Self {
             events: EventFetcher::new(calls.clone()),
             calls,
+            resolver: Resolver::start(pool.clone()),
             writer: Writer::start(pool.clone(), settings.batching()),
             db_gate: DbGate::default(),
             key_failures,

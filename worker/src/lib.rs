@@ -19,6 +19,8 @@
 //! - [`access_token`]: the token as held in memory.
 //! - [`fetch`]: `EventFetcher`, the scheduled-event fetch, shared among concurrent deliveries for one event.
 //! - [`single_flight`]: one execution per key at a time, generic.
+//! - [`resolver`]: whose delivery it is (connection of `created_by`, inbox status), looked up for
+//!   many deliveries in one statement.
 //! - [`writer`]: the database stage: deliveries' rows written in batches, acked after the commit.
 //! - [`deps`]: the handles processing uses (each owns its state), built once per process; steps
 //!   take or destructure the ones they touch.
@@ -39,6 +41,7 @@ pub mod gauges;
 pub mod leader;
 pub mod outcome;
 pub mod process;
+pub mod resolver;
 pub mod retention;
 pub mod scheduler;
 pub mod series;

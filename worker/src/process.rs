@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use calsync_common::calendly::types::EventKind;
 use calsync_common::calendly::webhook::{Change, InviteeChange, Webhook};
-use calsync_common::db::connections::{self, Connection, ConnectionStatus};
+use calsync_common::db::connections::{Connection, ConnectionStatus};
 use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
 use calsync_common::meeting::{Meeting, MeetingInvitee};
 use calsync_common::queue::message::{self, Incoming};
@@ -50,9 +50,7 @@ async fn handle(deps: &Deps, delivery: &Incoming, webhook: &Webhook) -> Result<O
     };
 
     // The one and only way to find the user: the Calendly user who created the subscription.
-    let Some(resolved) =
-        connections::resolve_for_delivery(&deps.pool, &webhook.created_by, &delivery.message_id).await?
-    else {
+    let Some(resolved) = deps.resolver.resolve(&webhook.created_by, &delivery.message_id).await? else {
         tracing::info!(created_by = %webhook.created_by, "no connected user for this webhook; parked as unmatched");
         metrics::counter!("calsync_worker_unmatched_total").increment(1);
         return Ok(Outcome::ack(InboxStatus::Unmatched));

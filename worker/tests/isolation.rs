@@ -129,3 +129,72 @@ async fn a_body_that_pairs_an_event_with_another_events_invitee_is_dead_and_writ
     assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 0);
     h.stop().await;
 }
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn hundreds_of_deliveries_resolved_together_each_get_their_own_senders_connection_and_inbox_status(pool: PgPool) {
+    use calsync_common::calendly::webhook::Webhook;
+    use calsync_common::db::inbox::{self, InboxRecord, InboxStatus};
+    use calsync_worker::resolver::Resolver;
+
+    let h = Harness::new(pool.clone()).await;
+    let mut users = Vec::new();
+    for name in ["Ada", "Bob", "Cy", "Dee", "Eve"] {
+        users.push(h.connect(name).await);
+    }
+    for user in &users {
+        h.book(user, 4);
+    }
+    // Each user's four deliveries, and a copy of each as if sent by a Calendly user nobody connected.
+    let mut bodies = h.captured();
+    let strangers: Vec<Vec<u8>> = bodies
+        .iter()
+        .map(|body| {
+            let mut envelope: Value = serde_json::from_slice(body).unwrap();
+            envelope["created_by"] = "https://api.calendly.com/users/nobody-we-know".into();
+            serde_json::to_vec(&envelope).unwrap()
+        })
+        .collect();
+    bodies.extend(strangers);
+    let webhooks: Vec<Webhook> = bodies.iter().map(|b| Webhook::parse(b).unwrap()).collect();
+    // Every third delivery was seen before, each with a status of its own.
+    let statuses = [InboxStatus::Processed, InboxStatus::Unmatched, InboxStatus::AwaitingReauth];
+    let message_id = |i: usize| format!("resolve-{i}");
+    for i in (0..webhooks.len()).step_by(3) {
+        let record = InboxRecord {
+            message_id: &message_id(i),
+            event: Some("invitee.created"),
+            created_by: Some(webhooks[i].created_by.as_str()),
+            received_at: time::OffsetDateTime::now_utc(),
+            status: statuses[i / 3 % 3],
+            attempts: 1,
+            last_error: None,
+            body: b"{}",
+            traceparent: None,
+        };
+        inbox::record(&pool, &record).await.unwrap();
+    }
+
+    // Ten rounds of all of them at once, so lookups hold many deliveries in mixed order.
+    let resolver = Resolver::start(pool.clone());
+    let asks = (0..10).flat_map(|_| 0..webhooks.len()).map(|i| {
+        let (resolver, webhook, id) = (resolver.clone(), &webhooks[i], message_id(i));
+        async move { (i, resolver.resolve(&webhook.created_by, &id).await.unwrap()) }
+    });
+    let answers = futures_util::future::join_all(asks).await;
+
+    assert_eq!(answers.len(), 10 * 40);
+    for (i, answer) in answers {
+        let sender = webhooks[i].created_by.as_str();
+        let expected_status = (i % 3 == 0).then(|| statuses[i / 3 % 3]);
+        match users.iter().find(|u| u.uri == sender) {
+            Some(user) => {
+                let resolved = answer.unwrap_or_else(|| panic!("delivery {i} from {} found nobody", user.uri));
+                assert_eq!(resolved.connection.user_id, user.app_user, "delivery {i} went to another user");
+                assert_eq!(resolved.connection.id, user.connection_id);
+                assert_eq!(resolved.inbox_status, expected_status, "delivery {i}'s inbox status");
+            }
+            None => assert!(answer.is_none(), "delivery {i} from a stranger was resolved to {answer:?}"),
+        }
+    }
+    h.stop().await;
+}

@@ -149,23 +149,40 @@ pub struct Resolved {
     pub inbox_status: Option<InboxStatus>,
 }
 
-/// The active connection of `calendly_user_uri`, with the inbox status of `message_id`.
-pub async fn resolve_for_delivery(
-    pool: &PgPool,
-    calendly_user_uri: &CalendlyUserUri,
-    message_id: &str,
-) -> sqlx::Result<Option<Resolved>> {
-    sqlx::query_as(concat!(
-        "SELECT ",
+/// [`Resolved`] with the position of the delivery it answers.
+#[derive(sqlx::FromRow)]
+struct ResolvedAt {
+    wanted_at: i64,
+    #[sqlx(flatten)]
+    resolved: Resolved,
+}
+
+/// For each delivery `(created_by, message_id)` of `wanted`, the active connection of that
+/// Calendly user with the inbox status of that message — many deliveries in one statement. Answer
+/// `i` is delivery `i`'s, matched through its own position (`WITH ORDINALITY`): each delivery is
+/// found by its own `created_by` alone, whatever else the statement looks up.
+pub async fn resolve_all(pool: &PgPool, wanted: &[(&CalendlyUserUri, &str)]) -> sqlx::Result<Vec<Option<Resolved>>> {
+    let (uris, message_ids): (Vec<&str>, Vec<&str>) = wanted.iter().map(|(uri, id)| (uri.as_str(), *id)).unzip();
+    let rows: Vec<ResolvedAt> = sqlx::query_as(concat!(
+        "SELECT w.wanted_at, ",
         connection_columns!(),
-        ", (SELECT status FROM webhook_inbox WHERE message_id = $3) AS inbox_status \
-         FROM calendar_connections WHERE provider = $1 AND calendly_user_uri = $2 AND is_active"
+        ", (SELECT status FROM webhook_inbox WHERE message_id = w.wanted_message) AS inbox_status \
+         FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS w(wanted_uri, wanted_message, wanted_at) \
+         JOIN calendar_connections ON provider = $1 AND calendly_user_uri = w.wanted_uri AND is_active"
     ))
     .bind(PROVIDER)
-    .bind(calendly_user_uri.as_str())
-    .bind(message_id)
-    .fetch_optional(pool)
-    .await
+    .bind(&uris)
+    .bind(&message_ids)
+    .fetch_all(pool)
+    .await?;
+    let mut answers = vec![None; wanted.len()];
+    for row in rows {
+        // 1-based, and only ever a position of `wanted`.
+        if let Some(answer) = usize::try_from(row.wanted_at - 1).ok().and_then(|i| answers.get_mut(i)) {
+            *answer = Some(row.resolved);
+        }
+    }
+    Ok(answers)
 }
 
 pub async fn find_by_user(pool: &PgPool, user_id: Uuid) -> sqlx::Result<Option<Connection>> {
