@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use calsync_common::db::changes;
@@ -13,7 +14,7 @@ use calsync_common::db::changes;
 use crate::Ctx;
 use crate::procs::{Proc, free_port, wait_ok};
 use crate::stats::{self, ratio, row};
-use crate::worker::{DEFAULT_BATCH, PREFIX, queue_all, start_workers};
+use crate::worker::{DEFAULT_BATCH, PREFIX, cpu_split, cpu_split_per, drain_meter, queue_all, start_workers};
 use crate::world::World;
 
 const CONCURRENCY: u16 = 256;
@@ -30,6 +31,18 @@ async fn set_feed(world: &World, on: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a drain runs the feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// Triggers disabled: the drain as it was before the feed.
+    Off,
+    /// Everything on, as in production: the worker also numbers and publishes.
+    On,
+    /// Triggers on, but the bench holds the publisher's lock during the drain, so no worker numbers
+    /// or publishes: what the feed costs the drain itself. The push side then catches up alone.
+    PushHeld,
+}
+
 /// One drain of `bodies`; with the feed on, also how the push side kept up.
 struct Drain {
     rate: f64,
@@ -38,16 +51,30 @@ struct Drain {
     max_backlog: i64,
     /// From the last commit of the drain until everything was published.
     catch_up: Duration,
+    /// Where the drain's CPU went, per webhook (the push side's catch-up after it not included).
+    split: String,
+    /// [`Feed::PushHeld`]: the push side alone, from its takeover to the last change published.
+    push_alone: Option<(Duration, String)>,
 }
 
-async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: bool) -> anyhow::Result<Drain> {
-    set_feed(world, feed).await?;
+async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: Feed) -> anyhow::Result<Drain> {
+    set_feed(world, feed != Feed::Off).await?;
     world.truncate().await?;
     crate::purge(ctx, &calsync_common::queue::Topology::new(PREFIX).webhooks_queue()).await?;
     queue_all(ctx, bodies).await?;
+    let mut holder = match feed {
+        Feed::PushHeld => {
+            let mut holder = PgConnection::connect(&ctx.db_url).await?;
+            sqlx::query("SELECT pg_advisory_lock($1)").bind(changes::PUBLISHER_LOCK).execute(&mut holder).await?;
+            Some(holder)
+        }
+        Feed::Off | Feed::On => None,
+    };
     let max_backlog = Arc::new(AtomicI64::new(0));
     let stop = CancellationToken::new();
-    let sampler = {
+    // Only while the push side keeps pace: held off, the backlog is every change so far, and
+    // counting it ten times a second would charge the drain for the bench's own queries.
+    let sampler = (feed == Feed::On).then(|| {
         let (pool, max_backlog, stop) = (world.pool.clone(), max_backlog.clone(), stop.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
@@ -59,24 +86,63 @@ async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: bool) -> anyh
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
-    };
+    });
     let workers = start_workers(ctx, world, 1, CONCURRENCY, DEFAULT_BATCH).await?;
+    let (meter, started) = (drain_meter(&workers, world), Instant::now());
     let seconds = world.wait_processed(bodies.len(), Duration::from_secs(900)).await?;
+    let split = cpu_split(&meter, workers.len(), bodies.len() as u64, started.elapsed().as_secs_f64());
     let drained = Instant::now();
-    let mut conn = world.pool.acquire().await?;
-    while changes::unpublished(&mut conn).await? > 0 {
-        anyhow::ensure!(drained.elapsed() < Duration::from_secs(300), "the publisher did not catch up in 5 minutes");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut push_alone = None;
+    if let Some(holder) = holder.take() {
+        holder.close().await?;
+        wait_for_publisher(world, drained).await?;
+        let (meter, took_over) = (drain_meter(&workers, world), Instant::now());
+        wait_published(world, drained).await?;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM change_log").fetch_one(&world.pool).await?;
+        let split = cpu_split_per(&meter, workers.len(), n as u64, "change", took_over.elapsed().as_secs_f64());
+        push_alone = Some((took_over.elapsed(), split));
     }
+    wait_published(world, drained).await?;
     let catch_up = drained.elapsed();
     stop.cancel();
-    sampler.await?;
+    if let Some(sampler) = sampler {
+        sampler.await?;
+    }
     for w in workers {
         w.stop().await;
     }
     let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM change_log").fetch_one(&world.pool).await?;
     let max_backlog = max_backlog.load(Ordering::Relaxed);
-    Ok(Drain { rate: bodies.len() as f64 / seconds, seconds, changes, max_backlog, catch_up })
+    Ok(Drain { rate: bodies.len() as f64 / seconds, seconds, changes, max_backlog, catch_up, split, push_alone })
+}
+
+/// Until a worker holds the publisher's lock (it tries every few seconds).
+async fn wait_for_publisher(world: &World, since: Instant) -> anyhow::Result<()> {
+    loop {
+        let leading: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted \
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+               AND ((classid::bigint << 32) | objid::bigint) = $1)",
+        )
+        .bind(changes::PUBLISHER_LOCK)
+        .fetch_one(&world.pool)
+        .await?;
+        if leading {
+            return Ok(());
+        }
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(60), "no worker took the publisher's lock in a minute");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Until every committed change is published.
+async fn wait_published(world: &World, since: Instant) -> anyhow::Result<()> {
+    let mut conn = world.pool.acquire().await?;
+    while changes::unpublished(&mut conn).await? > 0 {
+        anyhow::ensure!(since.elapsed() < Duration::from_secs(300), "the publisher did not catch up in 5 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// `GET /changes?limit=1000` read from the start to the end, again and again, for the run's duration.
@@ -128,24 +194,50 @@ pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow
     world.set_latency(ctx, 0).await?;
     let bodies = world.generate(ctx, ctx.webhooks, 10).await?;
     // Alternated, twice each, so a slow disk moment does not land on one side only.
-    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off, mut on, mut held) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 {
-        off.push(drain(ctx, world, &bodies, false).await?);
-        on.push(drain(ctx, world, &bodies, true).await?);
+        off.push(drain(ctx, world, &bodies, Feed::Off).await?);
+        on.push(drain(ctx, world, &bodies, Feed::On).await?);
+        held.push(drain(ctx, world, &bodies, Feed::PushHeld).await?);
     }
     set_feed(world, true).await?;
-    let best = |runs: &[Drain]| runs.iter().map(|d| d.rate).fold(0.0, f64::max);
-    let (off_rate, on_rate) = (best(&off), best(&on));
+    fn best(runs: &[Drain]) -> &Drain {
+        runs.iter().max_by(|a, b| a.rate.total_cmp(&b.rate)).expect("two runs")
+    }
+    let (off_best, on_best, held_best) = (best(&off), best(&on), best(&held));
     rows.push(row(
         "changes",
         format!(
-            "drain {} webhooks, API 0 ms, 1 process × {CONCURRENCY}, batch {DEFAULT_BATCH}: feed on (best of 2)",
-            bodies.len()
+            "drain {} webhooks, API 0 ms, 1 process × {CONCURRENCY}, batch {DEFAULT_BATCH}: feed on (best of 2); {}",
+            bodies.len(),
+            on_best.split
         ),
-        format!("{on_rate:.0}/s"),
-        format!("feed off, same run {off_rate:.0}/s (target ≥ 90 %)"),
-        ratio(on_rate, off_rate),
+        format!("{:.0}/s", on_best.rate),
+        format!("feed off, same run {:.0}/s (target ≥ 90 %); {}", off_best.rate, off_best.split),
+        ratio(on_best.rate, off_best.rate),
     ));
+    rows.push(row(
+        "changes",
+        format!(
+            "the same drain with the push side held off (the bench holds its lock: changes recorded, none numbered or published) (best of 2); {}",
+            held_best.split
+        ),
+        format!("{:.0}/s", held_best.rate),
+        format!("feed off, same run {:.0}/s", off_best.rate),
+        ratio(held_best.rate, off_best.rate),
+    ));
+    if let Some((took, split)) = &held_best.push_alone {
+        rows.push(row(
+            "changes",
+            format!(
+                "then the push side alone, once let go: numbers and publishes those {} changes; {split}",
+                held_best.changes
+            ),
+            format!("{:.0} changes/s", held_best.changes as f64 / took.as_secs_f64()),
+            "-",
+            "-",
+        ));
+    }
     let last = on.last().expect("two runs");
     let committed = last.changes as f64 / last.seconds;
     let published = last.changes as f64 / (last.seconds + last.catch_up.as_secs_f64());

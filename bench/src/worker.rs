@@ -138,7 +138,7 @@ pub async fn start_workers_with(
 }
 
 /// Whose CPU a drain is charged with: the worker processes, PostgreSQL, RabbitMQ, the simulator.
-fn drain_meter(workers: &[Proc], world: &World) -> CpuMeter {
+pub(crate) fn drain_meter(workers: &[Proc], world: &World) -> CpuMeter {
     let mut who: Vec<Who> = workers.iter().map(|w| Who::Pid(w.child.id())).collect();
     who.extend([Who::Comm("postgres"), Who::Pid(machine_broker_pid()), Who::Pid(world.sim.child.id())]);
     CpuMeter::start(who)
@@ -146,13 +146,18 @@ fn drain_meter(workers: &[Proc], world: &World) -> CpuMeter {
 
 /// The CPU split of a drain of `n` deliveries: µs per delivery for the workers (together),
 /// PostgreSQL, RabbitMQ and the simulator, and the machine's busy share of its cores.
-fn cpu_split(meter: &CpuMeter, workers: usize, n: u64, seconds: f64) -> String {
+pub(crate) fn cpu_split(meter: &CpuMeter, workers: usize, n: u64, seconds: f64) -> String {
+    cpu_split_per(meter, workers, n, "delivery", seconds)
+}
+
+/// [`cpu_split`] per `n` units of another name (changes published, say).
+pub(crate) fn cpu_split_per(meter: &CpuMeter, workers: usize, n: u64, unit: &str, seconds: f64) -> String {
     let used = meter.used();
     let worker_cpu = used[..workers].iter().copied().sum::<Option<std::time::Duration>>();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
     let busy = meter.machine().map_or("?".into(), |m| format!("{:.0}%", 100.0 * m.as_secs_f64() / (seconds * cores)));
     format!(
-        "CPU per delivery: worker(s) {} / PostgreSQL {} / RabbitMQ {} / simulator {}; machine busy {busy}",
+        "CPU per {unit}: worker(s) {} / PostgreSQL {} / RabbitMQ {} / simulator {}; machine busy {busy}",
         micros_per(worker_cpu, n),
         micros_per(used[workers], n),
         micros_per(used[workers + 1], n),

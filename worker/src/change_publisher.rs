@@ -18,8 +18,6 @@ use calsync_common::queue::{Broker, PublishError, message};
 
 use crate::leader;
 
-/// The advisory lock key of the change publisher ("calsync" and a 2).
-const PUBLISHER_LOCK: i64 = 0x6361_6c73_796e_6302;
 /// Changes published per confirm round.
 const BATCH: i64 = 500;
 /// How often an idle publisher looks for new changes (the push side's added latency).
@@ -45,7 +43,7 @@ enum RoundError {
 
 pub async fn run(publisher: ChangePublisher, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
-        if let Some(lock) = leader::try_lead(&publisher.database_url, PUBLISHER_LOCK).await {
+        if let Some(lock) = leader::try_lead(&publisher.database_url, changes::PUBLISHER_LOCK).await {
             tracing::info!("this worker publishes the change feed");
             publish_while_leading(&publisher, lock, &shutdown).await;
         }

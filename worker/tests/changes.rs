@@ -17,9 +17,6 @@ use uuid::Uuid;
 use calsync_common::db::changes;
 use calsync_testkit::{TcpProxy, wait_until};
 
-/// The change publisher's advisory lock key (worker/src/change_publisher.rs).
-const PUBLISHER_LOCK: i64 = 0x6361_6c73_796e_6302;
-
 /// One published change as the app's queue got it.
 #[derive(Debug)]
 struct Received {
@@ -167,7 +164,7 @@ async fn publishers(h: &Harness) -> i64 {
            AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
            AND ((classid::bigint << 32) | objid::bigint) = $1",
     )
-    .bind(PUBLISHER_LOCK)
+    .bind(changes::PUBLISHER_LOCK)
     .fetch_one(&h.pool)
     .await
     .unwrap()

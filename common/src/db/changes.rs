@@ -367,6 +367,10 @@ pub async fn read(pool: &PgPool, after: Option<Cursor>, limit: i64, user_id: Opt
     Ok(Page { changes, next_cursor })
 }
 
+/// The advisory lock whose holder is the push side's one publisher ("calsync" and a 2): the worker
+/// that holds it publishes (worker/src/change_publisher.rs).
+pub const PUBLISHER_LOCK: i64 = 0x6361_6c73_796e_6302;
+
 /// The push side's place: everything up to it has been published and confirmed.
 pub async fn published_through(conn: &mut PgConnection) -> sqlx::Result<Cursor> {
     sqlx::query_scalar("SELECT published_through FROM change_feed").fetch_one(conn).await.map(Cursor)
