@@ -132,6 +132,32 @@ async fn every_committed_change_reaches_an_apps_queue_once_in_order_with_its_id_
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_backlog_several_rounds_long_reaches_the_apps_queue_in_each_users_order(pool: PgPool) {
+    let mut h = Harness::new(pool).await;
+    let queue = h.topology.listen_to_changes().await;
+    let (ada, bob) = (Uuid::new_v4(), Uuid::new_v4());
+    // Committed before any worker runs, interleaved: the publisher meets a backlog of several of
+    // its rounds, each published as one pipelined burst.
+    sqlx::query(
+        "INSERT INTO change_log (user_id, kind, meeting_id, status, cause) \
+         SELECT CASE WHEN i % 2 = 0 THEN $1 ELSE $2 END, 'meeting.updated', gen_random_uuid(), 'active', 'webhook' \
+         FROM generate_series(1, 2400) AS i ORDER BY i",
+    )
+    .bind(ada)
+    .bind(bob)
+    .execute(&h.pool)
+    .await
+    .unwrap();
+    h.start_worker(&[]).await;
+
+    let received = receive_all(&h, &queue, Vec::new()).await;
+
+    assert_no_gap_and_in_order(&h, &received).await;
+    assert_eq!(received.len(), 2400, "no duplicates without a failure");
+    h.stop().await;
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn changes_committed_while_the_broker_is_unreachable_are_published_once_it_is_back(pool: PgPool) {
     let mut h = Harness::new(pool).await;
     let queue = h.topology.listen_to_changes().await;

@@ -290,19 +290,16 @@ impl Broker {
         let channel = pool_channel.current();
         let timeout = self.inner.config.confirm_timeout;
         let confirms = async {
-            let mut pending = Vec::with_capacity(messages.len());
-            for message in messages {
-                let confirm = channel
-                    .basic_publish(
-                        exchange.into(),
-                        message.routing_key.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &message.body,
-                        message.properties.clone(),
-                    )
-                    .await?;
-                pending.push(confirm);
-            }
+            let publishes = messages.iter().map(|message| {
+                channel.basic_publish(
+                    exchange.into(),
+                    message.routing_key.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &message.body,
+                    message.properties.clone(),
+                )
+            });
+            let pending = all_in_order(publishes.collect()).await?;
             let mut outcomes = Vec::with_capacity(pending.len());
             for confirm in pending {
                 outcomes.push(confirm.await?);
@@ -337,6 +334,36 @@ impl Broker {
             let _ = tokio::time::timeout(Duration::from_secs(2), link.conn.close(200, "shutdown".into())).await;
         }
     }
+}
+
+/// Runs `futures` together and returns their results in the same order, polling the unfinished
+/// ones in that order every time. For publishes this keeps their order on the wire while letting
+/// their writes overlap: lapin queues a publish's frames on the first poll of `basic_publish`,
+/// before its first await (which only waits for the frames to be written), so the first pass
+/// queues every message in order and one socket write carries many of them — instead of a write,
+/// and a wake-up of this task, per message when each publish is awaited before the next.
+async fn all_in_order<F, T, E>(futures: Vec<F>) -> Result<Vec<T>, E>
+where
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    let mut futures: Vec<_> = futures.into_iter().map(Box::pin).collect();
+    let mut done: Vec<Option<T>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut waiting = false;
+        for (future, result) in futures.iter_mut().zip(done.iter_mut()) {
+            if result.is_some() {
+                continue;
+            }
+            match future.as_mut().poll(cx) {
+                std::task::Poll::Ready(Ok(value)) => *result = Some(value),
+                std::task::Poll::Ready(Err(error)) => return std::task::Poll::Ready(Err(error)),
+                std::task::Poll::Pending => waiting = true,
+            }
+        }
+        if waiting { std::task::Poll::Pending } else { std::task::Poll::Ready(Ok(())) }
+    })
+    .await?;
+    Ok(done.into_iter().map(|value| value.expect("every future finished")).collect())
 }
 
 /// The nodes of `AMQP_URL`: one URI, or a comma-separated list of a cluster's nodes.
