@@ -19,8 +19,18 @@ pub async fn upsert_meetings(
     tx: &mut PgConnection,
     meetings: &[(Uuid, &Meeting)],
 ) -> sqlx::Result<HashMap<MeetingKey, Uuid>> {
+    // An occurrence identical to its key's previous one writes nothing: the row holds that
+    // snapshot by then, or a newer one the guard keeps. Every invitee of a group event carries the
+    // same snapshot, so a batch holding several of them would otherwise spend a statement (a
+    // round) on each extra one.
+    let mut previous: HashMap<MeetingKey, &Meeting> = HashMap::new();
+    let distinct: Vec<(Uuid, &Meeting)> = meetings
+        .iter()
+        .filter(|(user, m)| previous.insert((*user, m.calendly_event_uri.clone()), m).is_none_or(|p| p != *m))
+        .copied()
+        .collect();
     let mut ids = HashMap::new();
-    for round in rounds(meetings.to_vec(), |(user, m)| (*user, m.calendly_event_uri.clone())) {
+    for round in rounds(distinct, |(user, m)| (*user, m.calendly_event_uri.clone())) {
         let returned: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
             "INSERT INTO meetings (id, user_id, calendly_event_uri, name, status, start_time, end_time, \
                  event_type_uri, location, canceled_at, cancel_reason, source_updated_at, provider) \
