@@ -1,6 +1,7 @@
 //! The change feed's cost and pace: the worker's drain with the feed's triggers on vs off (same
-//! run, same webhooks), whether the push side keeps up with what the drain commits (its backlog),
-//! and `GET /changes` pages per second at `limit=1000`.
+//! run, same webhooks) and with the push side held off, each with its CPU per webhook; the push
+//! side alone and whether it keeps up with what the drain commits (its backlog); and
+//! `GET /changes` pages per second at `limit=1000`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
