@@ -93,17 +93,19 @@ async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: Feed) -> anyh
     let seconds = world.wait_processed(bodies.len(), Duration::from_secs(900)).await?;
     let split = cpu_split(&meter, workers.len(), bodies.len() as u64, started.elapsed().as_secs_f64());
     let drained = Instant::now();
+    // Every change is committed by now (the drain is over).
+    let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM change_log").fetch_one(&world.pool).await?;
     let mut push_alone = None;
     if let Some(holder) = holder.take() {
         holder.close().await?;
         wait_for_publisher(world, drained).await?;
         let (meter, took_over) = (drain_meter(&workers, world), Instant::now());
         wait_published(world, drained).await?;
-        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM change_log").fetch_one(&world.pool).await?;
-        let split = cpu_split_per(&meter, workers.len(), n as u64, "change", took_over.elapsed().as_secs_f64());
+        let split = cpu_split_per(&meter, workers.len(), changes as u64, "change", took_over.elapsed().as_secs_f64());
         push_alone = Some((took_over.elapsed(), split));
+    } else {
+        wait_published(world, drained).await?;
     }
-    wait_published(world, drained).await?;
     let catch_up = drained.elapsed();
     stop.cancel();
     if let Some(sampler) = sampler {
@@ -112,28 +114,17 @@ async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: Feed) -> anyh
     for w in workers {
         w.stop().await;
     }
-    let changes: i64 = sqlx::query_scalar("SELECT count(*) FROM change_log").fetch_one(&world.pool).await?;
     let max_backlog = max_backlog.load(Ordering::Relaxed);
     Ok(Drain { rate: bodies.len() as f64 / seconds, seconds, changes, max_backlog, catch_up, split, push_alone })
 }
 
 /// Until a worker holds the publisher's lock (it tries every few seconds).
 async fn wait_for_publisher(world: &World, since: Instant) -> anyhow::Result<()> {
-    loop {
-        let leading: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted \
-               AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-               AND ((classid::bigint << 32) | objid::bigint) = $1)",
-        )
-        .bind(changes::PUBLISHER_LOCK)
-        .fetch_one(&world.pool)
-        .await?;
-        if leading {
-            return Ok(());
-        }
+    while calsync_testkit::advisory_lock_holders(&world.pool, changes::PUBLISHER_LOCK).await == 0 {
         anyhow::ensure!(since.elapsed() < Duration::from_secs(60), "no worker took the publisher's lock in a minute");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
 }
 
 /// Until every committed change is published.

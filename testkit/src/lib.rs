@@ -273,6 +273,20 @@ impl Drop for IsolatedTopology {
     }
 }
 
+/// How many sessions of `pool`'s database hold the session-level advisory lock `key` (the one a
+/// worker takes to lead a job, e.g. publishing the change feed): 0 or 1 when leadership works.
+pub async fn advisory_lock_holders(pool: &sqlx::PgPool, key: i64) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+           AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(key)
+    .fetch_one(pool)
+    .await
+    .expect("read pg_locks")
+}
+
 /// The change-feed reader calsync must not be: `change_log` in insert order, after the last id it
 /// saw (a plain `bigserial` read as `id > last`). It skips a change whose transaction drew its id
 /// before one it read but committed after; tests run it beside the real cursor to show the cursor

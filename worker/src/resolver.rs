@@ -1,9 +1,9 @@
 //! Whose delivery is this: the connection of the webhook's `created_by`, and what the inbox already
 //! says of the delivery — looked up for many deliveries in one statement
 //! ([`connections::resolve_all`]). This is the one database round trip every delivery makes before
-//! its rows reach the [`crate::writer`]; with the writes batched, a statement per delivery here was
-//! the last per-delivery statement PostgreSQL paid for, on a drain that is CPU-bound
-//! (BENCHMARKS.md, "The worker past 2.5×").
+//! its rows reach the [`crate::writer`] (a delivery that calls Calendly also takes from the
+//! user's budget, [`crate::budget`]); on a CPU-bound drain a statement per delivery here cost
+//! PostgreSQL more than its share (BENCHMARKS.md, "The worker past 2.5×").
 //!
 //! No delivery waits for company: a lookup starts as soon as a slot is free, with every request
 //! queued by then. Alone, a delivery is looked up at once; under load, the deliveries arriving

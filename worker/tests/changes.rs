@@ -185,15 +185,7 @@ async fn published_through(h: &Harness) -> i64 {
 }
 
 async fn publishers(h: &Harness) -> i64 {
-    sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
-           AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-           AND ((classid::bigint << 32) | objid::bigint) = $1",
-    )
-    .bind(changes::PUBLISHER_LOCK)
-    .fetch_one(&h.pool)
-    .await
-    .unwrap()
+    calsync_testkit::advisory_lock_holders(&h.pool, changes::PUBLISHER_LOCK).await
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]

@@ -342,6 +342,9 @@ impl Broker {
 /// before its first await (which only waits for the frames to be written), so the first pass
 /// queues every message in order and one socket write carries many of them — instead of a write,
 /// and a wake-up of this task, per message when each publish is awaited before the next.
+/// (`futures_util::future::join_all` does not promise that first-poll order for long lists: past
+/// 30 futures it polls through `FuturesOrdered`.) Each wake-up re-polls every unfinished one; a
+/// round is at most the publisher's batch (500), and the measured CPU per change fell with it.
 async fn all_in_order<F, T, E>(futures: Vec<F>) -> Result<Vec<T>, E>
 where
     F: std::future::Future<Output = Result<T, E>>,
