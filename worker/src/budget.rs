@@ -6,7 +6,9 @@
 //! worker slot), so a burst for one user ends in a handful of 429s at most however many workers
 //! drain it, and other users are never slowed by it.
 //!
-//! Cost: one statement before each call and one after it (measured in BENCHMARKS.md).
+//! Cost: a take before each call, gathered with the takes of other calls in flight into one round
+//! trip ([`crate::batched`]), and a statement after it when the answer says something the row does
+//! not (measured in BENCHMARKS.md).
 
 use std::time::Duration;
 
@@ -15,6 +17,9 @@ use sqlx::PgPool;
 use calsync_common::calendly::rate::RateLimit;
 use calsync_common::db::budgets::{self, Taken, Window};
 use calsync_common::db::connections::Connection;
+
+use crate::batched::{Batched, Gathering};
+use crate::error::ProcessError;
 
 /// Assumed until an answer says otherwise: Calendly's windows are a minute long.
 const WINDOW: Duration = Duration::from_secs(60);
@@ -57,10 +62,14 @@ impl Budget {
     }
 }
 
+/// Takes gathered into one round trip at most, and round trips in flight at once.
+const GATHERING: Gathering = Gathering { most: 256, in_flight: 2 };
+
 /// The fleet's budgets: a cheap-to-clone handle over the pool that holds them.
 #[derive(Clone)]
 pub struct Budgets {
     pool: PgPool,
+    takes: Batched<(String, Window), Taken>,
 }
 
 /// Leave to make one request as a user, counted already; [`Permit::settle`] tells the budget what
@@ -74,21 +83,37 @@ pub struct Permit {
 }
 
 impl Budgets {
+    /// Starts the loop that gathers takes (inside a Tokio runtime).
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        let takes = Batched::start(GATHERING, {
+            let pool = pool.clone();
+            move |wanted: Vec<(String, Window)>| {
+                let pool = pool.clone();
+                async move {
+                    let wanted: Vec<(&str, Window)> =
+                        wanted.iter().map(|(key, window)| (key.as_str(), *window)).collect();
+                    Ok(budgets::take_all(&pool, &wanted).await?)
+                }
+            }
+        });
+        Self { pool, takes }
     }
 
     /// Leave to call Calendly now as `connection`'s Calendly user, or how long until that user's
     /// window of `budget` resets.
-    pub async fn reserve(&self, budget: Budget, connection: &Connection) -> sqlx::Result<Result<Permit, Duration>> {
+    pub async fn reserve(
+        &self,
+        budget: Budget,
+        connection: &Connection,
+    ) -> Result<Result<Permit, Duration>, ProcessError> {
         self.reserve_for(budget, &account_of(connection)).await
     }
 
     /// [`Self::reserve`] for a Calendly account that has no connection row (yet): the import of
     /// an existing integration's rows, keyed by the account the row names.
-    pub async fn reserve_for(&self, budget: Budget, account: &str) -> sqlx::Result<Result<Permit, Duration>> {
+    pub async fn reserve_for(&self, budget: Budget, account: &str) -> Result<Result<Permit, Duration>, ProcessError> {
         let key = budget.key(account);
-        Ok(match budgets::take(&self.pool, &key, budget.window()).await? {
+        Ok(match self.takes.ask((key.clone(), budget.window())).await? {
             Taken::Granted { window, seen } => Ok(Permit { key, window, seen, taken_at: std::time::Instant::now() }),
             Taken::Spent { wait } => Err(wait.max(Duration::from_millis(100))),
         })

@@ -21,6 +21,8 @@
 //! - [`single_flight`]: one execution per key at a time, generic.
 //! - [`resolver`]: whose delivery it is (connection of `created_by`, inbox status), looked up for
 //!   many deliveries in one statement.
+//! - [`batched`]: many concurrent callers' questions answered in one round trip, generic (the
+//!   resolver's lookups, the budget's takes).
 //! - [`writer`]: the database stage: deliveries' rows written in batches, acked after the commit.
 //! - [`deps`]: the handles processing uses (each owns its state), built once per process; steps
 //!   take or destructure the ones they touch.
@@ -29,6 +31,7 @@
 
 pub mod access_token;
 pub mod admin;
+pub mod batched;
 pub mod budget;
 pub mod calendly_call;
 pub mod change_publisher;

@@ -10,6 +10,7 @@ use calendly_sim::{Faults, NewUser, Plan};
 use calsync_common::calendly::rate::RateLimit;
 use calsync_common::db::budgets::{self, Taken, Window};
 use calsync_testkit::wait_until;
+use calsync_worker::budget::Budget;
 use sqlx::PgPool;
 use support::*;
 
@@ -37,10 +38,13 @@ async fn spent(pool: &PgPool, key: &str) -> Duration {
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn two_hundred_takers_at_once_on_many_connections_get_exactly_the_windows_fifty(pool: PgPool) {
-    let takers = (0..200).map(|_| {
-        let pool = pool.clone();
-        tokio::spawn(async move { budgets::take(&pool, "api:ada", ASSUMED).await.unwrap() })
-    });
+    // Collected: every taker is spawned before the first is awaited.
+    let takers: Vec<_> = (0..200)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { budgets::take(&pool, "api:ada", ASSUMED).await.unwrap() })
+        })
+        .collect();
     let mut granted = 0;
     for taker in takers {
         if matches!(taker.await.unwrap(), Taken::Granted { .. }) {
@@ -50,6 +54,80 @@ async fn two_hundred_takers_at_once_on_many_connections_get_exactly_the_windows_
     assert_eq!(granted, 50, "a free plan's window, assumed until Calendly answers");
     // Another user's window is untouched.
     assert!(matches!(budgets::take(&pool, "api:bob", ASSUMED).await.unwrap(), Taken::Granted { .. }));
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn eighty_takes_of_one_window_in_one_call_grant_the_first_fifty_in_the_order_asked(pool: PgPool) {
+    let mut wanted: Vec<(&str, Window)> = vec![("api:ada", ASSUMED); 80];
+    wanted.insert(30, ("api:bob", ASSUMED));
+    let taken = budgets::take_all(&pool, &wanted).await.unwrap();
+    assert_eq!(taken.len(), 81);
+    let ada: Vec<&Taken> = taken.iter().enumerate().filter(|(i, _)| *i != 30).map(|(_, t)| t).collect();
+    for (n, take) in ada.iter().enumerate() {
+        match take {
+            Taken::Granted { seen, .. } => assert_eq!(seen.used as usize, n + 1, "take {n} counted in order"),
+            Taken::Spent { wait } => {
+                assert!(n >= 50, "take {n} refused inside the window's fifty");
+                assert!(*wait <= Duration::from_secs(1), "an assumed window is looked at again soon: {wait:?}");
+            }
+        }
+    }
+    assert_eq!(ada.iter().filter(|t| matches!(t, Taken::Granted { .. })).count(), 50);
+    assert!(matches!(taken[30], Taken::Granted { seen, .. } if seen.used == 1), "bob's own window: {:?}", taken[30]);
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn two_hundred_calls_reserving_at_once_through_one_workers_gathered_takes_get_exactly_the_windows_fifty(
+    pool: PgPool,
+) {
+    let budgets = calsync_worker::budget::Budgets::new(pool.clone());
+    let callers: Vec<_> = (0..200)
+        .map(|i| {
+            let budgets = budgets.clone();
+            // Every fourth call is another user's: gathered with ada's, counted in its own window.
+            let account =
+                if i % 4 == 0 { "https://api.calendly.com/users/bob" } else { "https://api.calendly.com/users/ada" };
+            tokio::spawn(async move { (account, budgets.reserve_for(Budget::Api, account).await.unwrap().is_ok()) })
+        })
+        .collect();
+    let (mut ada, mut bob) = (0, 0);
+    for caller in callers {
+        match caller.await.unwrap() {
+            (account, true) if account.ends_with("ada") => ada += 1,
+            (_, true) => bob += 1,
+            _ => {}
+        }
+    }
+    assert_eq!((ada, bob), (50, 50), "each user's free-plan window, assumed until Calendly answers");
+}
+
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn concurrent_calls_taking_the_same_windows_in_opposite_orders_never_deadlock(pool: PgPool) {
+    // Each call locks every row it takes until it returns: without one order of locking, two calls
+    // asking for the same keys in opposite orders wait for each other until PostgreSQL kills one.
+    let keys: Vec<String> = (0..40).map(|i| format!("api:user-{i:02}")).collect();
+    let window = Window { limit: 1_000_000, length: MINUTE, known: true };
+    let calls: Vec<_> = (0..8)
+        .map(|call| {
+            let (pool, mut keys) = (pool.clone(), keys.clone());
+            if call % 2 == 1 {
+                keys.reverse();
+            }
+            tokio::spawn(async move {
+                for _ in 0..25 {
+                    let wanted: Vec<(&str, Window)> = keys.iter().map(|k| (k.as_str(), window)).collect();
+                    let taken = budgets::take_all(&pool, &wanted).await.expect("a batched take failed");
+                    assert!(taken.iter().all(|t| matches!(t, Taken::Granted { .. })));
+                }
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap();
+    }
+    let used: Vec<i32> =
+        sqlx::query_scalar("SELECT used FROM api_budgets ORDER BY budget_key").fetch_all(&pool).await.unwrap();
+    assert_eq!(used, vec![8 * 25; 40], "every take counted once");
 }
 
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]

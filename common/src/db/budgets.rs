@@ -1,8 +1,8 @@
 //! `api_budgets`: each Calendly user's request window, one row shared by every worker process
 //! (ARCHITECTURE.md, "Calendly API budget").
 //!
-//! A request is taken from the row before it is made ([`take`]), in one statement that either
-//! counts it or says how long until the window resets; the answer's rate-limit headers then
+//! A request is taken from the row before it is made ([`take`]; many requests' takes in one round
+//! trip, [`take_all`]): the take either counts it or says how long until the window resets; the answer's rate-limit headers then
 //! correct the row ([`settle`]). The row counts what this fleet has taken in the window, so requests
 //! in flight in other processes are counted before Calendly has answered any of them: together the
 //! workers stay inside the window however many there are. A cancelled request is not given back (it
@@ -69,7 +69,7 @@ impl Seen {
     /// are assumed, its limit differs, Calendly counted more requests than the row did (other
     /// clients of the same user), its window ends elsewhere than the row's, or the window is nearly
     /// spent. Otherwise recording it would rewrite the row with what it already says — a round trip
-    /// saved on most calls (BENCHMARKS.md, "Budget cost per call").
+    /// saved on most calls (BENCHMARKS.md, "One budget per Calendly user across the fleet").
     pub fn needs(&self, since_take: Duration, rate: RateLimit) -> bool {
         let calendly_used = rate.limit.saturating_sub(rate.remaining);
         let row_ends = self.resets_in.saturating_sub(since_take);
@@ -83,54 +83,74 @@ impl Seen {
 }
 
 /// Takes one request from `key`'s window: a row not seen before starts a window as `window`
-/// describes, and a window past its reset starts the next one. One statement, one round trip;
-/// concurrent takers of one key queue on its row for the length of that statement.
+/// describes, and a window past its reset starts the next one. Concurrent takers of one key queue
+/// on its row for the length of the take. [`take_all`] of one request.
 pub async fn take(pool: &PgPool, key: &str, window: Window) -> sqlx::Result<Taken> {
-    let limit = i32::try_from(window.limit).unwrap_or(i32::MAX);
-    let granted: Option<(i64, i32, i32, bool, f64)> = sqlx::query_as(
-        "INSERT INTO api_budgets AS b (budget_key, request_limit, used, resets_at, confirmed) \
-         VALUES ($1, $2, 1, statement_timestamp() + $3 * interval '1 millisecond', $4) \
-         ON CONFLICT (budget_key) DO UPDATE SET \
-             used = CASE WHEN b.resets_at <= statement_timestamp() THEN 1 ELSE b.used + 1 END, \
-             window_no = b.window_no + (b.resets_at <= statement_timestamp())::int, \
-             confirmed = CASE WHEN b.resets_at <= statement_timestamp() THEN $4 ELSE b.confirmed END, \
-             resets_at = CASE WHEN b.resets_at <= statement_timestamp() \
-                 THEN statement_timestamp() + $3 * interval '1 millisecond' ELSE b.resets_at END \
-         WHERE b.resets_at <= statement_timestamp() OR b.used < b.request_limit \
-         RETURNING b.window_no, b.used, b.request_limit, b.confirmed, \
-             GREATEST(EXTRACT(EPOCH FROM b.resets_at - statement_timestamp()), 0)::float8",
-    )
-    .bind(key)
-    .bind(limit)
-    .bind(millis(window.length))
-    .bind(window.known)
-    .fetch_optional(pool)
-    .await?;
-    if let Some((window, used, limit, confirmed, resets_in)) = granted {
-        let seen = Seen {
-            used: u32::try_from(used).unwrap_or(0),
-            limit: u32::try_from(limit).unwrap_or(0),
-            confirmed,
-            resets_in: Duration::from_secs_f64(resets_in),
-        };
-        return Ok(Taken::Granted { window, seen });
-    }
-    let spent: Option<(f64, bool)> = sqlx::query_as(
-        "SELECT GREATEST(EXTRACT(EPOCH FROM resets_at - clock_timestamp()), 0)::float8, confirmed \
-         FROM api_budgets WHERE budget_key = $1",
-    )
-    .bind(key)
-    .fetch_optional(pool)
-    .await?;
-    let wait = match spent {
-        Some((secs, confirmed)) => {
-            let wait = Duration::from_secs_f64(secs);
-            if confirmed { wait } else { wait.min(UNCONFIRMED_WAIT) }
+    let mut taken = take_all(pool, &[(key, window)]).await?;
+    taken.pop().ok_or_else(|| sqlx::Error::Protocol("the budget take answered nothing".into()))
+}
+
+/// One answer of `take_api_budgets` (migrations/20261204000002_take_budgets_in_one_call.sql).
+#[derive(sqlx::FromRow)]
+struct TakeRow {
+    wanted_at: i64,
+    granted: bool,
+    window_of: Option<i64>,
+    used_now: Option<i32>,
+    limit_now: Option<i32>,
+    confirmed_now: Option<bool>,
+    resets_in: Option<f64>,
+}
+
+impl TakeRow {
+    fn taken(self) -> Taken {
+        let resets_in = Duration::from_secs_f64(self.resets_in.unwrap_or(0.0).max(0.0));
+        let confirmed = self.confirmed_now.unwrap_or(false);
+        if self.granted {
+            let seen = Seen {
+                used: self.used_now.and_then(|u| u32::try_from(u).ok()).unwrap_or(0),
+                limit: self.limit_now.and_then(|l| u32::try_from(l).ok()).unwrap_or(0),
+                confirmed,
+                resets_in,
+            };
+            return Taken::Granted { window: self.window_of.unwrap_or(0), seen };
         }
-        // Deleted between the two statements: nothing is spent.
-        None => Duration::ZERO,
-    };
-    Ok(Taken::Spent { wait })
+        // An assumed window's reset is a guess: look again soon rather than wait for it.
+        Taken::Spent { wait: if confirmed { resets_in } else { resets_in.min(UNCONFIRMED_WAIT) } }
+    }
+}
+
+/// Takes one request from each `(key, window)` of `wanted`, in one round trip, each exactly as
+/// [`take`] would alone; answer `i` is request `i`'s. Requests for the same key are taken in the
+/// order given (the later ones see the earlier ones counted). The rule itself is the SQL function
+/// `take_api_budgets`, which visits the keys in sorted order so concurrent callers never deadlock;
+/// every row it took stays locked until it returns.
+pub async fn take_all(pool: &PgPool, wanted: &[(&str, Window)]) -> sqlx::Result<Vec<Taken>> {
+    let keys: Vec<&str> = wanted.iter().map(|(key, _)| *key).collect();
+    let limits: Vec<i32> = wanted.iter().map(|(_, w)| i32::try_from(w.limit).unwrap_or(i32::MAX)).collect();
+    let lengths: Vec<i64> = wanted.iter().map(|(_, w)| millis(w.length)).collect();
+    let known: Vec<bool> = wanted.iter().map(|(_, w)| w.known).collect();
+    let rows: Vec<TakeRow> = sqlx::query_as(
+        "SELECT wanted_at, granted, window_of, used_now, limit_now, confirmed_now, resets_in \
+         FROM take_api_budgets($1, $2, $3, $4)",
+    )
+    .bind(&keys)
+    .bind(&limits)
+    .bind(&lengths)
+    .bind(&known)
+    .fetch_all(pool)
+    .await?;
+    let mut answers: Vec<Option<Taken>> = vec![None; wanted.len()];
+    for row in rows {
+        // 1-based, and only ever a position of `wanted`.
+        if let Some(answer) = usize::try_from(row.wanted_at - 1).ok().and_then(|i| answers.get_mut(i)) {
+            *answer = Some(row.taken());
+        }
+    }
+    answers
+        .into_iter()
+        .map(|answer| answer.ok_or_else(|| sqlx::Error::Protocol("the budget take left a request unanswered".into())))
+        .collect()
 }
 
 /// What Calendly's answer to a request taken in `window` said about `key`'s window. An answer

@@ -16,6 +16,7 @@ use calsync_common::retry;
 
 use super::source::SourceRow;
 use crate::budget::{Budget, Budgets};
+use crate::error::ProcessError;
 
 /// A working grant and who it belongs to, according to Calendly.
 pub struct Verified {
@@ -41,7 +42,7 @@ pub enum Verdict {
 /// Why a budgeted call did not return a value.
 enum CallError {
     Calendly(CalendlyError),
-    Database(sqlx::Error),
+    Database(ProcessError),
 }
 
 impl std::fmt::Display for CallError {
