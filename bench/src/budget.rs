@@ -89,7 +89,7 @@ pub async fn run(ctx: &Ctx, world: &mut World, rows: &mut Vec<stats::Row>) -> an
     for processes in [1, 3] {
         burst(ctx, world, processes, rows).await?;
     }
-    cost(world, rows).await?;
+    costs(world, rows).await?;
     crate::reset_topology(ctx, PREFIX).await?;
     Ok(())
 }
@@ -188,6 +188,12 @@ async fn burst(ctx: &Ctx, world: &mut World, processes: usize, rows: &mut Vec<st
     Ok(())
 }
 
+/// What the budget costs each Calendly call (also alone: `--only budget-cost`).
+pub async fn costs(world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
+    cost(world, rows).await?;
+    gathered_takes(world, rows).await
+}
+
 /// Tasks taking and settling at once: a worker's slots.
 const COST_TASKS: usize = 32;
 const COST_CALLS_PER_TASK: usize = 300;
@@ -257,5 +263,83 @@ async fn cost(world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
             format!("{:.1}×", latency.as_secs_f64() / ceiling.as_secs_f64()),
         ));
     }
+    Ok(())
+}
+
+/// Takes in flight at once, as in the worker drain (one process × 256).
+const TAKERS: usize = 256;
+/// Calendly users they take for.
+const TAKE_USERS: usize = 64;
+const TAKES_PER_TAKER: usize = 200;
+/// Alternations of the two ways, so both see the same machine.
+const TAKE_ROUNDS: usize = 3;
+
+/// What the worker's way of taking from the budget costs the two cores: a round trip per take
+/// (`budgets::take`, each call's own statement) against the takes of the calls in flight gathered
+/// into one round trip (`Budgets::reserve_for`, what the worker does), with 256 takers on 64 users
+/// — CPU of PostgreSQL and of this process per take, alternated so both ways see the same machine.
+async fn gathered_takes(world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
+    use calsync_common::db::budgets::{self, Window};
+    use calsync_worker::budget::{Budget, Budgets};
+
+    use crate::procs::{CpuMeter, Who, micros_per};
+
+    let window = Window { limit: 1_000_000, length: Duration::from_secs(60), known: true };
+    let budgets_handle = Budgets::new(world.pool.clone());
+    let mut totals = [(Duration::ZERO, Duration::ZERO, Duration::ZERO); 2];
+    for round in 0..TAKE_ROUNDS {
+        // A window no take here can spend; a fresh set of rows for each round.
+        sqlx::query("DELETE FROM api_budgets WHERE budget_key LIKE '%bench-take-%'").execute(&world.pool).await?;
+        for (way, total) in totals.iter_mut().enumerate() {
+            let meter = CpuMeter::start(vec![Who::Comm("postgres"), Who::Pid(Some(std::process::id()))]);
+            let started = Instant::now();
+            let takers: Vec<_> = (0..TAKERS)
+                .map(|taker| {
+                    let (pool, handle) = (world.pool.clone(), budgets_handle.clone());
+                    let account = format!("bench-take-{round}-{way}-{}", taker % TAKE_USERS);
+                    tokio::spawn(async move {
+                        for _ in 0..TAKES_PER_TAKER {
+                            if way == 0 {
+                                budgets::take(&pool, &format!("api:{account}"), window).await?;
+                            } else {
+                                let _permit = handle
+                                    .reserve_for(Budget::Api, &account)
+                                    .await
+                                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                            }
+                        }
+                        anyhow::Ok(())
+                    })
+                })
+                .collect();
+            for taker in takers {
+                taker.await??;
+            }
+            let used = meter.used();
+            total.0 += started.elapsed();
+            total.1 += used[0].unwrap_or_default();
+            total.2 += used[1].unwrap_or_default();
+        }
+    }
+    let takes = (TAKERS * TAKES_PER_TAKER * TAKE_ROUNDS) as u64;
+    let figure = |(elapsed, pg, own): (Duration, Duration, Duration)| {
+        format!(
+            "{:.0} takes/s; CPU per take: PostgreSQL {} / taker {}",
+            takes as f64 / elapsed.as_secs_f64(),
+            micros_per(Some(pg), takes),
+            micros_per(Some(own), takes)
+        )
+    };
+    let cpu = |(_, pg, own): (Duration, Duration, Duration)| (pg + own).as_secs_f64();
+    rows.push(row(
+        "budget",
+        format!(
+            "budget takes, {TAKERS} at once on {TAKE_USERS} users, gathered into one round trip (the worker's way), \
+             {TAKE_ROUNDS} rounds alternated"
+        ),
+        figure(totals[1]),
+        format!("a round trip per take, same run: {}", figure(totals[0])),
+        format!("{:.0}% of the CPU", 100.0 * cpu(totals[1]) / cpu(totals[0])),
+    ));
     Ok(())
 }

@@ -42,7 +42,8 @@ struct Cli {
     /// A few seconds per figure and 2,000 webhooks: for checking the harness, not for numbers.
     #[arg(long)]
     quick: bool,
-    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces, import.
+    /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces, import;
+    /// `budget-cost` runs only the budget section's cost per call.
     #[arg(
         long,
         value_delimiter = ',',
@@ -159,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("▸ cluster");
         cluster::run(&ctx, &mut rows).await?;
     }
-    let needs_world = ["worker", "changes", "e2e", "budget", "retention", "traces", "import"];
+    let needs_world = ["worker", "changes", "e2e", "budget", "budget-cost", "retention", "traces", "import"];
     if needs_world.iter().any(|name| section(name)) {
         let mut world = world::World::setup(&ctx).await?;
         if section("worker") {
@@ -177,6 +178,10 @@ async fn main() -> anyhow::Result<()> {
         if section("budget") {
             eprintln!("▸ Calendly API budget (the burst takes over two minutes: real 60 s windows)");
             budget::run(&ctx, &mut world, &mut rows).await?;
+        }
+        if section("budget-cost") && !section("budget") {
+            eprintln!("▸ Calendly API budget: cost per call");
+            budget::costs(&world, &mut rows).await?;
         }
         if section("retention") {
             eprintln!("▸ retention");
