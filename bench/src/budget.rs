@@ -275,9 +275,10 @@ const TAKES_PER_TAKER: usize = 200;
 const TAKE_ROUNDS: usize = 3;
 
 /// What the worker's way of taking from the budget costs the two cores: a round trip per take
-/// (`budgets::take`, each call's own statement) against the takes of the calls in flight gathered
-/// into one round trip (`Budgets::reserve_for`, what the worker does), with 256 takers on 64 users
-/// — CPU of PostgreSQL and of this process per take, alternated so both ways see the same machine.
+/// (`budgets::take`: `take_api_budgets` of one request, each call its own) against the takes of the
+/// calls in flight gathered into one round trip (`Budgets::reserve_for`, what the worker does),
+/// with 256 takers on 64 users — CPU of PostgreSQL and of this process per take, alternated so
+/// both ways see the same machine.
 async fn gathered_takes(world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
     use calsync_common::db::budgets::{self, Window};
     use calsync_worker::budget::{Budget, Budgets};

@@ -2,11 +2,12 @@
 //! (ARCHITECTURE.md, "Calendly API budget").
 //!
 //! A request is taken from the row before it is made ([`take`]; many requests' takes in one round
-//! trip, [`take_all`]): the take either counts it or says how long until the window resets; the answer's rate-limit headers then
-//! correct the row ([`settle`]). The row counts what this fleet has taken in the window, so requests
-//! in flight in other processes are counted before Calendly has answered any of them: together the
-//! workers stay inside the window however many there are. A cancelled request is not given back (it
-//! may have reached Calendly), and a process that dies mid-call leaks nothing past the window.
+//! trip, [`take_all`]): the take either counts it or says how long until the window resets; the
+//! answer's rate-limit headers then correct the row ([`settle`]). The row counts what this fleet
+//! has taken in the window, so requests in flight in other processes are counted before Calendly
+//! has answered any of them: together the workers stay inside the window however many there are. A
+//! cancelled request is not given back (it may have reached Calendly), and a process that dies
+//! mid-call leaks nothing past the window.
 
 use std::time::Duration;
 
