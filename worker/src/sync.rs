@@ -244,7 +244,7 @@ async fn write_event(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| ProcessError::Permanent(format!("Calendly listed {e}")))?;
     let mut tx = changes::begin(pool, Cause::Sync).await?;
-    if !connections::lock_if_linked(&mut tx, connection).await? {
+    if !connections::lock_if_linked_to_update(&mut tx, connection).await? {
         return Ok(EventWrite::ConnectionChanged);
     }
     let meeting_id = meetings::upsert_meeting(&mut tx, connection.user_id, &Meeting::from_event(event)).await?;

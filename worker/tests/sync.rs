@@ -26,6 +26,19 @@ fn book_at(h: &Harness, user: &User, start: OffsetDateTime, invitees: usize) {
         .unwrap();
 }
 
+/// Waits until a pass over `user`'s connection has finished (`last_synced_at` set).
+async fn wait_for_a_finished_pass(h: &Harness, user: &User) {
+    calsync_testkit::wait_until(DEADLINE, "a sync pass to finish (last_synced_at set)", || async {
+        sqlx::query_scalar::<_, Option<OffsetDateTime>>("SELECT last_synced_at FROM calendar_connections WHERE id = $1")
+            .bind(user.connection_id)
+            .fetch_one(&h.pool)
+            .await
+            .unwrap()
+            .is_some()
+    })
+    .await;
+}
+
 #[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
 async fn a_backfill_writes_every_event_from_the_look_back_window_forward_with_all_invitees(pool: PgPool) {
     let mut h = Harness::new(pool).await;
@@ -42,15 +55,7 @@ async fn a_backfill_writes_every_event_from_the_look_back_window_forward_with_al
 
     h.publisher.publish(&sync_job(&SyncJob::new(ada.connection_id, SyncKind::Backfill))).await.unwrap();
 
-    calsync_testkit::wait_until(DEADLINE, "last_synced_at set", || async {
-        sqlx::query_scalar::<_, Option<OffsetDateTime>>("SELECT last_synced_at FROM calendar_connections WHERE id = $1")
-            .bind(ada.connection_id)
-            .fetch_one(&h.pool)
-            .await
-            .unwrap()
-            .is_some()
-    })
-    .await;
+    wait_for_a_finished_pass(&h, &ada).await;
     assert_eq!(h.meetings(ada.app_user).await.len(), 121);
     assert_eq!(h.meetings(bob.app_user).await.len(), 0);
     assert_eq!(h.count("SELECT count(*) FROM meeting_invitees").await, 120 + 150);
@@ -132,5 +137,73 @@ async fn reconciliation_recovers_a_booking_whose_webhook_never_arrived_and_two_w
         scheduled().await >= after_kill + 2.0
     })
     .await;
+    h.stop().await;
+}
+
+/// Backends of this test's database waiting for a lock another transaction holds.
+async fn waiting_for_locks(pool: &PgPool) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Deliveries (webhooks and sync jobs alike) that failed and were put back for another attempt.
+async fn retried_deliveries(addr: std::net::SocketAddr) -> f64 {
+    metrics(addr)
+        .await
+        .lines()
+        .filter(|l| l.starts_with("calsync_worker_deliveries_total{") && l.contains(r#"outcome="retry""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The interleaving the demo ran into: a sync pass has written a meeting (its transaction holds
+/// the meeting's row) while a webhook batch holding the connection row waits for that meeting;
+/// when the pass then counts what it corrected on the connection row, neither can go on, and
+/// PostgreSQL kills one (40P01) for a retry. The test pins the pass between the two writes by
+/// holding an invitee row it must update, so the interleaving happens on every run.
+#[sqlx::test(migrator = "calsync_common::db::MIGRATOR")]
+async fn a_sync_pass_and_a_webhook_batch_writing_the_same_meeting_at_once_both_succeed_at_their_first_attempt(
+    pool: PgPool,
+) {
+    let mut h = Harness::new(pool).await;
+    let addr = h.start_worker(&[]).await;
+    let ada = h.connect("Ada").await;
+    let booked = h.book(&ada, 2);
+    let ids = h.publish_all(&h.captured()).await;
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    // The second invitee cancels; its webhook is held back until the pass is mid-write.
+    let second = booked["invitees"][1]["uri"].as_str().unwrap().to_owned();
+    h.sim.sim.cancel(uuid_of(&second), Default::default()).unwrap();
+    let cancel = h.captured();
+    assert_eq!(cancel.len(), 1, "one invitee.canceled webhook");
+
+    let mut invitee_row = h.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM meeting_invitees WHERE calendly_invitee_uri = $1 FOR UPDATE")
+        .bind(&second)
+        .execute(&mut *invitee_row)
+        .await
+        .unwrap();
+    h.publisher.publish(&sync_job(&SyncJob::new(ada.connection_id, SyncKind::Resync))).await.unwrap();
+    calsync_testkit::wait_until(DEADLINE, "the sync pass to wait for the invitee row", || async {
+        waiting_for_locks(&h.pool).await == 1
+    })
+    .await;
+    let ids = h.publish_all(&cancel).await;
+    calsync_testkit::wait_until(DEADLINE, "the webhook's batch to wait behind the sync pass", || async {
+        waiting_for_locks(&h.pool).await == 2
+    })
+    .await;
+    invitee_row.commit().await.unwrap();
+
+    h.wait_for_inbox(&ids, &["processed"]).await;
+    wait_for_a_finished_pass(&h, &ada).await;
+    assert_eq!(retried_deliveries(addr).await, 0.0, "a deadlock (40P01) sent the webhook or the sync job back");
+    assert_eq!(metric(addr, "calsync_worker_batch_fallbacks_total").await, 0.0);
+    let statuses: Vec<String> = h.invitees_of(ada.app_user).await.into_iter().map(|(_, status)| status).collect();
+    assert_eq!(statuses.iter().filter(|s| *s == "canceled").count(), 1, "{statuses:?}");
     h.stop().await;
 }

@@ -16,23 +16,55 @@ pub async fn lock_if_linked(tx: &mut PgConnection, connection: &Connection) -> s
     Ok(lock_linked(tx, &[connection]).await?.first().copied().unwrap_or(false))
 }
 
+/// [`lock_if_linked`] for a transaction that will also update the connection row (the sync pass
+/// counting what it corrected). It takes the row's update lock up front: upgrading a share lock
+/// later deadlocks against a webhook batch that holds its own share lock on the row and waits for
+/// a meeting this transaction wrote. Taken first, the batch waits at the row instead.
+pub async fn lock_if_linked_to_update(tx: &mut PgConnection, connection: &Connection) -> sqlx::Result<bool> {
+    Ok(lock_linked_as(tx, &[connection], RowLock::NoKeyUpdate).await?.first().copied().unwrap_or(false))
+}
+
 /// [`lock_if_linked`] for many connections in one statement: for each of `connections`, in order,
 /// whether *its own* `(id, user_id, calendly_user_uri)` is still the active row. Answered per
 /// entry, not per row id: one batch may hold a delivery resolved before an account switch and one
 /// resolved after it (same row id, another Calendly account), and only the second may be written.
 pub async fn lock_linked(tx: &mut PgConnection, connections: &[&Connection]) -> sqlx::Result<Vec<bool>> {
-    let linked: Vec<i64> = sqlx::query_scalar(
-        "SELECT k.n FROM calendar_connections c \
-         JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(id, user_id, uri, n) \
-           ON c.id = k.id AND c.user_id = k.user_id AND c.calendly_user_uri = k.uri \
-         WHERE c.status = $4 ORDER BY c.id FOR SHARE OF c",
-    )
-    .bind(connections.iter().map(|c| c.id).collect::<Vec<_>>())
-    .bind(connections.iter().map(|c| c.user_id).collect::<Vec<_>>())
-    .bind(connections.iter().map(|c| c.calendly_user_uri.as_deref()).collect::<Vec<_>>())
-    .bind(ConnectionStatus::Active)
-    .fetch_all(tx)
-    .await?;
+    lock_linked_as(tx, connections, RowLock::Share).await
+}
+
+/// The row lock a write transaction takes on the connections it checks.
+#[derive(Clone, Copy)]
+enum RowLock {
+    /// The transaction only reads the row: writers of other meetings of the same user go on.
+    Share,
+    /// The transaction updates the row later (no key column changes).
+    NoKeyUpdate,
+}
+
+async fn lock_linked_as(tx: &mut PgConnection, connections: &[&Connection], lock: RowLock) -> sqlx::Result<Vec<bool>> {
+    // One statement text per lock mode, written once.
+    macro_rules! linked_rows_locked {
+        ($lock:literal) => {
+            concat!(
+                "SELECT k.n FROM calendar_connections c \
+                 JOIN UNNEST($1::uuid[], $2::uuid[], $3::text[]) WITH ORDINALITY AS k(id, user_id, uri, n) \
+                   ON c.id = k.id AND c.user_id = k.user_id AND c.calendly_user_uri = k.uri \
+                 WHERE c.status = $4 ORDER BY c.id ",
+                $lock
+            )
+        };
+    }
+    let sql = match lock {
+        RowLock::Share => linked_rows_locked!("FOR SHARE OF c"),
+        RowLock::NoKeyUpdate => linked_rows_locked!("FOR NO KEY UPDATE OF c"),
+    };
+    let linked: Vec<i64> = sqlx::query_scalar(sql)
+        .bind(connections.iter().map(|c| c.id).collect::<Vec<_>>())
+        .bind(connections.iter().map(|c| c.user_id).collect::<Vec<_>>())
+        .bind(connections.iter().map(|c| c.calendly_user_uri.as_deref()).collect::<Vec<_>>())
+        .bind(ConnectionStatus::Active)
+        .fetch_all(tx)
+        .await?;
     let mut answer = vec![false; connections.len()];
     for n in linked {
         // WITH ORDINALITY counts from 1.
