@@ -43,13 +43,17 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces, import;
-    /// `budget-cost` runs only the budget section's cost per call.
+    /// `budget-cost` runs only the budget section's cost per call; `worker-pairs` the worker's
+    /// batched drain right after its ceiling, `--pairs` times.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "ingest,cluster,worker,changes,e2e,budget,retention,traces,import"
     )]
     only: Vec<String>,
+    /// Ceiling-then-drain pairs of `worker-pairs`.
+    #[arg(long, default_value_t = 5)]
+    pairs: usize,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     amqp_url: String,
     /// The benchmark's own database, recreated on every run.
@@ -160,12 +164,17 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("▸ cluster");
         cluster::run(&ctx, &mut rows).await?;
     }
-    let needs_world = ["worker", "changes", "e2e", "budget", "budget-cost", "retention", "traces", "import"];
+    let needs_world =
+        ["worker", "worker-pairs", "changes", "e2e", "budget", "budget-cost", "retention", "traces", "import"];
     if needs_world.iter().any(|name| section(name)) {
         let mut world = world::World::setup(&ctx).await?;
         if section("worker") {
             eprintln!("▸ worker");
             memories.push(("calsync-worker", worker::run(&ctx, &world, &mut rows).await?));
+        }
+        if section("worker-pairs") {
+            eprintln!("▸ worker: batched drain ÷ its ceiling, {} pairs", cli.pairs);
+            worker::ratio_pairs(&ctx, &world, &mut rows, cli.pairs.max(1)).await?;
         }
         if section("changes") {
             eprintln!("▸ change feed");
