@@ -112,56 +112,112 @@ pub fn check_held(held: u64, seen: &load::Tally, ingest_accepted: u64, ingest_un
     Ok(duplicates)
 }
 
-pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory> {
-    let prefix = "bench-ingest";
-    crate::reset_topology(ctx, prefix).await?;
-    let (ingest_port, ceiling_port) = (free_port()?, free_port()?);
-    let ingest = Proc::spawn(
-        "calsync-ingest",
-        &[
-            ("INGEST_ADDR", format!("127.0.0.1:{ingest_port}")),
-            ("CALENDLY_WEBHOOK_SIGNING_KEYS", SIGNING_KEY.into()),
-            ("TOKEN_ENCRYPTION_KEY", calsync_common::crypto::generate_key()),
-            ("AMQP_URL", ctx.amqp_url.clone()),
-            ("AMQP_TOPOLOGY_PREFIX", prefix.into()),
-            ("DATABASE_URL", ctx.db_url.clone()),
-        ],
-        &[],
-    )?;
-    let ceiling = Proc::spawn("calsync-bench", &[], &["http-ceiling", "--addr", &format!("127.0.0.1:{ceiling_port}")])?;
-    let (ingest_url, ceiling_url) =
-        (format!("http://127.0.0.1:{ingest_port}"), format!("http://127.0.0.1:{ceiling_port}"));
-    wait_ok(&ctx.http, &format!("{ingest_url}/readyz")).await?;
-    wait_ok(&ctx.http, &format!("{ceiling_url}/healthz")).await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let idle_mib = ingest.rss_mib();
+/// What the ingest figures run against: ingest and the HTTP-only ceiling as processes of their own,
+/// and a broker handle on the same topology for the publish ceiling and the queue checks.
+struct Rig {
+    ingest: Proc,
+    ceiling: Proc,
+    ingest_url: String,
+    ceiling_url: String,
+    broker: Broker,
+    queue: String,
+    seq: Arc<AtomicU64>,
+}
 
-    let broker = crate::broker(ctx, prefix, 4).await?;
-    let queue = broker.topology().webhooks_queue();
-    let seq = Arc::new(AtomicU64::new(0));
-    let (ingest_hook, ceiling_hook) =
-        (format!("{ingest_url}/webhooks/calendly"), format!("{ceiling_url}/webhooks/calendly"));
+const PREFIX: &str = "bench-ingest";
+
+impl Rig {
+    async fn start(ctx: &Ctx) -> anyhow::Result<Self> {
+        crate::reset_topology(ctx, PREFIX).await?;
+        let (ingest_port, ceiling_port) = (free_port()?, free_port()?);
+        let ingest = Proc::spawn(
+            "calsync-ingest",
+            &[
+                ("INGEST_ADDR", format!("127.0.0.1:{ingest_port}")),
+                ("CALENDLY_WEBHOOK_SIGNING_KEYS", SIGNING_KEY.into()),
+                ("TOKEN_ENCRYPTION_KEY", calsync_common::crypto::generate_key()),
+                ("AMQP_URL", ctx.amqp_url.clone()),
+                ("AMQP_TOPOLOGY_PREFIX", PREFIX.into()),
+                ("DATABASE_URL", ctx.db_url.clone()),
+            ],
+            &[],
+        )?;
+        let ceiling =
+            Proc::spawn("calsync-bench", &[], &["http-ceiling", "--addr", &format!("127.0.0.1:{ceiling_port}")])?;
+        let (ingest_url, ceiling_url) =
+            (format!("http://127.0.0.1:{ingest_port}"), format!("http://127.0.0.1:{ceiling_port}"));
+        wait_ok(&ctx.http, &format!("{ingest_url}/readyz")).await?;
+        wait_ok(&ctx.http, &format!("{ceiling_url}/healthz")).await?;
+        let broker = crate::broker(ctx, PREFIX, 4).await?;
+        let queue = broker.topology().webhooks_queue();
+        Ok(Self { ingest, ceiling, ingest_url, ceiling_url, broker, queue, seq: Arc::new(AtomicU64::new(0)) })
+    }
+
+    fn hook(url: &str) -> String {
+        format!("{url}/webhooks/calendly")
+    }
+
+    /// The confirmed-publish ceiling at `connections` publishes in flight, and the CPU it cost
+    /// RabbitMQ and the publisher (this process) per message. Leaves the queue empty.
+    async fn publish_ceiling(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<(f64, [String; 2])> {
+        let meter = CpuMeter::start(vec![Who::Pid(machine_broker_pid()), Who::Pid(Some(std::process::id()))]);
+        let (publishes, published) = publish_ceiling(&self.broker, connections, ctx.duration).await;
+        let cpu = meter.used();
+        crate::purge(ctx, &self.queue).await?;
+        Ok((publishes, [micros_per(cpu[0], published), micros_per(cpu[1], published)]))
+    }
+
+    /// Ingest's closed loop at `connections`, checked against what the queue holds (an error if a
+    /// 202 was lost), with the CPU per accepted webhook of ingest, RabbitMQ and the load generator.
+    /// Leaves the queue empty.
+    async fn closed_loop(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<Closed> {
+        let url = &self.ingest_url;
+        let before = (ingest_count(ctx, url, "accepted").await?, ingest_count(ctx, url, "unavailable").await?);
+        let meter = CpuMeter::start(vec![
+            Who::Pid(self.ingest.child.id()),
+            Who::Pid(machine_broker_pid()),
+            Who::Pid(Some(std::process::id())),
+        ]);
+        let (rps, seen) = load::closed_loop(&ctx.http, &Self::hook(url), connections, ctx.duration, &self.seq).await;
+        let cpu = meter.used();
+        let held = crate::depth(ctx, &self.queue).await?;
+        let accepted = ingest_count(ctx, url, "accepted").await? - before.0;
+        let unavailable = ingest_count(ctx, url, "unavailable").await? - before.1;
+        let duplicates = check_held(held, &seen, accepted, unavailable)?;
+        crate::purge(ctx, &self.queue).await?;
+        let cpu = format!("{} / {} / {}", micros_per(cpu[0], held), micros_per(cpu[1], held), micros_per(cpu[2], held));
+        Ok(Closed { rps, held, accepted, duplicates, cpu })
+    }
+
+    async fn stop(self, ctx: &Ctx) -> anyhow::Result<()> {
+        self.broker.close().await;
+        self.ingest.stop().await;
+        self.ceiling.stop().await;
+        crate::reset_topology(ctx, PREFIX).await
+    }
+}
+
+/// One closed-loop reading of ingest; `cpu` is "ingest / RabbitMQ / load generator" per accepted webhook.
+struct Closed {
+    rps: f64,
+    held: u64,
+    accepted: u64,
+    duplicates: u64,
+    cpu: String,
+}
+
+pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory> {
+    let rig = Rig::start(ctx).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle_mib = rig.ingest.rss_mib();
+    let ceiling_hook = Rig::hook(&rig.ceiling_url);
 
     let mut capacity = 0.0f64;
-    let broker_pid = machine_broker_pid();
-    let own_pid = Some(std::process::id());
     for connections in [1usize, 16, 64] {
         // Ceilings at the same concurrency: the same number of publishes (or requests) in flight.
-        let meter = CpuMeter::start(vec![Who::Pid(broker_pid), Who::Pid(own_pid)]);
-        let (publishes, published) = publish_ceiling(&broker, connections, ctx.duration).await;
-        let ceiling_cpu = meter.used();
-        crate::purge(ctx, &queue).await?;
-        let (http_only, _) = load::closed_loop(&ctx.http, &ceiling_hook, connections, ctx.duration, &seq).await;
-        let before =
-            (ingest_count(ctx, &ingest_url, "accepted").await?, ingest_count(ctx, &ingest_url, "unavailable").await?);
-        let meter = CpuMeter::start(vec![Who::Pid(ingest.child.id()), Who::Pid(broker_pid), Who::Pid(own_pid)]);
-        let (rps, seen) = load::closed_loop(&ctx.http, &ingest_hook, connections, ctx.duration, &seq).await;
-        let cpu = meter.used();
-        let held = crate::depth(ctx, &queue).await?;
-        let accepted = ingest_count(ctx, &ingest_url, "accepted").await? - before.0;
-        let unavailable = ingest_count(ctx, &ingest_url, "unavailable").await? - before.1;
-        let duplicates = check_held(held, &seen, accepted, unavailable)?;
-        crate::purge(ctx, &queue).await?;
+        let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
+        let (http_only, _) = load::closed_loop(&ctx.http, &ceiling_hook, connections, ctx.duration, &rig.seq).await;
+        let Closed { rps, held, accepted, duplicates, cpu } = rig.closed_loop(ctx, connections).await?;
         capacity = capacity.max(rps);
         rows.push(row(
             "ingest",
@@ -173,24 +229,21 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
         rows.push(row(
             "ingest",
             format!("CPU per accepted webhook, {connections} connection(s): ingest / RabbitMQ / load generator"),
-            format!("{} / {} / {}", micros_per(cpu[0], held), micros_per(cpu[1], held), micros_per(cpu[2], held)),
-            format!(
-                "raw confirmed publish: RabbitMQ {} / publisher {}",
-                micros_per(ceiling_cpu[0], published),
-                micros_per(ceiling_cpu[1], published)
-            ),
+            cpu,
+            format!("raw confirmed publish: RabbitMQ {} / publisher {}", ceiling_cpu[0], ceiling_cpu[1]),
             "-",
         ));
     }
+    let ingest_hook = Rig::hook(&rig.ingest_url);
     for rate in [1000u64, 5000] {
-        let before =
-            (ingest_count(ctx, &ingest_url, "accepted").await?, ingest_count(ctx, &ingest_url, "unavailable").await?);
-        let (latencies, seen) = load::open_loop(&ctx.http, &ingest_hook, rate, ctx.duration, &seq).await;
-        let held = crate::depth(ctx, &queue).await?;
-        let accepted = ingest_count(ctx, &ingest_url, "accepted").await? - before.0;
-        let unavailable = ingest_count(ctx, &ingest_url, "unavailable").await? - before.1;
+        let url = &rig.ingest_url;
+        let before = (ingest_count(ctx, url, "accepted").await?, ingest_count(ctx, url, "unavailable").await?);
+        let (latencies, seen) = load::open_loop(&ctx.http, &ingest_hook, rate, ctx.duration, &rig.seq).await;
+        let held = crate::depth(ctx, &rig.queue).await?;
+        let accepted = ingest_count(ctx, url, "accepted").await? - before.0;
+        let unavailable = ingest_count(ctx, url, "unavailable").await? - before.1;
         let duplicates = check_held(held, &seen, accepted, unavailable)?;
-        crate::purge(ctx, &queue).await?;
+        crate::purge(ctx, &rig.queue).await?;
         rows.push(row(
             "ingest",
             format!(
@@ -207,13 +260,52 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
             "-",
         ));
     }
-    overload(ctx, &ingest, &ingest_url, &queue, capacity, &seq, rows).await?;
-    let peak_mib = ingest.peak_rss_mib();
-    broker.close().await;
-    ingest.stop().await;
-    ceiling.stop().await;
-    crate::reset_topology(ctx, prefix).await?;
+    overload(ctx, &rig.ingest, &rig.ingest_url, &rig.queue, capacity, &rig.seq, rows).await?;
+    let peak_mib = rig.ingest.peak_rss_mib();
+    rig.stop(ctx).await?;
     Ok(Memory { idle_mib, peak_mib })
+}
+
+/// `--only ingest-pairs`: at each concurrency, the confirmed-publish ceiling and right after it
+/// ingest's closed loop, `pairs` times, and the median of the ratios. The machine drifts less
+/// within a pair than between the ceiling and the figure of a whole section.
+pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
+    let rig = Rig::start(ctx).await?;
+    for connections in [1usize, 16, 64] {
+        let mut ratios = Vec::new();
+        for pair in 1..=pairs {
+            let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
+            let Closed { rps, held, accepted, duplicates, cpu } = rig.closed_loop(ctx, connections).await?;
+            ratios.push(rps / publishes);
+            eprintln!(
+                "  {connections} connection(s), pair {pair}/{pairs}: {rps:.0}/s vs {publishes:.0}/s = {}",
+                ratio(rps, publishes)
+            );
+            rows.push(row(
+                "ingest",
+                format!(
+                    "pair {pair}/{pairs}, {connections} connection(s): 202/s right after its ceiling (queue {held} = 202s \
+                     {accepted} + 503-but-held {duplicates} ✓); CPU per accepted webhook ingest / RabbitMQ / load \
+                     generator {cpu}"
+                ),
+                format!("{rps:.0}/s"),
+                format!(
+                    "confirmed publishes {publishes:.0}/s (RabbitMQ {} / publisher {} per message)",
+                    ceiling_cpu[0], ceiling_cpu[1]
+                ),
+                ratio(rps, publishes),
+            ));
+        }
+        let spread = stats::Spread::of(ratios);
+        rows.push(row(
+            "ingest",
+            format!("{connections} connection(s): 202/s ÷ its confirmed-publish ceiling over {pairs} pairs: median (min–max)"),
+            format!("{:.0}% ({:.0}–{:.0}%)", 100.0 * spread.median, 100.0 * spread.min, 100.0 * spread.max),
+            "target ≥ 75%",
+            if spread.median >= 0.75 { "✓" } else { "✗" },
+        ));
+    }
+    rig.stop(ctx).await
 }
 
 /// An open loop at twice the best closed-loop rate: what is shed (503 at once, past

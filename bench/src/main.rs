@@ -44,14 +44,15 @@ struct Cli {
     quick: bool,
     /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces, import;
     /// `budget-cost` runs only the budget section's cost per call; `worker-pairs` the worker's
-    /// batched drain right after its ceiling, `--pairs` times.
+    /// batched drain right after its ceiling, `--pairs` times; `ingest-pairs` ingest's closed loop
+    /// right after its confirmed-publish ceiling, `--pairs` times at each concurrency.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "ingest,cluster,worker,changes,e2e,budget,retention,traces,import"
     )]
     only: Vec<String>,
-    /// Ceiling-then-drain pairs of `worker-pairs`.
+    /// Ceiling-then-figure pairs of `worker-pairs` and `ingest-pairs`.
     #[arg(long, default_value_t = 5)]
     pairs: usize,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -159,6 +160,10 @@ async fn main() -> anyhow::Result<()> {
     if section("ingest") {
         eprintln!("▸ ingest");
         memories.push(("calsync-ingest", ingest::run(&ctx, &mut rows).await?));
+    }
+    if section("ingest-pairs") {
+        eprintln!("▸ ingest: closed loop ÷ its confirmed-publish ceiling, {} pairs", cli.pairs);
+        ingest::ratio_pairs(&ctx, &mut rows, cli.pairs.max(1)).await?;
     }
     if section("cluster") {
         eprintln!("▸ cluster");

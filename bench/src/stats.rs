@@ -37,6 +37,21 @@ pub fn ratio(value: f64, ceiling: f64) -> String {
     if ceiling > 0.0 { format!("{:.0}%", 100.0 * value / ceiling) } else { "-".into() }
 }
 
+/// The median and the range of repeated readings of one figure.
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// `readings` must not be empty. The median of an even count is the upper middle one.
+    pub fn of(mut readings: Vec<f64>) -> Self {
+        readings.sort_by(f64::total_cmp);
+        Self { median: readings[readings.len() / 2], min: readings[0], max: readings[readings.len() - 1] }
+    }
+}
+
 pub fn print(rows: &[Row]) {
     println!("| area | figure | value | ceiling (same run) | ratio |");
     println!("|---|---|---|---|---|");

@@ -327,14 +327,13 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
             format!("{:.2}×", drain.rate / single),
         ));
     }
-    ratios.sort_by(f64::total_cmp);
-    let median = ratios[ratios.len() / 2];
+    let spread = stats::Spread::of(ratios);
     rows.push(row(
         "worker",
         format!("batched drain ÷ its ceiling over {pairs} pairs: median (min–max)"),
-        format!("{median:.2}× ({:.2}–{:.2}×)", ratios[0], ratios[ratios.len() - 1]),
+        format!("{:.2}× ({:.2}–{:.2}×)", spread.median, spread.min, spread.max),
         "target ≥ 2.5×",
-        if median >= 2.5 { "✓" } else { "✗" },
+        if spread.median >= 2.5 { "✓" } else { "✗" },
     ));
     crate::reset_topology(ctx, PREFIX).await?;
     Ok(())
