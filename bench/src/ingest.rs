@@ -122,6 +122,8 @@ struct Rig {
     broker: Broker,
     queue: String,
     seq: Arc<AtomicU64>,
+    /// The machine's RabbitMQ, found once: its CPU is charged to every figure.
+    broker_pid: Option<u32>,
 }
 
 const PREFIX: &str = "bench-ingest";
@@ -150,7 +152,8 @@ impl Rig {
         wait_ok(&ctx.http, &format!("{ceiling_url}/healthz")).await?;
         let broker = crate::broker(ctx, PREFIX, 4).await?;
         let queue = broker.topology().webhooks_queue();
-        Ok(Self { ingest, ceiling, ingest_url, ceiling_url, broker, queue, seq: Arc::new(AtomicU64::new(0)) })
+        let (seq, broker_pid) = (Arc::new(AtomicU64::new(0)), machine_broker_pid());
+        Ok(Self { ingest, ceiling, ingest_url, ceiling_url, broker, queue, seq, broker_pid })
     }
 
     fn hook(url: &str) -> String {
@@ -160,7 +163,7 @@ impl Rig {
     /// The confirmed-publish ceiling at `connections` publishes in flight, and the CPU it cost
     /// RabbitMQ and the publisher (this process) per message. Leaves the queue empty.
     async fn publish_ceiling(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<(f64, [String; 2])> {
-        let meter = CpuMeter::start(vec![Who::Pid(machine_broker_pid()), Who::Pid(Some(std::process::id()))]);
+        let meter = CpuMeter::start(vec![Who::Pid(self.broker_pid), Who::Pid(Some(std::process::id()))]);
         let (publishes, published) = publish_ceiling(&self.broker, connections, ctx.duration).await;
         let cpu = meter.used();
         crate::purge(ctx, &self.queue).await?;
@@ -175,7 +178,7 @@ impl Rig {
         let before = (ingest_count(ctx, url, "accepted").await?, ingest_count(ctx, url, "unavailable").await?);
         let meter = CpuMeter::start(vec![
             Who::Pid(self.ingest.child.id()),
-            Who::Pid(machine_broker_pid()),
+            Who::Pid(self.broker_pid),
             Who::Pid(Some(std::process::id())),
         ]);
         let (rps, seen) = load::closed_loop(&ctx.http, &Self::hook(url), connections, ctx.duration, &self.seq).await;
