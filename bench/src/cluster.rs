@@ -48,7 +48,7 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<crate::stats::Row>) -> anyhow::Result
 
     // Throughput: 64 connections, against confirmed publishes to the same quorum queue.
     let (publishes, _) = crate::ingest::publish_ceiling(&broker, 64, ctx.duration).await;
-    let (rps, tally) = load::closed_loop(&ctx.http, &hook, 64, ctx.duration, &seq).await;
+    let (rps, tally) = load::closed_loop(&hook, 64, ctx.duration, &seq).await;
     let accepted = tally.accepted();
     let inspect = |n: usize| Ctx { amqp_url: cluster.node_url(n), ..clone_ctx(&on_cluster) };
     let held = crate::depth(&inspect(0), &queue).await?;

@@ -181,7 +181,7 @@ impl Rig {
             Who::Pid(self.broker_pid),
             Who::Pid(Some(std::process::id())),
         ]);
-        let (rps, seen) = load::closed_loop(&ctx.http, &Self::hook(url), connections, ctx.duration, &self.seq).await;
+        let (rps, seen) = load::closed_loop(&Self::hook(url), connections, ctx.duration, &self.seq).await;
         let cpu = meter.used();
         let held = crate::depth(ctx, &self.queue).await?;
         let accepted = ingest_count(ctx, url, "accepted").await? - before.0;
@@ -219,7 +219,7 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
     for connections in [1usize, 16, 64] {
         // Ceilings at the same concurrency: the same number of publishes (or requests) in flight.
         let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
-        let (http_only, _) = load::closed_loop(&ctx.http, &ceiling_hook, connections, ctx.duration, &rig.seq).await;
+        let (http_only, _) = load::closed_loop(&ceiling_hook, connections, ctx.duration, &rig.seq).await;
         let Closed { rps, held, accepted, duplicates, cpu } = rig.closed_loop(ctx, connections).await?;
         capacity = capacity.max(rps);
         rows.push(row(

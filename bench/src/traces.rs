@@ -62,8 +62,7 @@ async fn ingest_rate(ctx: &Ctx, env: Vec<(&'static str, String)>, seq: &Arc<Atom
     let ingest = Proc::spawn("calsync-ingest", &envs, &[])?;
     let url = format!("http://127.0.0.1:{port}");
     wait_ok(&ctx.http, &format!("{url}/readyz")).await?;
-    let (rps, _) =
-        load::closed_loop(&ctx.http, &format!("{url}/webhooks/calendly"), CONNECTIONS, ctx.duration, seq).await;
+    let (rps, _) = load::closed_loop(&format!("{url}/webhooks/calendly"), CONNECTIONS, ctx.duration, seq).await;
     ingest.stop().await;
     crate::reset_topology(ctx, prefix).await?;
     Ok(rps)
