@@ -114,11 +114,29 @@ pub async fn purge(ctx: &Ctx, queue: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Deletes every exchange and queue under `prefix`. Tried again (on a new connection) for a while:
+/// RabbitMQ 3.10 can fail a quorum queue's deletion with INTERNAL_ERROR when it comes right after a
+/// purge of a long log — its segment writer crashes on the directory being removed and restarts
+/// (rabbitmq/ra#484, fixed in later Ra releases) — and the next attempt succeeds.
 pub async fn reset_topology(ctx: &Ctx, prefix: &str) -> anyhow::Result<()> {
-    let (conn, channel) = channel(ctx).await?;
-    Topology::new(prefix).delete(&channel).await?;
-    let _ = conn.close(200, "ok".into()).await;
-    Ok(())
+    let mut attempt = 1;
+    loop {
+        let deleted = async {
+            let (conn, channel) = channel(ctx).await?;
+            Topology::new(prefix).delete(&channel).await?;
+            let _ = conn.close(200, "ok".into()).await;
+            anyhow::Ok(())
+        };
+        match deleted.await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < 5 => {
+                eprintln!("  note: deleting the {prefix} topology failed ({error}); trying again");
+                tokio::time::sleep(Duration::from_secs(2 * attempt)).await;
+                attempt += 1;
+            }
+            Err(error) => return Err(error.context(format!("deleting the {prefix} topology, {attempt} attempts"))),
+        }
+    }
 }
 
 fn machine() -> String {
