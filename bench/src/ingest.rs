@@ -127,6 +127,9 @@ struct Rig {
 }
 
 const PREFIX: &str = "bench-ingest";
+/// Ingest's default `INGEST_PUBLISH_CHANNELS`, given to ingest explicitly so that the ceiling always
+/// publishes through as many channels as ingest does (with fewer, RabbitMQ confirms more per frame).
+const PUBLISH_CHANNELS: usize = 2;
 
 impl Rig {
     async fn start(ctx: &Ctx) -> anyhow::Result<Self> {
@@ -141,6 +144,7 @@ impl Rig {
                 ("AMQP_URL", ctx.amqp_url.clone()),
                 ("AMQP_TOPOLOGY_PREFIX", PREFIX.into()),
                 ("DATABASE_URL", ctx.db_url.clone()),
+                ("INGEST_PUBLISH_CHANNELS", PUBLISH_CHANNELS.to_string()),
             ],
             &[],
         )?;
@@ -150,7 +154,7 @@ impl Rig {
             (format!("http://127.0.0.1:{ingest_port}"), format!("http://127.0.0.1:{ceiling_port}"));
         wait_ok(&ctx.http, &format!("{ingest_url}/readyz")).await?;
         wait_ok(&ctx.http, &format!("{ceiling_url}/healthz")).await?;
-        let broker = crate::broker(ctx, PREFIX, 4).await?;
+        let broker = crate::broker(ctx, PREFIX, PUBLISH_CHANNELS).await?;
         let queue = broker.topology().webhooks_queue();
         let (seq, broker_pid) = (Arc::new(AtomicU64::new(0)), machine_broker_pid());
         Ok(Self { ingest, ceiling, ingest_url, ceiling_url, broker, queue, seq, broker_pid })

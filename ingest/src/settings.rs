@@ -53,8 +53,12 @@ pub struct IngestSettings {
     #[arg(long, env = "INGEST_REQUEST_TIMEOUT_SECS", default_value_t = 10)]
     pub ingest_request_timeout_secs: u64,
 
-    /// Confirm-mode channels shared by all requests.
-    #[arg(long, env = "INGEST_PUBLISH_CHANNELS", default_value_t = 4, hide = true)]
+    /// Confirm-mode channels shared by all requests. Two, measured: with fewer channels RabbitMQ
+    /// confirms more publishes per frame, and at 16 requests in flight two gave ingest 6,800–7,200
+    /// webhooks/s where four gave 6,400–6,800, at ≈ 55 instead of ≈ 62 µs of ingest's CPU each; one
+    /// channel lowers the raw publish ceiling at 64 (BENCHMARKS.md, "A leaner load generator, two
+    /// publish channels").
+    #[arg(long, env = "INGEST_PUBLISH_CHANNELS", default_value_t = 2, hide = true)]
     pub ingest_publish_channels: usize,
 
     #[command(flatten)]
