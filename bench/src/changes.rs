@@ -15,7 +15,9 @@ use calsync_common::db::changes;
 use crate::Ctx;
 use crate::procs::{Proc, free_port, wait_ok};
 use crate::stats::{self, ratio, row};
-use crate::worker::{DEFAULT_BATCH, PREFIX, cpu_split, cpu_split_per, drain_meter, queue_all, start_workers};
+use crate::worker::{
+    DEFAULT_BATCH, PREFIX, cpu_split, cpu_split_per, drain_meter, drains_at_0ms, queue_all, start_workers,
+};
 use crate::world::World;
 
 const CONCURRENCY: u16 = 256;
@@ -137,6 +139,46 @@ async fn wait_published(world: &World, since: Instant) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--only changes-pairs`: the drain with the feed off and, right beside it, with the feed on (as in
+/// production), `pairs` times, and the median of the ratios. The order alternates (off first, then
+/// on first) so that whatever the first drain leaves the disk to do does not always land on one side.
+pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
+    let bodies = drains_at_0ms(ctx, world).await?;
+    let mut ratios = Vec::new();
+    for pair in 1..=pairs {
+        let (off, on) = if pair % 2 == 1 {
+            let off = drain(ctx, world, &bodies, Feed::Off).await?;
+            (off, drain(ctx, world, &bodies, Feed::On).await?)
+        } else {
+            let on = drain(ctx, world, &bodies, Feed::On).await?;
+            (drain(ctx, world, &bodies, Feed::Off).await?, on)
+        };
+        ratios.push(on.rate / off.rate);
+        let first = if pair % 2 == 1 { "off" } else { "on" };
+        eprintln!(
+            "  pair {pair}/{pairs} ({first} first): {:.0}/s vs {:.0}/s = {}",
+            on.rate,
+            off.rate,
+            ratio(on.rate, off.rate)
+        );
+        rows.push(row(
+            "changes",
+            format!(
+                "pair {pair}/{pairs} ({first} first): drain {} webhooks, API 0 ms, 1 process × {CONCURRENCY}, batch \
+                 {DEFAULT_BATCH}, feed on; {}",
+                bodies.len(),
+                on.split
+            ),
+            format!("{:.0}/s", on.rate),
+            format!("feed off {:.0}/s; {}", off.rate, off.split),
+            ratio(on.rate, off.rate),
+        ));
+    }
+    set_feed(world, true).await?;
+    rows.push(stats::median_row("changes", "drain with the feed on ÷ without it", ratios, stats::Unit::Percent, 0.9));
+    crate::reset_topology(ctx, PREFIX).await
+}
+
 /// `GET /changes?limit=1000` read from the start to the end, again and again, for the run's duration.
 async fn pages_per_second(ctx: &Ctx, world: &World) -> anyhow::Result<(f64, i64)> {
     let port = free_port()?;
@@ -180,11 +222,7 @@ async fn pages_per_second(ctx: &Ctx, world: &World) -> anyhow::Result<(f64, i64)
 }
 
 pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<()> {
-    crate::reset_topology(ctx, PREFIX).await?;
-    // Declares the topology afresh (the drains purge its queue first).
-    crate::broker(ctx, PREFIX, 1).await?.close().await;
-    world.set_latency(ctx, 0).await?;
-    let bodies = world.generate(ctx, ctx.webhooks, 10).await?;
+    let bodies = drains_at_0ms(ctx, world).await?;
     // Alternated, twice each, so a slow disk moment does not land on one side only.
     let (mut off, mut on, mut held) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 {

@@ -303,14 +303,8 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
                 ratio(rps, publishes),
             ));
         }
-        let spread = stats::Spread::of(ratios);
-        rows.push(row(
-            "ingest",
-            format!("{connections} connection(s): 202/s ÷ its confirmed-publish ceiling over {pairs} pairs: median (min–max)"),
-            format!("{:.0}% ({:.0}–{:.0}%)", 100.0 * spread.median, 100.0 * spread.min, 100.0 * spread.max),
-            "target ≥ 75%",
-            if spread.median >= 0.75 { "✓" } else { "✗" },
-        ));
+        let what = format!("{connections} connection(s): 202/s ÷ its confirmed-publish ceiling");
+        rows.push(stats::median_row("ingest", &what, ratios, stats::Unit::Percent, 0.75));
     }
     rig.stop(ctx).await
 }

@@ -45,14 +45,15 @@ struct Cli {
     /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces, import;
     /// `budget-cost` runs only the budget section's cost per call; `worker-pairs` the worker's
     /// batched drain right after its ceiling, `--pairs` times; `ingest-pairs` ingest's closed loop
-    /// right after its confirmed-publish ceiling, `--pairs` times at each concurrency.
+    /// right after its confirmed-publish ceiling, `--pairs` times at each concurrency; `changes-pairs`
+    /// the drain with the change feed off and on side by side, `--pairs` times.
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "ingest,cluster,worker,changes,e2e,budget,retention,traces,import"
     )]
     only: Vec<String>,
-    /// Ceiling-then-figure pairs of `worker-pairs` and `ingest-pairs`.
+    /// Ceiling-then-figure pairs of `worker-pairs`, `ingest-pairs` and `changes-pairs`.
     #[arg(long, default_value_t = 5)]
     pairs: usize,
     #[arg(long, env = "AMQP_URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -187,8 +188,18 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("▸ cluster");
         cluster::run(&ctx, &mut rows).await?;
     }
-    let needs_world =
-        ["worker", "worker-pairs", "changes", "e2e", "budget", "budget-cost", "retention", "traces", "import"];
+    let needs_world = [
+        "worker",
+        "worker-pairs",
+        "changes",
+        "changes-pairs",
+        "e2e",
+        "budget",
+        "budget-cost",
+        "retention",
+        "traces",
+        "import",
+    ];
     if needs_world.iter().any(|name| section(name)) {
         let mut world = world::World::setup(&ctx).await?;
         if section("worker") {
@@ -202,6 +213,10 @@ async fn main() -> anyhow::Result<()> {
         if section("changes") {
             eprintln!("▸ change feed");
             changes::run(&ctx, &world, &mut rows).await?;
+        }
+        if section("changes-pairs") {
+            eprintln!("▸ change feed: drain with the feed on ÷ without it, {} pairs", cli.pairs);
+            changes::ratio_pairs(&ctx, &world, &mut rows, cli.pairs.max(1)).await?;
         }
         if section("e2e") {
             eprintln!("▸ end to end");

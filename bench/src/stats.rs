@@ -52,6 +52,28 @@ impl Spread {
     }
 }
 
+/// How the ratios of a pairs section are printed.
+pub enum Unit {
+    Percent,
+    Times,
+}
+
+/// The closing row of a pairs section: the median and range of `ratios`, and whether the median
+/// reaches `target`.
+pub fn median_row(area: &'static str, what: &str, ratios: Vec<f64>, unit: Unit, target: f64) -> Row {
+    let pairs = ratios.len();
+    let s = Spread::of(ratios);
+    let (value, target_text) = match unit {
+        Unit::Percent => (
+            format!("{:.0}% ({:.0}–{:.0}%)", 100.0 * s.median, 100.0 * s.min, 100.0 * s.max),
+            format!("target ≥ {:.0}%", 100.0 * target),
+        ),
+        Unit::Times => (format!("{:.2}× ({:.2}–{:.2}×)", s.median, s.min, s.max), format!("target ≥ {target}×")),
+    };
+    let met = if s.median >= target { "✓" } else { "✗" };
+    row(area, format!("{what} over {pairs} pairs: median (min–max)"), value, target_text, met)
+}
+
 pub fn print(rows: &[Row]) {
     println!("| area | figure | value | ceiling (same run) | ratio |");
     println!("|---|---|---|---|---|");

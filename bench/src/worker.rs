@@ -299,15 +299,20 @@ async fn drain_batched(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], batch: usiz
     Ok(Drain { rate: bodies.len() as f64 / seconds, split, peak_mib })
 }
 
+/// A fresh topology for drains (a broker declares what they purge), the simulator at 0 ms, and the
+/// webhooks every drain then pre-queues.
+pub async fn drains_at_0ms(ctx: &Ctx, world: &World) -> anyhow::Result<Vec<Vec<u8>>> {
+    crate::reset_topology(ctx, PREFIX).await?;
+    crate::broker(ctx, PREFIX, 1).await?.close().await;
+    world.set_latency(ctx, 0).await?;
+    world.generate(ctx, ctx.webhooks, 10).await
+}
+
 /// The worker's target (≥ 2.5× one transaction per delivery) read as pairs: each batched drain
 /// right after its own ceiling, `pairs` times, so a ceiling that drifts with the disk between
 /// minutes moves both sides of its ratio. One row per pair, then the median and range.
 pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
-    crate::reset_topology(ctx, PREFIX).await?;
-    // A broker declares the topology the drains purge (the full section's idle worker does it there).
-    crate::broker(ctx, PREFIX, 1).await?.close().await;
-    world.set_latency(ctx, 0).await?;
-    let bodies = world.generate(ctx, ctx.webhooks, 10).await?;
+    let bodies = drains_at_0ms(ctx, world).await?;
     let mut ratios = Vec::new();
     for pair in 1..=pairs {
         let single = upsert_ceiling(world, &bodies, CURVE_CONCURRENCY).await?;
@@ -327,14 +332,7 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
             format!("{:.2}×", drain.rate / single),
         ));
     }
-    let spread = stats::Spread::of(ratios);
-    rows.push(row(
-        "worker",
-        format!("batched drain ÷ its ceiling over {pairs} pairs: median (min–max)"),
-        format!("{:.2}× ({:.2}–{:.2}×)", spread.median, spread.min, spread.max),
-        "target ≥ 2.5×",
-        if spread.median >= 2.5 { "✓" } else { "✗" },
-    ));
+    rows.push(stats::median_row("worker", "batched drain ÷ its ceiling", ratios, stats::Unit::Times, 2.5));
     crate::reset_topology(ctx, PREFIX).await?;
     Ok(())
 }
