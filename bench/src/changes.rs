@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use calsync_common::db::changes;
 
 use crate::Ctx;
-use crate::procs::{Proc, free_port, wait_ok};
+use crate::procs::{IngestArgs, start_ingest};
 use crate::stats::{self, ratio, row};
 use crate::worker::{
     DEFAULT_BATCH, PREFIX, cpu_split, cpu_split_per, drain_meter, drains_at_0ms, queue_all, start_workers,
@@ -181,22 +181,14 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
 
 /// `GET /changes?limit=1000` read from the start to the end, again and again, for the run's duration.
 async fn pages_per_second(ctx: &Ctx, world: &World) -> anyhow::Result<(f64, i64)> {
-    let port = free_port()?;
-    let ingest = Proc::spawn(
-        "calsync-ingest",
-        &[
-            ("INGEST_ADDR", format!("127.0.0.1:{port}")),
-            ("CALENDLY_WEBHOOK_SIGNING_KEYS", "bench-unused-key".into()),
-            ("TOKEN_ENCRYPTION_KEY", world.token_key.clone()),
-            ("AMQP_URL", ctx.amqp_url.clone()),
-            ("AMQP_TOPOLOGY_PREFIX", PREFIX.into()),
-            ("DATABASE_URL", ctx.db_url.clone()),
-            ("INTERNAL_API_TOKEN", API_TOKEN.into()),
-        ],
-        &[],
-    )?;
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ok(&ctx.http, &format!("{url}/readyz")).await?;
+    let args = IngestArgs {
+        amqp_url: ctx.amqp_url.clone(),
+        prefix: PREFIX,
+        signing_key: "bench-unused-key",
+        token_key: world.token_key.clone(),
+        extra: vec![("INTERNAL_API_TOKEN", API_TOKEN.into())],
+    };
+    let (ingest, url) = start_ingest(ctx, args).await?;
     let started = Instant::now();
     let (mut pages, mut cursor) = (0i64, String::new());
     let mut changes_read = 0i64;

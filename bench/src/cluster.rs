@@ -9,7 +9,7 @@ use calsync_testkit::cluster::RabbitCluster;
 
 use crate::Ctx;
 use crate::load::{self, SIGNING_KEY};
-use crate::procs::{Proc, free_port, wait_ok};
+use crate::procs::{IngestArgs, start_ingest};
 use crate::stats::{ratio, row};
 
 pub async fn run(ctx: &Ctx, rows: &mut Vec<crate::stats::Row>) -> anyhow::Result<()> {
@@ -18,21 +18,14 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<crate::stats::Row>) -> anyhow::Result
         return Ok(());
     };
     let prefix = "bench-cluster";
-    let port = free_port()?;
-    let ingest = Proc::spawn(
-        "calsync-ingest",
-        &[
-            ("INGEST_ADDR", format!("127.0.0.1:{port}")),
-            ("CALENDLY_WEBHOOK_SIGNING_KEYS", SIGNING_KEY.into()),
-            ("TOKEN_ENCRYPTION_KEY", calsync_common::crypto::generate_key()),
-            ("AMQP_URL", cluster.amqp_url()),
-            ("AMQP_TOPOLOGY_PREFIX", prefix.into()),
-            ("DATABASE_URL", ctx.db_url.clone()),
-        ],
-        &[],
-    )?;
-    let base = format!("http://127.0.0.1:{port}");
-    wait_ok(&ctx.http, &format!("{base}/readyz")).await?;
+    let args = IngestArgs {
+        amqp_url: cluster.amqp_url(),
+        prefix,
+        signing_key: SIGNING_KEY,
+        token_key: calsync_common::crypto::generate_key(),
+        extra: Vec::new(),
+    };
+    let (ingest, base) = start_ingest(ctx, args).await?;
     let hook = format!("{base}/webhooks/calendly");
     let seq = Arc::new(AtomicU64::new(0));
     let on_cluster = Ctx {

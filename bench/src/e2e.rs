@@ -10,7 +10,7 @@ use calsync_common::db::inbox::InboxStatus;
 use calsync_common::queue::message;
 
 use crate::Ctx;
-use crate::procs::{Proc, free_port, wait_ok};
+use crate::procs::{IngestArgs, Proc, start_ingest};
 use crate::stats::{self, ms, row};
 use crate::world::{SIM_SIGNING_KEY, World};
 
@@ -20,22 +20,15 @@ pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, rate: u64
     crate::reset_topology(ctx, PREFIX).await?;
     world.truncate().await?;
     world.set_latency(ctx, 50).await?;
-    let port = free_port()?;
-    let ingest = Proc::spawn(
-        "calsync-ingest",
-        &[
-            ("INGEST_ADDR", format!("127.0.0.1:{port}")),
-            ("CALENDLY_WEBHOOK_SIGNING_KEYS", SIM_SIGNING_KEY.into()),
-            ("TOKEN_ENCRYPTION_KEY", world.token_key.clone()),
-            ("AMQP_URL", ctx.amqp_url.clone()),
-            ("AMQP_TOPOLOGY_PREFIX", PREFIX.into()),
-            ("DATABASE_URL", ctx.db_url.clone()),
-        ],
-        &[],
-    )?;
     let worker = Proc::spawn("calsync-worker", &world.worker_env(ctx, PREFIX, 64)?, &[])?;
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ok(&ctx.http, &format!("{url}/readyz")).await?;
+    let args = IngestArgs {
+        amqp_url: ctx.amqp_url.clone(),
+        prefix: PREFIX,
+        signing_key: SIM_SIGNING_KEY,
+        token_key: world.token_key.clone(),
+        extra: Vec::new(),
+    };
+    let (ingest, url) = start_ingest(ctx, args).await?;
     let total = (rate * ctx.duration.as_secs()) as usize;
     let bodies = world.generate(ctx, total, 1).await?;
 

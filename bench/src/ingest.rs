@@ -15,7 +15,9 @@ use calsync_common::queue::{Broker, message};
 
 use crate::Ctx;
 use crate::load::{self, SIGNING_KEY};
-use crate::procs::{CpuMeter, Memory, Proc, Who, free_port, machine_broker_pid, micros_per, wait_ok};
+use crate::procs::{
+    CpuMeter, IngestArgs, Memory, Proc, Who, free_port, machine_broker_pid, micros_per, start_ingest, wait_ok,
+};
 use crate::stats::{self, ms, ratio, row};
 
 /// The HTTP-only ceiling: axum with the same body limit, signature check and message preparation
@@ -134,25 +136,18 @@ const PUBLISH_CHANNELS: usize = 2;
 impl Rig {
     async fn start(ctx: &Ctx) -> anyhow::Result<Self> {
         crate::reset_topology(ctx, PREFIX).await?;
-        let (ingest_port, ceiling_port) = (free_port()?, free_port()?);
-        let ingest = Proc::spawn(
-            "calsync-ingest",
-            &[
-                ("INGEST_ADDR", format!("127.0.0.1:{ingest_port}")),
-                ("CALENDLY_WEBHOOK_SIGNING_KEYS", SIGNING_KEY.into()),
-                ("TOKEN_ENCRYPTION_KEY", calsync_common::crypto::generate_key()),
-                ("AMQP_URL", ctx.amqp_url.clone()),
-                ("AMQP_TOPOLOGY_PREFIX", PREFIX.into()),
-                ("DATABASE_URL", ctx.db_url.clone()),
-                ("INGEST_PUBLISH_CHANNELS", PUBLISH_CHANNELS.to_string()),
-            ],
-            &[],
-        )?;
+        let ceiling_port = free_port()?;
         let ceiling =
             Proc::spawn("calsync-bench", &[], &["http-ceiling", "--addr", &format!("127.0.0.1:{ceiling_port}")])?;
-        let (ingest_url, ceiling_url) =
-            (format!("http://127.0.0.1:{ingest_port}"), format!("http://127.0.0.1:{ceiling_port}"));
-        wait_ok(&ctx.http, &format!("{ingest_url}/readyz")).await?;
+        let args = IngestArgs {
+            amqp_url: ctx.amqp_url.clone(),
+            prefix: PREFIX,
+            signing_key: SIGNING_KEY,
+            token_key: calsync_common::crypto::generate_key(),
+            extra: vec![("INGEST_PUBLISH_CHANNELS", PUBLISH_CHANNELS.to_string())],
+        };
+        let (ingest, ingest_url) = start_ingest(ctx, args).await?;
+        let ceiling_url = format!("http://127.0.0.1:{ceiling_port}");
         wait_ok(&ctx.http, &format!("{ceiling_url}/healthz")).await?;
         let broker = crate::broker(ctx, PREFIX, PUBLISH_CHANNELS).await?;
         let queue = broker.topology().webhooks_queue();

@@ -68,6 +68,34 @@ impl Proc {
     }
 }
 
+/// What a bench run gives calsync-ingest besides its address and `DATABASE_URL`; `extra` adds
+/// settings to those.
+pub struct IngestArgs<'a> {
+    pub amqp_url: String,
+    pub prefix: &'a str,
+    pub signing_key: &'a str,
+    pub token_key: String,
+    pub extra: Vec<(&'static str, String)>,
+}
+
+/// Starts calsync-ingest on a free port and waits until it is ready: the process and its base URL.
+pub async fn start_ingest(ctx: &crate::Ctx, args: IngestArgs<'_>) -> anyhow::Result<(Proc, String)> {
+    let port = free_port()?;
+    let mut env = vec![
+        ("INGEST_ADDR", format!("127.0.0.1:{port}")),
+        ("CALENDLY_WEBHOOK_SIGNING_KEYS", args.signing_key.to_owned()),
+        ("TOKEN_ENCRYPTION_KEY", args.token_key),
+        ("AMQP_URL", args.amqp_url),
+        ("AMQP_TOPOLOGY_PREFIX", args.prefix.to_owned()),
+        ("DATABASE_URL", ctx.db_url.clone()),
+    ];
+    env.extend(args.extra);
+    let ingest = Proc::spawn("calsync-ingest", &env, &[])?;
+    let url = format!("http://127.0.0.1:{port}");
+    wait_ok(&ctx.http, &format!("{url}/readyz")).await?;
+    Ok((ingest, url))
+}
+
 /// Polls `url` until it answers 2xx.
 pub async fn wait_ok(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
     for _ in 0..600 {

@@ -10,7 +10,7 @@ use axum::routing::post;
 
 use crate::Ctx;
 use crate::load::{self, SIGNING_KEY};
-use crate::procs::{Proc, free_port, wait_ok};
+use crate::procs::{IngestArgs, start_ingest};
 use crate::stats::{self, ratio, row};
 use crate::worker::{DEFAULT_BATCH, PREFIX, queue_all, start_workers_with};
 use crate::world::World;
@@ -49,19 +49,14 @@ fn otel(on: bool, sink: &Sink) -> Vec<(&'static str, String)> {
 async fn ingest_rate(ctx: &Ctx, env: Vec<(&'static str, String)>, seq: &Arc<AtomicU64>) -> anyhow::Result<f64> {
     let prefix = "bench-traces";
     crate::reset_topology(ctx, prefix).await?;
-    let port = free_port()?;
-    let mut envs = vec![
-        ("INGEST_ADDR", format!("127.0.0.1:{port}")),
-        ("CALENDLY_WEBHOOK_SIGNING_KEYS", SIGNING_KEY.into()),
-        ("TOKEN_ENCRYPTION_KEY", calsync_common::crypto::generate_key()),
-        ("AMQP_URL", ctx.amqp_url.clone()),
-        ("AMQP_TOPOLOGY_PREFIX", prefix.into()),
-        ("DATABASE_URL", ctx.db_url.clone()),
-    ];
-    envs.extend(env);
-    let ingest = Proc::spawn("calsync-ingest", &envs, &[])?;
-    let url = format!("http://127.0.0.1:{port}");
-    wait_ok(&ctx.http, &format!("{url}/readyz")).await?;
+    let args = IngestArgs {
+        amqp_url: ctx.amqp_url.clone(),
+        prefix,
+        signing_key: SIGNING_KEY,
+        token_key: calsync_common::crypto::generate_key(),
+        extra: env,
+    };
+    let (ingest, url) = start_ingest(ctx, args).await?;
     let (rps, _) = load::closed_loop(&format!("{url}/webhooks/calendly"), CONNECTIONS, ctx.duration, seq).await;
     ingest.stop().await;
     crate::reset_topology(ctx, prefix).await?;
