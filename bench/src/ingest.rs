@@ -16,7 +16,7 @@ use calsync_common::queue::{Broker, message};
 use crate::Ctx;
 use crate::load::{self, SIGNING_KEY};
 use crate::procs::{
-    CpuMeter, IngestArgs, Memory, Proc, Who, free_port, machine_broker_pid, micros_per, start_ingest, wait_ok,
+    CpuMeter, IngestArgs, Memory, Proc, Who, free_port, machine_broker_pid, micros, micros_text, start_ingest, wait_ok,
 };
 use crate::stats::{self, ms, ratio, row};
 
@@ -161,12 +161,22 @@ impl Rig {
 
     /// The confirmed-publish ceiling at `connections` publishes in flight, and the CPU it cost
     /// RabbitMQ and the publisher (this process) per message. Leaves the queue empty.
-    async fn publish_ceiling(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<(f64, [String; 2])> {
+    async fn publish_ceiling(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<(f64, Cpu)> {
         let meter = CpuMeter::start(vec![Who::Pid(self.broker_pid), Who::Pid(Some(std::process::id()))]);
+        let started = Instant::now();
         let (publishes, published) = publish_ceiling(&self.broker, connections, ctx.duration).await;
-        let cpu = meter.used();
+        let cpu = Cpu::read(&meter, published, started);
         crate::purge(ctx, &self.queue).await?;
-        Ok((publishes, [micros_per(cpu[0], published), micros_per(cpu[1], published)]))
+        Ok((publishes, cpu))
+    }
+
+    /// The HTTP-only ceiling's closed loop at `connections`, and the CPU per request of that
+    /// server and of the load generator: everything ingest does for a webhook but the publish.
+    async fn http_only(&self, ctx: &Ctx, connections: usize) -> (f64, Cpu) {
+        let meter = CpuMeter::start(vec![Who::Pid(self.ceiling.child.id()), Who::Pid(Some(std::process::id()))]);
+        let started = Instant::now();
+        let (rps, seen) = load::closed_loop(&Self::hook(&self.ceiling_url), connections, ctx.duration, &self.seq).await;
+        (rps, Cpu::read(&meter, seen.accepted(), started))
     }
 
     /// Ingest's closed loop at `connections`, checked against what the queue holds (an error if a
@@ -180,14 +190,15 @@ impl Rig {
             Who::Pid(self.broker_pid),
             Who::Pid(Some(std::process::id())),
         ]);
+        let started = Instant::now();
         let (rps, seen) = load::closed_loop(&Self::hook(url), connections, ctx.duration, &self.seq).await;
-        let cpu = meter.used();
+        let used = meter.used();
         let held = crate::depth(ctx, &self.queue).await?;
         let accepted = ingest_count(ctx, url, "accepted").await? - before.0;
         let unavailable = ingest_count(ctx, url, "unavailable").await? - before.1;
         let duplicates = check_held(held, &seen, accepted, unavailable)?;
         crate::purge(ctx, &self.queue).await?;
-        let cpu = format!("{} / {} / {}", micros_per(cpu[0], held), micros_per(cpu[1], held), micros_per(cpu[2], held));
+        let cpu = Cpu::of(&meter, used, held, started);
         Ok(Closed { rps, held, accepted, duplicates, cpu })
     }
 
@@ -199,13 +210,46 @@ impl Rig {
     }
 }
 
-/// One closed-loop reading of ingest; `cpu` is "ingest / RabbitMQ / load generator" per accepted webhook.
+/// One closed-loop reading of ingest; `cpu` is ingest / RabbitMQ / load generator per accepted webhook.
 struct Closed {
     rps: f64,
     held: u64,
     accepted: u64,
     duplicates: u64,
-    cpu: String,
+    cpu: Cpu,
+}
+
+/// One reading's CPU per message or request (µs) of each metered process, in the order metered,
+/// and how busy the machine was meanwhile.
+struct Cpu {
+    each: Vec<Option<f64>>,
+    busy: Option<f64>,
+}
+
+impl Cpu {
+    fn read(meter: &CpuMeter, units: u64, started: Instant) -> Self {
+        Self::of(meter, meter.used(), units, started)
+    }
+
+    /// From CPU `used` already read off `meter` (the machine's share is read now).
+    fn of(meter: &CpuMeter, used: Vec<Option<Duration>>, units: u64, started: Instant) -> Self {
+        let each = used.into_iter().map(|cpu| micros(cpu, units)).collect();
+        Self { each, busy: meter.busy_share(started.elapsed().as_secs_f64()) }
+    }
+
+    /// All the metered processes together.
+    fn total(&self) -> Option<f64> {
+        self.each.iter().copied().sum()
+    }
+
+    /// "a / b / c" in µs.
+    fn each_text(&self) -> String {
+        self.each.iter().map(|us| micros_text(*us)).collect::<Vec<_>>().join(" / ")
+    }
+
+    fn busy_text(&self) -> String {
+        self.busy.map_or("?".into(), |b| format!("{:.0}%", 100.0 * b))
+    }
 }
 
 pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory> {
@@ -231,8 +275,8 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
         rows.push(row(
             "ingest",
             format!("CPU per accepted webhook, {connections} connection(s): ingest / RabbitMQ / load generator"),
-            cpu,
-            format!("raw confirmed publish: RabbitMQ {} / publisher {}", ceiling_cpu[0], ceiling_cpu[1]),
+            cpu.each_text(),
+            format!("raw confirmed publish: RabbitMQ / publisher {}", ceiling_cpu.each_text()),
             "-",
         ));
     }
@@ -271,35 +315,69 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
 /// `--only ingest-pairs`: at each concurrency, the confirmed-publish ceiling and right after it
 /// ingest's closed loop, `pairs` times, and the median of the ratios. The machine drifts less
 /// within a pair than between the ceiling and the figure of a whole section.
+///
+/// Each pair also reads the HTTP-only ceiling's CPU, for the most the two shared cores allow any
+/// ingest: it must at least be served, have its requests made, and publish, so its CPU per webhook
+/// is at least the HTTP-only server's + the load generator's + the raw publish's (RabbitMQ and
+/// publisher), and where the machine is as busy in both, its rate at most the ceiling's × raw
+/// publish ÷ that sum. (A lower bound with ingest's own safeguards — metrics, body deadline, load
+/// shedding — left out, and RabbitMQ charged what it costs at the ceiling's higher rate.)
 pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
     let rig = Rig::start(ctx).await?;
     for connections in [1usize, 16, 64] {
-        let mut ratios = Vec::new();
+        let (mut ratios, mut reaches) = (Vec::new(), Vec::new());
         for pair in 1..=pairs {
+            let (http_only, http_cpu) = rig.http_only(ctx, connections).await;
             let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
             let Closed { rps, held, accepted, duplicates, cpu } = rig.closed_loop(ctx, connections).await?;
             ratios.push(rps / publishes);
+            let parts = (ceiling_cpu.total(), http_cpu.total());
+            let reach = if let (Some(publish), Some(http)) = parts { Some(publish / (publish + http)) } else { None };
+            reaches.extend(reach);
             eprintln!(
-                "  {connections} connection(s), pair {pair}/{pairs}: {rps:.0}/s vs {publishes:.0}/s = {}",
-                ratio(rps, publishes)
+                "  {connections} connection(s), pair {pair}/{pairs}: {rps:.0}/s vs {publishes:.0}/s = {}; the cores \
+                 allow at most {}",
+                ratio(rps, publishes),
+                reach.map_or("?".into(), |r| format!("{:.0}%", 100.0 * r))
             );
             rows.push(row(
                 "ingest",
                 format!(
                     "pair {pair}/{pairs}, {connections} connection(s): 202/s right after its ceiling (queue {held} = 202s \
                      {accepted} + 503-but-held {duplicates} ✓); CPU per accepted webhook ingest / RabbitMQ / load \
-                     generator {cpu}"
+                     generator {}, machine busy {}",
+                    cpu.each_text(),
+                    cpu.busy_text()
                 ),
                 format!("{rps:.0}/s"),
                 format!(
-                    "confirmed publishes {publishes:.0}/s (RabbitMQ {} / publisher {} per message)",
-                    ceiling_cpu[0], ceiling_cpu[1]
+                    "confirmed publishes {publishes:.0}/s (RabbitMQ / publisher {} per message, machine busy {})",
+                    ceiling_cpu.each_text(),
+                    ceiling_cpu.busy_text()
                 ),
                 ratio(rps, publishes),
+            ));
+            rows.push(row(
+                "ingest",
+                format!(
+                    "pair {pair}/{pairs}, {connections} connection(s): the most the cores allow, raw publish's CPU ÷ \
+                     (it + HTTP-only server + load generator), per webhook"
+                ),
+                format!("{} ÷ ({} + {})", micros_text(parts.0), micros_text(parts.0), micros_text(parts.1)),
+                format!(
+                    "HTTP-only {http_only:.0}/s: server / load generator {} per request, machine busy {}",
+                    http_cpu.each_text(),
+                    http_cpu.busy_text()
+                ),
+                reach.map_or("?".into(), |r| format!("{:.0}%", 100.0 * r)),
             ));
         }
         let what = format!("{connections} connection(s): 202/s ÷ its confirmed-publish ceiling");
         rows.push(stats::median_row("ingest", &what, ratios, stats::Unit::Percent, 0.75));
+        if reaches.len() == pairs {
+            let what = format!("{connections} connection(s): the most the two shared cores allow (sum of the parts)");
+            rows.push(stats::median_row("ingest", &what, reaches, stats::Unit::Percent, 0.75));
+        }
     }
     rig.stop(ctx).await
 }

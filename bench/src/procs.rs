@@ -191,6 +191,12 @@ impl CpuMeter {
     pub fn machine(&self) -> Option<Duration> {
         Some(machine_busy()?.saturating_sub(self.machine_start?))
     }
+
+    /// The machine's busy share of all its cores over the `seconds` since the start (0.0–1.0).
+    pub fn busy_share(&self, seconds: f64) -> Option<f64> {
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
+        Some(self.machine()?.as_secs_f64() / (seconds * cores))
+    }
 }
 
 /// Busy CPU time of the machine since boot, from `/proc/stat`'s first line.
@@ -202,10 +208,17 @@ fn machine_busy() -> Option<Duration> {
     Some(Duration::from_secs_f64(busy as f64 / CLOCK_TICKS_PER_SECOND))
 }
 
-/// CPU per unit of work, in µs (or `?` when unknown).
+/// CPU per unit of work, in µs, when known.
+pub fn micros(cpu: Option<Duration>, units: u64) -> Option<f64> {
+    cpu.filter(|_| units > 0).map(|cpu| cpu.as_secs_f64() * 1e6 / units as f64)
+}
+
+/// [`micros`] as text (`?` when unknown).
 pub fn micros_per(cpu: Option<Duration>, units: u64) -> String {
-    match cpu {
-        Some(cpu) if units > 0 => format!("{:.0} µs", cpu.as_secs_f64() * 1e6 / units as f64),
-        _ => "?".into(),
-    }
+    micros_text(micros(cpu, units))
+}
+
+/// µs as text (`?` when unknown).
+pub fn micros_text(us: Option<f64>) -> String {
+    us.map_or("?".into(), |us| format!("{us:.0} µs"))
 }

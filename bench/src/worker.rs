@@ -154,8 +154,7 @@ pub(crate) fn cpu_split(meter: &CpuMeter, workers: usize, n: u64, seconds: f64) 
 pub(crate) fn cpu_split_per(meter: &CpuMeter, workers: usize, n: u64, unit: &str, seconds: f64) -> String {
     let used = meter.used();
     let worker_cpu = used[..workers].iter().copied().sum::<Option<std::time::Duration>>();
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
-    let busy = meter.machine().map_or("?".into(), |m| format!("{:.0}%", 100.0 * m.as_secs_f64() / (seconds * cores)));
+    let busy = meter.busy_share(seconds).map_or("?".into(), |b| format!("{:.0}%", 100.0 * b));
     format!(
         "CPU per {unit}: worker(s) {} / PostgreSQL {} / RabbitMQ {} / simulator {}; machine busy {busy}",
         micros_per(worker_cpu, n),
