@@ -321,11 +321,13 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
 /// is at least the HTTP-only server's + the load generator's + the raw publish's (RabbitMQ and
 /// publisher), and where the machine is as busy in both, its rate at most the ceiling's × raw
 /// publish ÷ that sum. (A lower bound with ingest's own safeguards — metrics, body deadline, load
-/// shedding — left out, and RabbitMQ charged what it costs at the ceiling's higher rate.)
+/// shedding — left out, and RabbitMQ charged what it costs at the ceiling's higher rate.) With one
+/// connection the machine idles and the round trips bound instead: a webhook waits at least for an
+/// HTTP round trip and a publish's, one after the other.
 pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
     let rig = Rig::start(ctx).await?;
     for connections in [1usize, 16, 64] {
-        let (mut ratios, mut reaches) = (Vec::new(), Vec::new());
+        let (mut ratios, mut reaches, mut round_trips) = (Vec::new(), Vec::new(), Vec::new());
         for pair in 1..=pairs {
             let (http_only, http_cpu) = rig.http_only(ctx, connections).await;
             let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
@@ -334,11 +336,15 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
             let parts = (ceiling_cpu.total(), http_cpu.total());
             let reach = if let (Some(publish), Some(http)) = parts { Some(publish / (publish + http)) } else { None };
             reaches.extend(reach);
+            // One request at a time: each webhook waits at least an HTTP round trip and a publish's.
+            let in_turn = http_only / (http_only + publishes);
+            round_trips.push(in_turn);
             eprintln!(
                 "  {connections} connection(s), pair {pair}/{pairs}: {rps:.0}/s vs {publishes:.0}/s = {}; the cores \
-                 allow at most {}",
+                 allow at most {}, the round trips {:.0}%",
                 ratio(rps, publishes),
-                reach.map_or("?".into(), |r| format!("{:.0}%", 100.0 * r))
+                reach.map_or("?".into(), |r| format!("{:.0}%", 100.0 * r)),
+                100.0 * in_turn
             );
             rows.push(row(
                 "ingest",
@@ -377,6 +383,11 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
         if reaches.len() == pairs {
             let what = format!("{connections} connection(s): the most the two shared cores allow (sum of the parts)");
             rows.push(stats::median_row("ingest", &what, reaches, stats::Unit::Percent, 0.75));
+        }
+        if connections == 1 {
+            let what =
+                "1 connection: the most its round trips allow (HTTP-only's + the raw publish's, one after the other)";
+            rows.push(stats::median_row("ingest", what, round_trips, stats::Unit::Percent, 0.75));
         }
     }
     rig.stop(ctx).await
