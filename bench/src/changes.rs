@@ -16,7 +16,7 @@ use crate::Ctx;
 use crate::procs::{IngestArgs, start_ingest};
 use crate::stats::{self, ratio, row};
 use crate::worker::{
-    DEFAULT_BATCH, PREFIX, cpu_split, cpu_split_per, drain_meter, drains_at_0ms, queue_all, start_workers,
+    DEFAULT_BATCH, PREFIX, Split, cpu_split, cpu_split_per, drain_meter, drains_at_0ms, queue_all, start_workers,
 };
 use crate::world::World;
 
@@ -55,9 +55,9 @@ struct Drain {
     /// From the last commit of the drain until everything was published.
     catch_up: Duration,
     /// Where the drain's CPU went, per webhook (the push side's catch-up after it not included).
-    split: String,
+    split: Split,
     /// [`Feed::PushHeld`]: the push side alone, from its takeover to the last change published.
-    push_alone: Option<(Duration, String)>,
+    push_alone: Option<(Duration, Split)>,
 }
 
 async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: Feed) -> anyhow::Result<Drain> {
@@ -142,19 +142,28 @@ async fn wait_published(world: &World, since: Instant) -> anyhow::Result<()> {
 /// `--only changes-pairs`: the drain with the feed off and, right beside it, with the feed on (as in
 /// production), `pairs` times, and the median of the ratios. The order alternates (off first, then
 /// on first) so that whatever the first drain leaves the disk to do does not always land on one side.
+///
+/// Each pair also drains with the push side held off, then times the push side alone: the feed on
+/// costs at least the held-off drain (recording the changes) plus the push side's CPU per change ×
+/// changes per delivery (numbering, reading, publishing). Where the machine is as busy in every
+/// drain, the feed-off CPU per delivery ÷ that sum is the most the feed-on drain can reach — and,
+/// with PostgreSQL's part of the push side left out, the most it could reach were numbering and
+/// reading free. (Bounds: the push side alone works in large rounds, cheaper per change than the
+/// small ones of a live drain.)
 pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
     let bodies = drains_at_0ms(ctx, world).await?;
-    let mut ratios = Vec::new();
+    let (mut ratios, mut reaches, mut reaches_free) = (Vec::new(), Vec::new(), Vec::new());
     for pair in 1..=pairs {
-        let (off, on) = if pair % 2 == 1 {
-            let off = drain(ctx, world, &bodies, Feed::Off).await?;
-            (off, drain(ctx, world, &bodies, Feed::On).await?)
-        } else {
-            let on = drain(ctx, world, &bodies, Feed::On).await?;
-            (drain(ctx, world, &bodies, Feed::Off).await?, on)
-        };
+        let order =
+            if pair % 2 == 1 { [Feed::Off, Feed::On, Feed::PushHeld] } else { [Feed::PushHeld, Feed::On, Feed::Off] };
+        let mut drains = Vec::new();
+        for feed in order {
+            drains.push((feed, drain(ctx, world, &bodies, feed).await?));
+        }
+        let take = |feed: Feed| drains.iter().position(|(f, _)| *f == feed).map(|i| &drains[i].1).expect("drained");
+        let (off, on, held) = (take(Feed::Off), take(Feed::On), take(Feed::PushHeld));
         ratios.push(on.rate / off.rate);
-        let first = if pair % 2 == 1 { "off" } else { "on" };
+        let first = if pair % 2 == 1 { "off" } else { "held off" };
         eprintln!(
             "  pair {pair}/{pairs} ({first} first): {:.0}/s vs {:.0}/s = {}",
             on.rate,
@@ -173,9 +182,44 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
             format!("feed off {:.0}/s; {}", off.rate, off.split),
             ratio(on.rate, off.rate),
         ));
+        let Some((_, push)) = &held.push_alone else { continue };
+        let per_delivery = held.changes as f64 / bodies.len() as f64;
+        let parts = (off.split.total(), held.split.total(), push.total(), push.worker.zip(push.rabbitmq));
+        let (Some(off_cpu), Some(held_cpu), Some(push_cpu), Some((push_worker, push_rabbitmq))) = parts else {
+            continue;
+        };
+        let reach = off_cpu / (held_cpu + per_delivery * push_cpu);
+        let reach_free = off_cpu / (held_cpu + per_delivery * (push_worker + push_rabbitmq));
+        reaches.push(reach);
+        reaches_free.push(reach_free);
+        eprintln!(
+            "    the cores allow the feed at most {:.0}%, {:.0}% were numbering and reading free",
+            100.0 * reach,
+            100.0 * reach_free
+        );
+        rows.push(row(
+            "changes",
+            format!(
+                "pair {pair}/{pairs}: the most the cores allow, feed-off CPU ÷ (push held off + {per_delivery:.2} changes \
+                 × push side alone), per delivery; were numbering and reading free (PostgreSQL's part left out)"
+            ),
+            format!(
+                "{off_cpu:.0} µs ÷ ({held_cpu:.0} + {per_delivery:.2} × {push_cpu:.0} µs) = {:.0}%; {:.0}%",
+                100.0 * reach,
+                100.0 * reach_free
+            ),
+            format!("push held off {:.0}/s, {}; push side alone: {push}", held.rate, held.split),
+            format!("{:.0}%", 100.0 * reach),
+        ));
     }
     set_feed(world, true).await?;
     rows.push(stats::median_row("changes", "drain with the feed on ÷ without it", ratios, stats::Unit::Percent, 0.9));
+    if reaches.len() == pairs {
+        let what = "the most the two shared cores allow the feed-on drain (sum of the parts)";
+        rows.push(stats::median_row("changes", what, reaches, stats::Unit::Percent, 0.9));
+        let what = "the same, were numbering and reading free";
+        rows.push(stats::median_row("changes", what, reaches_free, stats::Unit::Percent, 0.9));
+    }
     crate::reset_topology(ctx, PREFIX).await
 }
 

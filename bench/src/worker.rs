@@ -14,7 +14,7 @@ use calsync_common::meeting::{Meeting, MeetingInvitee};
 use calsync_common::queue::message;
 
 use crate::Ctx;
-use crate::procs::{CpuMeter, Memory, Proc, Who, machine_broker_pid, micros_per, wait_ok};
+use crate::procs::{CpuMeter, Memory, Proc, Who, machine_broker_pid, micros, micros_text, wait_ok};
 use crate::stats::{self, ratio, row};
 use crate::world::{USERS, World};
 
@@ -146,22 +146,55 @@ pub(crate) fn drain_meter(workers: &[Proc], world: &World) -> CpuMeter {
 
 /// The CPU split of a drain of `n` deliveries: µs per delivery for the workers (together),
 /// PostgreSQL, RabbitMQ and the simulator, and the machine's busy share of its cores.
-pub(crate) fn cpu_split(meter: &CpuMeter, workers: usize, n: u64, seconds: f64) -> String {
+pub(crate) fn cpu_split(meter: &CpuMeter, workers: usize, n: u64, seconds: f64) -> Split {
     cpu_split_per(meter, workers, n, "delivery", seconds)
 }
 
 /// [`cpu_split`] per `n` units of another name (changes published, say).
-pub(crate) fn cpu_split_per(meter: &CpuMeter, workers: usize, n: u64, unit: &str, seconds: f64) -> String {
+pub(crate) fn cpu_split_per(meter: &CpuMeter, workers: usize, n: u64, unit: &'static str, seconds: f64) -> Split {
     let used = meter.used();
     let worker_cpu = used[..workers].iter().copied().sum::<Option<std::time::Duration>>();
-    let busy = meter.busy_share(seconds).map_or("?".into(), |b| format!("{:.0}%", 100.0 * b));
-    format!(
-        "CPU per {unit}: worker(s) {} / PostgreSQL {} / RabbitMQ {} / simulator {}; machine busy {busy}",
-        micros_per(worker_cpu, n),
-        micros_per(used[workers], n),
-        micros_per(used[workers + 1], n),
-        micros_per(used[workers + 2], n),
-    )
+    Split {
+        unit,
+        worker: micros(worker_cpu, n),
+        postgres: micros(used[workers], n),
+        rabbitmq: micros(used[workers + 1], n),
+        simulator: micros(used[workers + 2], n),
+        busy: meter.busy_share(seconds),
+    }
+}
+
+/// Where a stretch's CPU went, per unit of work, in µs (`None`: not known).
+pub(crate) struct Split {
+    unit: &'static str,
+    pub worker: Option<f64>,
+    pub postgres: Option<f64>,
+    pub rabbitmq: Option<f64>,
+    pub simulator: Option<f64>,
+    /// The machine's busy share of its cores meanwhile.
+    pub busy: Option<f64>,
+}
+
+impl Split {
+    /// Every metered process together.
+    pub fn total(&self) -> Option<f64> {
+        Some(self.worker? + self.postgres? + self.rabbitmq? + self.simulator?)
+    }
+}
+
+impl std::fmt::Display for Split {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CPU per {}: worker(s) {} / PostgreSQL {} / RabbitMQ {} / simulator {}; machine busy {}",
+            self.unit,
+            micros_text(self.worker),
+            micros_text(self.postgres),
+            micros_text(self.rabbitmq),
+            micros_text(self.simulator),
+            self.busy.map_or("?".into(), |b| format!("{:.0}%", 100.0 * b))
+        )
+    }
 }
 
 pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory> {
@@ -278,7 +311,7 @@ pub async fn run(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>) -> anyhow
 /// One drain of the batch-size curve: what it reached and whose CPU it took.
 struct Drain {
     rate: f64,
-    split: String,
+    split: Split,
     peak_mib: f64,
 }
 
