@@ -143,13 +143,12 @@ async fn wait_published(world: &World, since: Instant) -> anyhow::Result<()> {
 /// production), `pairs` times, and the median of the ratios. The order alternates (off first, then
 /// on first) so that whatever the first drain leaves the disk to do does not always land on one side.
 ///
-/// Each pair also drains with the push side held off, then times the push side alone: the feed on
-/// costs at least the held-off drain (recording the changes) plus the push side's CPU per change ×
+/// Each pair also drains with the push side held off, then times the push side alone: the feed's
+/// parts are the held-off drain (recording the changes) and the push side's CPU per change ×
 /// changes per delivery (numbering, reading, publishing). Where the machine is as busy in every
-/// drain, the feed-off CPU per delivery ÷ that sum is the most the feed-on drain can reach — and,
-/// with PostgreSQL's part of the push side left out, the most it could reach were numbering and
-/// reading free. (Bounds: the push side alone works in large rounds, cheaper per change than the
-/// small ones of a live drain.)
+/// drain, the feed-off CPU per delivery ÷ their sum is the ratio the parts add up to (checked
+/// against the feed-on drain measured beside it) — and, with PostgreSQL's part of the push side
+/// left out, what it would be were numbering and reading free.
 pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
     let bodies = drains_at_0ms(ctx, world).await?;
     let (mut ratios, mut reaches, mut reaches_free) = (Vec::new(), Vec::new(), Vec::new());
@@ -193,14 +192,14 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
         reaches.push(reach);
         reaches_free.push(reach_free);
         eprintln!(
-            "    the cores allow the feed at most {:.0}%, {:.0}% were numbering and reading free",
+            "    the parts add up to {:.0}%, {:.0}% were numbering and reading free",
             100.0 * reach,
             100.0 * reach_free
         );
         rows.push(row(
             "changes",
             format!(
-                "pair {pair}/{pairs}: the most the cores allow, feed-off CPU ÷ (push held off + {per_delivery:.2} changes \
+                "pair {pair}/{pairs}: what the parts add up to, feed-off CPU ÷ (push held off + {per_delivery:.2} changes \
                  × push side alone), per delivery; were numbering and reading free (PostgreSQL's part left out)"
             ),
             format!(
@@ -215,7 +214,7 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
     set_feed(world, true).await?;
     rows.push(stats::median_row("changes", "drain with the feed on ÷ without it", ratios, stats::Unit::Percent, 0.9));
     if reaches.len() == pairs {
-        let what = "the most the two shared cores allow the feed-on drain (sum of the parts)";
+        let what = "what the parts add up to (push held off + push side alone)";
         rows.push(stats::median_row("changes", what, reaches, stats::Unit::Percent, 0.9));
         let what = "the same, were numbering and reading free";
         rows.push(stats::median_row("changes", what, reaches_free, stats::Unit::Percent, 0.9));
