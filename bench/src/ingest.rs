@@ -336,15 +336,16 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
             let parts = (ceiling_cpu.total(), http_cpu.total());
             let reach = if let (Some(publish), Some(http)) = parts { Some(publish / (publish + http)) } else { None };
             reaches.extend(reach);
-            // One request at a time: each webhook waits at least an HTTP round trip and a publish's.
-            let in_turn = http_only / (http_only + publishes);
-            round_trips.push(in_turn);
+            // One request at a time: each webhook waits at least an HTTP round trip and a publish's
+            // (with more connections in flight the round trips overlap and bound nothing).
+            let in_turn = (connections == 1).then(|| http_only / (http_only + publishes));
+            round_trips.extend(in_turn);
             eprintln!(
                 "  {connections} connection(s), pair {pair}/{pairs}: {rps:.0}/s vs {publishes:.0}/s = {}; the cores \
-                 allow at most {}, the round trips {:.0}%",
+                 allow at most {}{}",
                 ratio(rps, publishes),
                 reach.map_or("?".into(), |r| format!("{:.0}%", 100.0 * r)),
-                100.0 * in_turn
+                in_turn.map_or(String::new(), |r| format!(", the round trips {:.0}%", 100.0 * r))
             );
             rows.push(row(
                 "ingest",
