@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use calsync_common::db::changes;
 
 use crate::Ctx;
-use crate::procs::{IngestArgs, start_ingest};
+use crate::procs::{IngestArgs, share_text, start_ingest};
 use crate::stats::{self, ratio, row};
 use crate::worker::{
     DEFAULT_BATCH, PREFIX, Split, cpu_split, cpu_split_per, drain_meter, drains_at_0ms, queue_all, start_workers,
@@ -208,7 +208,7 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
                 100.0 * reach_free
             ),
             format!("push held off {:.0}/s, {}; push side alone: {push}", held.rate, held.split),
-            format!("{:.0}%", 100.0 * reach),
+            share_text(Some(reach)),
         ));
     }
     set_feed(world, true).await?;

@@ -16,7 +16,8 @@ use calsync_common::queue::{Broker, message};
 use crate::Ctx;
 use crate::load::{self, SIGNING_KEY};
 use crate::procs::{
-    CpuMeter, IngestArgs, Memory, Proc, Who, free_port, machine_broker_pid, micros, micros_text, start_ingest, wait_ok,
+    CpuMeter, IngestArgs, Memory, Proc, Who, free_port, machine_broker_pid, micros, micros_text, share_text,
+    start_ingest, wait_ok,
 };
 use crate::stats::{self, ms, ratio, row};
 
@@ -248,7 +249,7 @@ impl Cpu {
     }
 
     fn busy_text(&self) -> String {
-        self.busy.map_or("?".into(), |b| format!("{:.0}%", 100.0 * b))
+        share_text(self.busy)
     }
 }
 
@@ -344,7 +345,7 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
                 "  {connections} connection(s), pair {pair}/{pairs}: {rps:.0}/s vs {publishes:.0}/s = {}; the cores \
                  allow at most {}{}",
                 ratio(rps, publishes),
-                reach.map_or("?".into(), |r| format!("{:.0}%", 100.0 * r)),
+                share_text(reach),
                 in_turn.map_or(String::new(), |r| format!(", the round trips {:.0}%", 100.0 * r))
             );
             rows.push(row(
@@ -376,7 +377,7 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
                     http_cpu.each_text(),
                     http_cpu.busy_text()
                 ),
-                reach.map_or("?".into(), |r| format!("{:.0}%", 100.0 * r)),
+                share_text(reach),
             ));
         }
         let what = format!("{connections} connection(s): 202/s ÷ its confirmed-publish ceiling");

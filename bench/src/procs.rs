@@ -222,3 +222,8 @@ pub fn micros_per(cpu: Option<Duration>, units: u64) -> String {
 pub fn micros_text(us: Option<f64>) -> String {
     us.map_or("?".into(), |us| format!("{us:.0} µs"))
 }
+
+/// A share (0.0–1.0) as a whole percentage (`?` when unknown).
+pub fn share_text(share: Option<f64>) -> String {
+    share.map_or("?".into(), |s| format!("{:.0}%", 100.0 * s))
+}

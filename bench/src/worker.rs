@@ -14,7 +14,7 @@ use calsync_common::meeting::{Meeting, MeetingInvitee};
 use calsync_common::queue::message;
 
 use crate::Ctx;
-use crate::procs::{CpuMeter, Memory, Proc, Who, machine_broker_pid, micros, micros_text, wait_ok};
+use crate::procs::{CpuMeter, Memory, Proc, Who, machine_broker_pid, micros, micros_text, share_text, wait_ok};
 use crate::stats::{self, ratio, row};
 use crate::world::{USERS, World};
 
@@ -192,7 +192,7 @@ impl std::fmt::Display for Split {
             micros_text(self.postgres),
             micros_text(self.rabbitmq),
             micros_text(self.simulator),
-            self.busy.map_or("?".into(), |b| format!("{:.0}%", 100.0 * b))
+            share_text(self.busy)
         )
     }
 }
