@@ -79,10 +79,22 @@ pub async fn publish_ceiling(broker: &Broker, concurrency: usize, duration: Dura
 
 /// `calsync_ingest_requests_total{outcome}` as ingest counts it.
 async fn ingest_count(ctx: &Ctx, ingest_url: &str, outcome: &str) -> anyhow::Result<u64> {
+    Ok(ingest_metric(ctx, ingest_url, &format!("calsync_ingest_requests_total{{outcome=\"{outcome}\"}}")).await? as u64)
+}
+
+/// The value of one series of ingest's `/metrics` (0 when it has none yet).
+async fn ingest_metric(ctx: &Ctx, ingest_url: &str, series: &str) -> anyhow::Result<f64> {
     let metrics = ctx.http.get(format!("{ingest_url}/metrics")).send().await?.text().await?;
-    let series = format!("calsync_ingest_requests_total{{outcome=\"{outcome}\"}} ");
-    Ok(metrics.lines().find_map(|l| l.strip_prefix(&series)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0)
-        as u64)
+    let prefix = format!("{series} ");
+    Ok(metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0))
+}
+
+/// `calsync_ingest_publish_seconds`' sum and count so far: how long ingest waited on its publishes.
+async fn publish_waits(ctx: &Ctx, ingest_url: &str) -> anyhow::Result<(f64, f64)> {
+    Ok((
+        ingest_metric(ctx, ingest_url, "calsync_ingest_publish_seconds_sum").await?,
+        ingest_metric(ctx, ingest_url, "calsync_ingest_publish_seconds_count").await?,
+    ))
 }
 
 /// The queue must hold what ingest answered 202 for. Checked against ingest's own count of its
@@ -186,6 +198,7 @@ impl Rig {
     async fn closed_loop(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<Closed> {
         let url = &self.ingest_url;
         let before = (ingest_count(ctx, url, "accepted").await?, ingest_count(ctx, url, "unavailable").await?);
+        let waits_before = publish_waits(ctx, url).await?;
         let meter = CpuMeter::start(vec![
             Who::Pid(self.ingest.child.id()),
             Who::Pid(self.broker_pid),
@@ -198,9 +211,12 @@ impl Rig {
         let accepted = ingest_count(ctx, url, "accepted").await? - before.0;
         let unavailable = ingest_count(ctx, url, "unavailable").await? - before.1;
         let duplicates = check_held(held, &seen, accepted, unavailable)?;
+        let waits = publish_waits(ctx, url).await?;
+        let publish_wait =
+            (waits.1 > waits_before.1).then(|| 1e6 * (waits.0 - waits_before.0) / (waits.1 - waits_before.1));
         crate::purge(ctx, &self.queue).await?;
         let cpu = Cpu::of(&meter, used, held, started);
-        Ok(Closed { rps, held, accepted, duplicates, cpu })
+        Ok(Closed { rps, held, accepted, duplicates, cpu, publish_wait })
     }
 
     async fn stop(self, ctx: &Ctx) -> anyhow::Result<()> {
@@ -218,6 +234,8 @@ struct Closed {
     accepted: u64,
     duplicates: u64,
     cpu: Cpu,
+    /// How long a publish took inside ingest, on average (µs): from the call to the confirm.
+    publish_wait: Option<f64>,
 }
 
 /// One reading's CPU per message or request (µs) of each metered process, in the order metered,
@@ -264,7 +282,7 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
         // Ceilings at the same concurrency: the same number of publishes (or requests) in flight.
         let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
         let (http_only, _) = load::closed_loop(&ceiling_hook, connections, ctx.duration, &rig.seq).await;
-        let Closed { rps, held, accepted, duplicates, cpu } = rig.closed_loop(ctx, connections).await?;
+        let Closed { rps, held, accepted, duplicates, cpu, .. } = rig.closed_loop(ctx, connections).await?;
         capacity = capacity.max(rps);
         rows.push(row(
             "ingest",
@@ -332,7 +350,8 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
         for pair in 1..=pairs {
             let (http_only, http_cpu) = rig.http_only(ctx, connections).await;
             let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
-            let Closed { rps, held, accepted, duplicates, cpu } = rig.closed_loop(ctx, connections).await?;
+            let Closed { rps, held, accepted, duplicates, cpu, publish_wait } =
+                rig.closed_loop(ctx, connections).await?;
             ratios.push(rps / publishes);
             let parts = (ceiling_cpu.total(), http_cpu.total());
             let reach = if let (Some(publish), Some(http)) = parts { Some(publish / (publish + http)) } else { None };
@@ -341,21 +360,29 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
             // (with more connections in flight the round trips overlap and bound nothing).
             let in_turn = (connections == 1).then(|| http_only / (http_only + publishes));
             round_trips.extend(in_turn);
+            // With one in flight, a raw publish's round trip is the ceiling's period.
+            let raw_publish = (connections == 1).then(|| 1e6 / publishes);
             eprintln!(
                 "  {connections} connection(s), pair {pair}/{pairs}: {rps:.0}/s vs {publishes:.0}/s = {}; the cores \
                  allow at most {}{}",
                 ratio(rps, publishes),
                 share_text(reach),
-                in_turn.map_or(String::new(), |r| format!(", the round trips {:.0}%", 100.0 * r))
+                in_turn.map_or(String::new(), |r| format!(
+                    ", the round trips {:.0}%; a publish took {} inside ingest, {} raw",
+                    100.0 * r,
+                    micros_text(publish_wait),
+                    micros_text(raw_publish)
+                ))
             );
             rows.push(row(
                 "ingest",
                 format!(
                     "pair {pair}/{pairs}, {connections} connection(s): 202/s right after its ceiling (queue {held} = 202s \
                      {accepted} + 503-but-held {duplicates} ✓); CPU per accepted webhook ingest / RabbitMQ / load \
-                     generator {}, machine busy {}",
+                     generator {}, machine busy {}; a publish took {} inside ingest on average",
                     cpu.each_text(),
-                    cpu.busy_text()
+                    cpu.busy_text(),
+                    micros_text(publish_wait)
                 ),
                 format!("{rps:.0}/s"),
                 format!(
