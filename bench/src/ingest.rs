@@ -84,9 +84,25 @@ async fn ingest_count(ctx: &Ctx, ingest_url: &str, outcome: &str) -> anyhow::Res
 
 /// The value of one series of ingest's `/metrics` (0 when it has none yet).
 async fn ingest_metric(ctx: &Ctx, ingest_url: &str, series: &str) -> anyhow::Result<f64> {
-    let metrics = ctx.http.get(format!("{ingest_url}/metrics")).send().await?.text().await?;
+    let metrics = ingest_metrics(ctx, ingest_url).await?;
     let prefix = format!("{series} ");
     Ok(metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0))
+}
+
+/// Ingest's `/metrics` text. Right after a load ingest may still hold the load's connections up to
+/// its cap and answer a new one with its fixed 503: asked again until it answers (that 503's body
+/// read as metrics would turn every count into 0).
+async fn ingest_metrics(ctx: &Ctx, ingest_url: &str) -> anyhow::Result<String> {
+    let started = Instant::now();
+    loop {
+        let response = ctx.http.get(format!("{ingest_url}/metrics")).send().await?;
+        if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || started.elapsed() > Duration::from_secs(30)
+        {
+            return Ok(response.error_for_status()?.text().await?);
+        }
+        eprintln!("  ingest's /metrics answered 503 (still at its connection cap); asking again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `calsync_ingest_publish_seconds`' sum and count so far: how long ingest waited on its publishes.
