@@ -140,8 +140,9 @@ async fn wait_published(world: &World, since: Instant) -> anyhow::Result<()> {
 }
 
 /// `--only changes-pairs`: the drain with the feed off and, right beside it, with the feed on (as in
-/// production), `pairs` times, and the median of the ratios. The order alternates (off first, then
-/// on first) so that whatever the first drain leaves the disk to do does not always land on one side.
+/// production), `pairs` times, and the median of the ratios. The order is reversed every other pair
+/// (off, on, held off; then held off, on, off) so that whatever a drain leaves the disk to do does not
+/// always land on the same side.
 ///
 /// Each pair also drains with the push side held off, then times the push side alone: the feed's
 /// parts are the held-off drain (recording the changes) and the push side's CPU per change ×
@@ -159,7 +160,7 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
         for feed in order {
             drains.push((feed, drain(ctx, world, &bodies, feed).await?));
         }
-        let take = |feed: Feed| drains.iter().position(|(f, _)| *f == feed).map(|i| &drains[i].1).expect("drained");
+        let take = |feed: Feed| drains.iter().find(|(f, _)| *f == feed).map(|(_, d)| d).expect("drained");
         let (off, on, held) = (take(Feed::Off), take(Feed::On), take(Feed::PushHeld));
         ratios.push(on.rate / off.rate);
         let first = if pair % 2 == 1 { "off" } else { "held off" };
