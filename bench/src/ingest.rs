@@ -77,40 +77,46 @@ pub async fn publish_ceiling(broker: &Broker, concurrency: usize, duration: Dura
     (done as f64 / started.elapsed().as_secs_f64(), done)
 }
 
-/// `calsync_ingest_requests_total{outcome}` as ingest counts it.
-async fn ingest_count(ctx: &Ctx, ingest_url: &str, outcome: &str) -> anyhow::Result<u64> {
-    Ok(ingest_metric(ctx, ingest_url, &format!("calsync_ingest_requests_total{{outcome=\"{outcome}\"}}")).await? as u64)
-}
+/// One reading of ingest's `/metrics`: what ingest itself counted, compared between two readings.
+struct IngestMetrics(String);
 
-/// The value of one series of ingest's `/metrics` (0 when it has none yet).
-async fn ingest_metric(ctx: &Ctx, ingest_url: &str, series: &str) -> anyhow::Result<f64> {
-    let metrics = ingest_metrics(ctx, ingest_url).await?;
-    let prefix = format!("{series} ");
-    Ok(metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok()).unwrap_or(0.0))
-}
-
-/// Ingest's `/metrics` text. Right after a load ingest may still hold the load's connections up to
-/// its cap and answer a new one with its fixed 503: asked again until it answers (that 503's body
-/// read as metrics would turn every count into 0).
-async fn ingest_metrics(ctx: &Ctx, ingest_url: &str) -> anyhow::Result<String> {
-    let started = Instant::now();
-    loop {
-        let response = ctx.http.get(format!("{ingest_url}/metrics")).send().await?;
-        if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE || started.elapsed() > Duration::from_secs(30)
-        {
-            return Ok(response.error_for_status()?.text().await?);
+impl IngestMetrics {
+    /// Reads them now. Right after a load ingest may still hold the load's connections up to its cap
+    /// and answer a new one with its fixed 503: asked again until it answers (that 503's body read as
+    /// metrics would turn every count into 0).
+    async fn read(ctx: &Ctx, ingest_url: &str) -> anyhow::Result<Self> {
+        let started = Instant::now();
+        loop {
+            let response = ctx.http.get(format!("{ingest_url}/metrics")).send().await?;
+            if response.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE
+                || started.elapsed() > Duration::from_secs(30)
+            {
+                return Ok(Self(response.error_for_status()?.text().await?));
+            }
+            eprintln!("  ingest's /metrics answered 503 (still at its connection cap); asking again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        eprintln!("  ingest's /metrics answered 503 (still at its connection cap); asking again");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
 
-/// `calsync_ingest_publish_seconds`' sum and count so far: how long ingest waited on its publishes.
-async fn publish_waits(ctx: &Ctx, ingest_url: &str) -> anyhow::Result<(f64, f64)> {
-    Ok((
-        ingest_metric(ctx, ingest_url, "calsync_ingest_publish_seconds_sum").await?,
-        ingest_metric(ctx, ingest_url, "calsync_ingest_publish_seconds_count").await?,
-    ))
+    /// The value of one series (0 while it has none yet).
+    fn value(&self, series: &str) -> f64 {
+        let prefix = format!("{series} ");
+        self.0.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+    }
+
+    /// `calsync_ingest_requests_total{outcome}` since `before`.
+    fn answered_since(&self, before: &Self, outcome: &str) -> u64 {
+        let series = format!("calsync_ingest_requests_total{{outcome=\"{outcome}\"}}");
+        (self.value(&series) - before.value(&series)) as u64
+    }
+
+    /// How long a publish took inside ingest on average since `before` (µs), from
+    /// `calsync_ingest_publish_seconds`: from the call to the confirm.
+    fn publish_wait_since(&self, before: &Self) -> Option<f64> {
+        let since = |series| self.value(series) - before.value(series);
+        let count = since("calsync_ingest_publish_seconds_count");
+        (count > 0.0).then(|| 1e6 * since("calsync_ingest_publish_seconds_sum") / count)
+    }
 }
 
 /// The queue must hold what ingest answered 202 for. Checked against ingest's own count of its
@@ -213,8 +219,7 @@ impl Rig {
     /// Leaves the queue empty.
     async fn closed_loop(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<Closed> {
         let url = &self.ingest_url;
-        let before = (ingest_count(ctx, url, "accepted").await?, ingest_count(ctx, url, "unavailable").await?);
-        let waits_before = publish_waits(ctx, url).await?;
+        let before = IngestMetrics::read(ctx, url).await?;
         let meter = CpuMeter::start(vec![
             Who::Pid(self.ingest.child.id()),
             Who::Pid(self.broker_pid),
@@ -222,17 +227,15 @@ impl Rig {
         ]);
         let started = Instant::now();
         let (rps, seen) = load::closed_loop(&Self::hook(url), connections, ctx.duration, &self.seq).await;
-        let used = meter.used();
+        // Over the loop only: what follows (queue depth, metrics, purge) is the bench's own work.
+        let (used, busy) = (meter.used(), meter.busy_share(started.elapsed().as_secs_f64()));
         let held = crate::depth(ctx, &self.queue).await?;
-        let accepted = ingest_count(ctx, url, "accepted").await? - before.0;
-        let unavailable = ingest_count(ctx, url, "unavailable").await? - before.1;
-        let duplicates = check_held(held, &seen, accepted, unavailable)?;
-        let waits = publish_waits(ctx, url).await?;
-        let publish_wait =
-            (waits.1 > waits_before.1).then(|| 1e6 * (waits.0 - waits_before.0) / (waits.1 - waits_before.1));
+        let after = IngestMetrics::read(ctx, url).await?;
+        let accepted = after.answered_since(&before, "accepted");
+        let duplicates = check_held(held, &seen, accepted, after.answered_since(&before, "unavailable"))?;
         crate::purge(ctx, &self.queue).await?;
-        let cpu = Cpu::of(&meter, used, held, started);
-        Ok(Closed { rps, held, accepted, duplicates, cpu, publish_wait })
+        let cpu = Cpu::of(used, held, busy);
+        Ok(Closed { rps, held, accepted, duplicates, cpu, publish_wait: after.publish_wait_since(&before) })
     }
 
     async fn stop(self, ctx: &Ctx) -> anyhow::Result<()> {
@@ -262,14 +265,14 @@ struct Cpu {
 }
 
 impl Cpu {
+    /// What `meter` has measured since `started`, per `units`.
     fn read(meter: &CpuMeter, units: u64, started: Instant) -> Self {
-        Self::of(meter, meter.used(), units, started)
+        Self::of(meter.used(), units, meter.busy_share(started.elapsed().as_secs_f64()))
     }
 
-    /// From CPU `used` already read off `meter` (the machine's share is read now).
-    fn of(meter: &CpuMeter, used: Vec<Option<Duration>>, units: u64, started: Instant) -> Self {
-        let each = used.into_iter().map(|cpu| micros(cpu, units)).collect();
-        Self { each, busy: meter.busy_share(started.elapsed().as_secs_f64()) }
+    /// From CPU `used` (as [`CpuMeter::used`] gives it) and the machine's `busy` share.
+    fn of(used: Vec<Option<Duration>>, units: u64, busy: Option<f64>) -> Self {
+        Self { each: used.into_iter().map(|cpu| micros(cpu, units)).collect(), busy }
     }
 
     /// All the metered processes together.
@@ -291,13 +294,12 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
     let rig = Rig::start(ctx).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle_mib = rig.ingest.rss_mib();
-    let ceiling_hook = Rig::hook(&rig.ceiling_url);
 
     let mut capacity = 0.0f64;
     for connections in [1usize, 16, 64] {
         // Ceilings at the same concurrency: the same number of publishes (or requests) in flight.
         let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
-        let (http_only, _) = load::closed_loop(&ceiling_hook, connections, ctx.duration, &rig.seq).await;
+        let (http_only, _) = rig.http_only(ctx, connections).await;
         let Closed { rps, held, accepted, duplicates, cpu, .. } = rig.closed_loop(ctx, connections).await?;
         capacity = capacity.max(rps);
         rows.push(row(
@@ -317,12 +319,12 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
     }
     let ingest_hook = Rig::hook(&rig.ingest_url);
     for rate in [1000u64, 5000] {
-        let url = &rig.ingest_url;
-        let before = (ingest_count(ctx, url, "accepted").await?, ingest_count(ctx, url, "unavailable").await?);
+        let before = IngestMetrics::read(ctx, &rig.ingest_url).await?;
         let (latencies, seen) = load::open_loop(&ctx.http, &ingest_hook, rate, ctx.duration, &rig.seq).await;
         let held = crate::depth(ctx, &rig.queue).await?;
-        let accepted = ingest_count(ctx, url, "accepted").await? - before.0;
-        let unavailable = ingest_count(ctx, url, "unavailable").await? - before.1;
+        let after = IngestMetrics::read(ctx, &rig.ingest_url).await?;
+        let (accepted, unavailable) =
+            (after.answered_since(&before, "accepted"), after.answered_since(&before, "unavailable"));
         let duplicates = check_held(held, &seen, accepted, unavailable)?;
         crate::purge(ctx, &rig.queue).await?;
         rows.push(row(
@@ -370,7 +372,7 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
                 rig.closed_loop(ctx, connections).await?;
             ratios.push(rps / publishes);
             let parts = (ceiling_cpu.total(), http_cpu.total());
-            let reach = if let (Some(publish), Some(http)) = parts { Some(publish / (publish + http)) } else { None };
+            let reach = parts.0.zip(parts.1).map(|(publish, http)| publish / (publish + http));
             reaches.extend(reach);
             // One request at a time: each webhook waits at least an HTTP round trip and a publish's
             // (with more connections in flight the round trips overlap and bound nothing).
@@ -460,8 +462,7 @@ async fn overload(
         peak
     };
     let hook = format!("{ingest_url}/webhooks/calendly");
-    let before =
-        (ingest_count(ctx, ingest_url, "accepted").await?, ingest_count(ctx, ingest_url, "unavailable").await?);
+    let before = IngestMetrics::read(ctx, ingest_url).await?;
     let offered = async {
         let result = load::open_loop(&ctx.http, &hook, rate, ctx.duration, seq).await;
         stop.store(true, Ordering::Relaxed);
@@ -469,8 +470,9 @@ async fn overload(
     };
     let ((latencies, seen), peak) = tokio::join!(offered, sample);
     let held = crate::depth(ctx, queue).await?;
-    let accepted = ingest_count(ctx, ingest_url, "accepted").await? - before.0;
-    let unavailable = ingest_count(ctx, ingest_url, "unavailable").await? - before.1;
+    let after = IngestMetrics::read(ctx, ingest_url).await?;
+    let (accepted, unavailable) =
+        (after.answered_since(&before, "accepted"), after.answered_since(&before, "unavailable"));
     let duplicates = check_held(held, &seen, accepted, unavailable)?;
     let failed = seen.failed();
     crate::purge(ctx, queue).await?;
