@@ -1,19 +1,22 @@
 //! The change feed's cost and pace: the worker's drain with the feed's triggers on vs off (same
 //! run, same webhooks) and with the push side held off, each with its CPU per webhook; the push
-//! side alone and whether it keeps up with what the drain commits (its backlog); and
-//! `GET /changes` pages per second at `limit=1000`.
+//! side alone and whether it keeps up with what the drain commits (its backlog); the least any feed
+//! could cost here (its changes inserted bare and published, nothing else); and `GET /changes`
+//! pages per second at `limit=1000`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use sqlx::{Connection as _, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use calsync_common::db::changes;
+use calsync_common::queue::message;
 
 use crate::Ctx;
-use crate::procs::{IngestArgs, share_text, start_ingest};
+use crate::procs::{CpuMeter, IngestArgs, Who, cpu_of, machine_broker_pid, micros, share_text, start_ingest};
 use crate::stats::{self, ratio, row};
 use crate::worker::{
     DEFAULT_BATCH, PREFIX, Split, cpu_split, cpu_split_per, drain_meter, drains_at_0ms, queue_all, start_workers,
@@ -58,6 +61,101 @@ struct Drain {
     split: Split,
     /// [`Feed::PushHeld`]: the push side alone, from its takeover to the last change published.
     push_alone: Option<(Duration, Split)>,
+    /// [`Feed::PushHeld`]: the least its changes cost, measured once its workers stopped.
+    floor: Option<Floor>,
+}
+
+/// The least a change can cost here under the feed's contract — a row in the transaction that
+/// makes the change and one confirmed message per change — measured on a held-off drain's own
+/// changes after its workers stopped, with nothing else done. CPU per change, in µs.
+struct Floor {
+    /// PostgreSQL's part of inserting the change bare: one INSERT per writer batch, as a writer
+    /// that knew its changes would issue it, with no trigger, no check of what changed and no
+    /// numbering.
+    insert: f64,
+    /// The bench's part of publishing it as the push side does (JSON body, `publish_in_order` in
+    /// rounds of the publisher's batch), with nothing read, numbered or marked between rounds.
+    publisher: f64,
+    /// RabbitMQ's part of that publish: routing and confirming a persistent message no queue is
+    /// bound to, which no publisher of one message per change can make cheaper.
+    rabbitmq: f64,
+}
+
+/// How often the floor's insert and publish go over the changes: one pass takes a few hundred ms,
+/// and `/proc` counts CPU in 10 ms ticks.
+const FLOOR_PASSES: usize = 2;
+
+/// Measures [`Floor`] on the changes in `change_log` (every one published by now), which
+/// `deliveries` webhooks made.
+async fn floor(ctx: &Ctx, world: &World, deliveries: usize) -> anyhow::Result<Floor> {
+    let mut recorded = Vec::new();
+    let mut conn = world.pool.acquire().await?;
+    let mut from = changes::Cursor::from(0);
+    loop {
+        let page = changes::after(&mut conn, from, 1000).await?;
+        let Some(last) = page.last() else { break };
+        from = last.cursor;
+        recorded.extend(page);
+    }
+    drop(conn);
+    let insert = insert_floor(ctx, &recorded, deliveries).await?;
+    let (publisher, rabbitmq) = publish_floor(ctx, &recorded).await?;
+    Ok(Floor { insert, publisher, rabbitmq })
+}
+
+/// PostgreSQL's CPU per change to insert `recorded` into a copy of `change_log` (its indexes and
+/// defaults, no trigger), in the changes a writer batch of [`DEFAULT_BATCH`] deliveries holds.
+async fn insert_floor(ctx: &Ctx, recorded: &[changes::Change], deliveries: usize) -> anyhow::Result<f64> {
+    let mut conn = PgConnection::connect(&ctx.db_url).await?;
+    let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()").fetch_one(&mut conn).await?;
+    sqlx::query("DROP TABLE IF EXISTS bench_floor").execute(&mut conn).await?;
+    sqlx::query("CREATE TABLE bench_floor (LIKE change_log INCLUDING ALL)").execute(&mut conn).await?;
+    let per_batch = (recorded.len() * DEFAULT_BATCH / deliveries.max(1)).max(1);
+    let before = cpu_of(backend as u32);
+    // One transaction: no commit is charged to the floor (the writer commits its batch anyway).
+    let mut tx = conn.begin().await?;
+    for _ in 0..FLOOR_PASSES {
+        for batch in recorded.chunks(per_batch) {
+            sqlx::query(
+                "INSERT INTO bench_floor (user_id, kind, meeting_id, calendly_event_uri, invitee_id, status, cause) \
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::uuid[], $6::text[], $7::text[])",
+            )
+            .bind(batch.iter().map(|c| c.user_id).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.meeting_id).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.calendly_event_uri.as_deref()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.invitee_id).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.status.as_deref()).collect::<Vec<_>>())
+            .bind(batch.iter().map(|c| c.cause.as_str()).collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    let used = cpu_of(backend as u32).zip(before).map(|(after, before)| after.saturating_sub(before));
+    sqlx::query("DROP TABLE bench_floor").execute(&mut conn).await?;
+    conn.close().await?;
+    micros(used, (recorded.len() * FLOOR_PASSES) as u64).context("PostgreSQL's backend CPU could not be read")
+}
+
+/// The bench's and RabbitMQ's CPU per change to publish `recorded` to `calsync.changes` as the
+/// push side does, and nothing else.
+async fn publish_floor(ctx: &Ctx, recorded: &[changes::Change]) -> anyhow::Result<(f64, f64)> {
+    let broker = crate::broker(ctx, PREFIX, 1).await?;
+    let exchange = broker.topology().changes_exchange();
+    let meter = CpuMeter::start(vec![Who::Pid(Some(std::process::id())), Who::Pid(machine_broker_pid())]);
+    for _ in 0..FLOOR_PASSES {
+        for round in recorded.chunks(calsync_worker::change_publisher::BATCH as usize) {
+            let messages: Vec<_> = round.iter().map(message::change).collect();
+            broker.publish_in_order(&exchange, &messages).await?;
+        }
+    }
+    let used = meter.used();
+    broker.close().await;
+    let n = (recorded.len() * FLOOR_PASSES) as u64;
+    let publisher = micros(used[0], n).context("the bench's CPU could not be read")?;
+    let rabbitmq = micros(used[1], n).context("RabbitMQ's CPU could not be read")?;
+    Ok((publisher, rabbitmq))
 }
 
 async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: Feed) -> anyhow::Result<Drain> {
@@ -116,8 +214,12 @@ async fn drain(ctx: &Ctx, world: &World, bodies: &[Vec<u8>], feed: Feed) -> anyh
     for w in workers {
         w.stop().await;
     }
+    let floor = match feed {
+        Feed::PushHeld => Some(floor(ctx, world, bodies.len()).await?),
+        Feed::Off | Feed::On => None,
+    };
     let max_backlog = max_backlog.load(Ordering::Relaxed);
-    Ok(Drain { rate: bodies.len() as f64 / seconds, seconds, changes, max_backlog, catch_up, split, push_alone })
+    Ok(Drain { rate: bodies.len() as f64 / seconds, seconds, changes, max_backlog, catch_up, split, push_alone, floor })
 }
 
 /// Until a worker holds the publisher's lock (it tries every few seconds).
@@ -149,10 +251,14 @@ async fn wait_published(world: &World, since: Instant) -> anyhow::Result<()> {
 /// changes per delivery (numbering, reading, publishing). Where the machine is as busy in every
 /// drain, the feed-off CPU per delivery ÷ their sum is the ratio the parts add up to (checked
 /// against the feed-on drain measured beside it) — and, with PostgreSQL's part of the push side
-/// left out, what it would be were numbering and reading free.
+/// left out, what it would be were numbering and reading free. After the held-off drain the bench
+/// also inserts its changes bare and publishes them with nothing else done ([`Floor`]): feed-off
+/// CPU ÷ (feed off + that) is the most any feed keeping the contract could reach here, by the
+/// same reading of CPU as time (which holds where every drain keeps the machine equally busy).
 pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
     let bodies = drains_at_0ms(ctx, world).await?;
     let (mut ratios, mut reaches, mut reaches_free) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut leasts, mut leasts_broker) = (Vec::new(), Vec::new());
     for pair in 1..=pairs {
         let order =
             if pair % 2 == 1 { [Feed::Off, Feed::On, Feed::PushHeld] } else { [Feed::PushHeld, Feed::On, Feed::Off] };
@@ -211,6 +317,37 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
             format!("push held off {:.0}/s, {}; push side alone: {push}", held.rate, held.split),
             share_text(Some(reach)),
         ));
+        let Some(floor) = &held.floor else { continue };
+        // Feed off plus the least the feed's changes cost: what the best feed could reach, by the
+        // same reading of CPU as time as the parts above. 90 % allows feed off ÷ 9 per delivery.
+        let least = per_delivery * (floor.insert + floor.publisher + floor.rabbitmq);
+        let least_broker = per_delivery * (floor.insert + floor.rabbitmq);
+        let (best, best_broker) = (off_cpu / (off_cpu + least), off_cpu / (off_cpu + least_broker));
+        leasts.push(best);
+        leasts_broker.push(best_broker);
+        eprintln!(
+            "    the least the feed could cost: {least:.0} µs per delivery ({:.0}% of feed off); {least_broker:.0} µs \
+             ({:.0}%) with the publisher free",
+            100.0 * best,
+            100.0 * best_broker
+        );
+        rows.push(row(
+            "changes",
+            format!(
+                "pair {pair}/{pairs}: the least any feed could cost here, feed-off CPU ÷ (feed off + {per_delivery:.2} \
+                 changes × (bare insert + publish + RabbitMQ)), per delivery; and were the publisher free"
+            ),
+            format!(
+                "{off_cpu:.0} µs ÷ ({off_cpu:.0} + {per_delivery:.2} × ({:.0} + {:.0} + {:.0} µs)) = {:.0}%; {:.0}%",
+                floor.insert,
+                floor.publisher,
+                floor.rabbitmq,
+                100.0 * best,
+                100.0 * best_broker
+            ),
+            format!("90 % allows {:.0} µs per delivery; the least is {least:.0} µs", off_cpu / 9.0),
+            share_text(Some(best)),
+        ));
     }
     set_feed(world, true).await?;
     rows.push(stats::median_row("changes", "drain with the feed on ÷ without it", ratios, stats::Unit::Percent, 0.9));
@@ -219,6 +356,12 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
         rows.push(stats::median_row("changes", what, reaches, stats::Unit::Percent, 0.9));
         let what = "the same, were numbering and reading free";
         rows.push(stats::median_row("changes", what, reaches_free, stats::Unit::Percent, 0.9));
+    }
+    if leasts.len() == pairs {
+        let what = "the least any feed could cost (bare insert + publish + RabbitMQ per change)";
+        rows.push(stats::median_row("changes", what, leasts, stats::Unit::Percent, 0.9));
+        let what = "the same, were the publisher free (bare insert + RabbitMQ)";
+        rows.push(stats::median_row("changes", what, leasts_broker, stats::Unit::Percent, 0.9));
     }
     crate::reset_topology(ctx, PREFIX).await
 }

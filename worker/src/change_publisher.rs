@@ -19,7 +19,7 @@ use calsync_common::queue::{Broker, PublishError, message};
 use crate::leader;
 
 /// Changes published per confirm round.
-const BATCH: i64 = 500;
+pub const BATCH: i64 = 500;
 /// How often an idle publisher looks for new changes (the push side's added latency).
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// How long a publisher waits after a failed round (broker or database away).
