@@ -16,7 +16,7 @@ use calsync_common::db::changes;
 use calsync_common::queue::message;
 
 use crate::Ctx;
-use crate::procs::{CpuMeter, IngestArgs, Who, cpu_of, machine_broker_pid, micros, share_text, start_ingest};
+use crate::procs::{CpuMeter, IngestArgs, Who, machine_broker_pid, micros, share_text, start_ingest};
 use crate::stats::{self, ratio, row};
 use crate::worker::{
     DEFAULT_BATCH, PREFIX, Split, cpu_split, cpu_split_per, drain_meter, drains_at_0ms, queue_all, start_workers,
@@ -110,7 +110,7 @@ async fn insert_floor(ctx: &Ctx, recorded: &[changes::Change], deliveries: usize
     sqlx::query("DROP TABLE IF EXISTS bench_floor").execute(&mut conn).await?;
     sqlx::query("CREATE TABLE bench_floor (LIKE change_log INCLUDING ALL)").execute(&mut conn).await?;
     let per_batch = (recorded.len() * DEFAULT_BATCH / deliveries.max(1)).max(1);
-    let before = cpu_of(backend as u32);
+    let meter = CpuMeter::start(vec![Who::Pid(Some(backend as u32))]);
     // One transaction: no commit is charged to the floor (the writer commits its batch anyway).
     let mut tx = conn.begin().await?;
     for _ in 0..FLOOR_PASSES {
@@ -131,7 +131,7 @@ async fn insert_floor(ctx: &Ctx, recorded: &[changes::Change], deliveries: usize
         }
     }
     tx.commit().await?;
-    let used = cpu_of(backend as u32).zip(before).map(|(after, before)| after.saturating_sub(before));
+    let used = meter.used()[0];
     sqlx::query("DROP TABLE bench_floor").execute(&mut conn).await?;
     conn.close().await?;
     micros(used, (recorded.len() * FLOOR_PASSES) as u64).context("PostgreSQL's backend CPU could not be read")
@@ -258,13 +258,13 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
     for pair in 1..=pairs {
         let order =
             if pair % 2 == 1 { [Feed::Off, Feed::On, Feed::PushHeld] } else { [Feed::PushHeld, Feed::On, Feed::Off] };
-        let (mut drains, mut least) = (Vec::new(), None);
+        let (mut drains, mut held_floor) = (Vec::new(), None);
         for feed in order {
             drains.push((feed, drain(ctx, world, &bodies, feed).await?));
             // On the held-off drain's own changes, while `change_log` holds them (the next drain
             // empties it) and its workers have stopped.
             if feed == Feed::PushHeld {
-                least = Some(floor(ctx, world, bodies.len()).await?);
+                held_floor = Some(floor(ctx, world, bodies.len()).await?);
             }
         }
         let take = |feed: Feed| drains.iter().find(|(f, _)| *f == feed).map(|(_, d)| d).expect("drained");
@@ -318,7 +318,7 @@ pub async fn ratio_pairs(ctx: &Ctx, world: &World, rows: &mut Vec<stats::Row>, p
             format!("push held off {:.0}/s, {}; push side alone: {push}", held.rate, held.split),
             share_text(Some(reach)),
         ));
-        let Some(floor) = &least else { continue };
+        let Some(floor) = &held_floor else { continue };
         // Feed off plus the least the feed's changes cost: what the best feed could reach, by the
         // same reading of CPU as time as the parts above. 90 % allows feed off ÷ 9 per delivery.
         let least = per_delivery * (floor.insert + floor.publisher + floor.rabbitmq);
