@@ -16,7 +16,7 @@ use calsync_common::queue::{Broker, message};
 use crate::Ctx;
 use crate::load::{self, SIGNING_KEY};
 use crate::procs::{
-    CpuMeter, IngestArgs, Memory, Proc, Who, free_port, machine_broker_pid, micros, micros_text, share_text,
+    CpuMeter, IngestArgs, Memory, Proc, Who, free_port, machine_broker_pid, micros, micros_text, settle, share_text,
     start_ingest, wait_ok,
 };
 use crate::stats::{self, ms, ratio, row};
@@ -164,6 +164,8 @@ struct Rig {
 }
 
 const PREFIX: &str = "bench-ingest";
+/// The longest a pair waits for the machine to go quiet before one of its loops.
+const SETTLE_LIMIT: Duration = Duration::from_secs(30);
 /// Ingest's default `INGEST_PUBLISH_CHANNELS`, given to ingest explicitly so that the ceiling always
 /// publishes through as many channels as ingest does (with fewer, RabbitMQ confirms more per frame).
 const PUBLISH_CHANNELS: usize = 2;
@@ -214,6 +216,37 @@ impl Rig {
         (rps, Cpu::read(&meter, seen.accepted(), started))
     }
 
+    /// The parts of ingest run together, with nothing of ingest's own: `connections` connections,
+    /// each doing a webhook's two round trips one after the other — a POST to the HTTP-only ceiling,
+    /// then a raw confirmed publish from this process. What the round trips allow any ingest,
+    /// measured rather than added up: RabbitMQ now waits between a connection's publishes as long
+    /// as it does behind ingest (a broker gone idle meanwhile takes longer to answer than in the
+    /// ceiling's back-to-back loop), and fewer publishes are in flight than connections. Rounds per
+    /// second, how long a publish took on average (µs), and the CPU per round of the HTTP-only
+    /// server, RabbitMQ and this process (load generator and publisher). Leaves the queue empty.
+    async fn in_turn(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<(f64, Option<f64>, Cpu)> {
+        let meter = CpuMeter::start(vec![
+            Who::Pid(self.ceiling.child.id()),
+            Who::Pid(self.broker_pid),
+            Who::Pid(Some(std::process::id())),
+        ]);
+        let started = Instant::now();
+        let broker = self.broker.clone();
+        let publish = move |n| {
+            let broker = broker.clone();
+            async move {
+                let message = message::webhook(load::body(n), time::OffsetDateTime::now_utc());
+                broker.publish(&message).await.is_ok()
+            }
+        };
+        let hook = Self::hook(&self.ceiling_url);
+        let (rounds, publish_took) = load::in_turn(&hook, connections, ctx.duration, &self.seq, publish).await;
+        let held = crate::depth(ctx, &self.queue).await?;
+        let cpu = Cpu::read(&meter, held, started);
+        crate::purge(ctx, &self.queue).await?;
+        Ok((rounds, publish_took, cpu))
+    }
+
     /// Ingest's closed loop at `connections`, checked against what the queue holds (an error if a
     /// 202 was lost), with the CPU per accepted webhook of ingest, RabbitMQ and the load generator.
     /// Leaves the queue empty.
@@ -236,6 +269,20 @@ impl Rig {
         crate::purge(ctx, &self.queue).await?;
         let cpu = Cpu::of(used, held, busy);
         Ok(Closed { rps, held, accepted, duplicates, cpu, publish_wait: after.publish_wait_since(&before) })
+    }
+
+    /// Lets the machine go quiet before a measured loop (at most [`SETTLE_LIMIT`]), and says how
+    /// long that took and what RabbitMQ spent meanwhile.
+    async fn settle(&self) -> String {
+        let meter = CpuMeter::start(vec![Who::Pid(self.broker_pid)]);
+        let (waited, quiet) = settle(SETTLE_LIMIT).await;
+        let broker = meter.used().into_iter().next().flatten();
+        format!(
+            "{} {:.1} s (RabbitMQ {} ms of CPU)",
+            if quiet { "quiet after" } else { "still busy after" },
+            waited.as_secs_f64(),
+            broker.map_or("?".into(), |cpu| format!("{:.0}", cpu.as_secs_f64() * 1e3))
+        )
     }
 
     async fn stop(self, ctx: &Ctx) -> anyhow::Result<()> {
@@ -362,16 +409,40 @@ pub async fn run(ctx: &Ctx, rows: &mut Vec<stats::Row>) -> anyhow::Result<Memory
 /// on machine D"); ingest's own safeguards — metrics, body deadline, load shedding — are left out. With one
 /// connection the machine idles and the round trips bound instead: a webhook waits at least for an
 /// HTTP round trip and a publish's, one after the other.
+///
+/// Both estimates are also measured: each pair runs the parts together ([`Rig::in_turn`]), every
+/// connection an HTTP-only round trip then a raw publish. That is an ingest with nothing of its
+/// own, and it answers what the sums cannot: how much a broker that waits between a connection's
+/// publishes slows each one, and how fewer publishes in flight than connections lower the rate.
+/// Every loop starts on a quiet machine ([`settle`]).
 pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) -> anyhow::Result<()> {
     let rig = Rig::start(ctx).await?;
     for connections in [1usize, 16, 64] {
-        let (mut ratios, mut reaches, mut round_trips) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ratios, mut reaches, mut round_trips, mut together) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for pair in 1..=pairs {
+            // Each loop starts on a quiet machine: what the one before left (a purge's aftermath in
+            // RabbitMQ) would otherwise fall on whichever loop comes right after it.
+            let before_http = rig.settle().await;
             let (http_only, http_cpu) = rig.http_only(ctx, connections).await;
+            let before_ceiling = rig.settle().await;
             let (publishes, ceiling_cpu) = rig.publish_ceiling(ctx, connections).await?;
+            let before_ingest = rig.settle().await;
             let Closed { rps, held, accepted, duplicates, cpu, publish_wait } =
                 rig.closed_loop(ctx, connections).await?;
+            eprintln!(
+                "  {connections} connection(s), pair {pair}/{pairs}: before HTTP-only {before_http}; before the \
+                 ceiling {before_ceiling}; before ingest {before_ingest}"
+            );
             ratios.push(rps / publishes);
+            let before_parts = rig.settle().await;
+            let (rounds, publish_took, parts_cpu) = rig.in_turn(ctx, connections).await?;
+            together.push(rounds / publishes);
+            eprintln!(
+                "  {connections} connection(s), pair {pair}/{pairs}: before the parts together {before_parts}; \
+                 HTTP-only then raw publish per connection {rounds:.0}/s = {}, a publish took {}",
+                ratio(rounds, publishes),
+                micros_text(publish_took)
+            );
             let parts = (ceiling_cpu.total(), http_cpu.total());
             let reach = parts.0.zip(parts.1).map(|(publish, http)| publish / (publish + http));
             reaches.extend(reach);
@@ -425,6 +496,20 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
                 ),
                 share_text(reach),
             ));
+            rows.push(row(
+                "ingest",
+                format!(
+                    "pair {pair}/{pairs}, {connections} connection(s): the parts together, each connection an HTTP-only \
+                     round trip then a raw publish (a publish took {}); CPU per round HTTP-only server / RabbitMQ / \
+                     load generator and publisher {}, machine busy {}",
+                    micros_text(publish_took),
+                    parts_cpu.each_text(),
+                    parts_cpu.busy_text()
+                ),
+                format!("{rounds:.0}/s"),
+                format!("confirmed publishes {publishes:.0}/s"),
+                ratio(rounds, publishes),
+            ));
         }
         let what = format!("{connections} connection(s): 202/s ÷ its confirmed-publish ceiling");
         rows.push(stats::median_row("ingest", &what, ratios, stats::Unit::Percent, 0.75));
@@ -438,6 +523,11 @@ pub async fn ratio_pairs(ctx: &Ctx, rows: &mut Vec<stats::Row>, pairs: usize) ->
                 "1 connection: the most its round trips allow (HTTP-only's + the raw publish's, one after the other)";
             rows.push(stats::median_row("ingest", what, round_trips, stats::Unit::Percent, 0.75));
         }
+        let what = format!(
+            "{connections} connection(s): the parts together (each connection an HTTP-only round trip, then a raw \
+             publish) ÷ the same ceiling"
+        );
+        rows.push(stats::median_row("ingest", &what, together, stats::Unit::Percent, 0.75));
     }
     rig.stop(ctx).await
 }

@@ -133,6 +133,61 @@ pub async fn closed_loop(url: &str, connections: usize, duration: Duration, seq:
     (tally.accepted() as f64 / started.elapsed().as_secs_f64(), tally)
 }
 
+/// `connections` connections posting webhooks to `url` for `duration`, each 202 followed by `then`
+/// before that connection sends its next request: rounds per second that got a 202 and whose `then`
+/// succeeded, and the mean time `then` took (µs). Within a connection nothing overlaps: a round
+/// costs the HTTP round trip plus `then`.
+pub async fn in_turn<F, Fut>(
+    url: &str,
+    connections: usize,
+    duration: Duration,
+    seq: &Arc<AtomicU64>,
+    then: F,
+) -> (f64, Option<f64>)
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let target = Target::parse(url);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let (target, seq, then) = (target.clone(), seq.clone(), then.clone());
+            tokio::spawn(async move {
+                let (mut done, mut calls, mut then_took) = (0u64, 0u64, Duration::ZERO);
+                while started.elapsed() < duration {
+                    let Some((mut sender, connection)) = target.connect().await else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    let connection = tokio::spawn(connection);
+                    while started.elapsed() < duration && sender.ready().await.is_ok() {
+                        let n = seq.fetch_add(1, Ordering::Relaxed);
+                        if target.post(&mut sender, body(n)).await == Some(202) {
+                            let begun = Instant::now();
+                            let ok = then(n).await;
+                            then_took += begun.elapsed();
+                            calls += 1;
+                            done += u64::from(ok);
+                        }
+                    }
+                    drop(sender);
+                    let _ = connection.await;
+                }
+                (done, calls, then_took)
+            })
+        })
+        .collect();
+    let (mut done, mut calls, mut then_took) = (0u64, 0u64, Duration::ZERO);
+    for task in tasks {
+        if let Ok((d, c, t)) = task.await {
+            (done, calls, then_took) = (done + d, calls + c, then_took + t);
+        }
+    }
+    let mean = (calls > 0).then(|| then_took.as_secs_f64() * 1e6 / calls as f64);
+    (done as f64 / started.elapsed().as_secs_f64(), mean)
+}
+
 /// Where the closed loop posts: the address to connect to, the `Host` header and the path.
 #[derive(Clone)]
 struct Target {

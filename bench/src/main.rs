@@ -45,7 +45,8 @@ struct Cli {
     /// Sections to run (all by default): ingest, cluster, worker, changes, e2e, budget, retention, traces, import;
     /// `budget-cost` runs only the budget section's cost per call; `worker-pairs` the worker's
     /// batched drain right after its ceiling, `--pairs` times; `ingest-pairs` ingest's closed loop
-    /// right after its confirmed-publish ceiling, `--pairs` times at each concurrency; `changes-pairs`
+    /// right after its confirmed-publish ceiling, `--pairs` times at each concurrency, beside its parts
+    /// run together (an HTTP-only round trip then a raw publish per connection); `changes-pairs`
     /// the drain with the change feed off and on side by side, `--pairs` times.
     #[arg(
         long,

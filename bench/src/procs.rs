@@ -199,6 +199,27 @@ impl CpuMeter {
     }
 }
 
+/// How long [`settle`] watches the machine at a time.
+const SETTLE_WINDOW: Duration = Duration::from_millis(500);
+
+/// Waits, for at most `limit`, until the whole machine has spent under a tenth of its cores for one
+/// [`SETTLE_WINDOW`]: what a loop leaves behind (RabbitMQ trimming a purged quorum queue's log,
+/// say) is then not charged to the next loop. How long it waited, and whether the machine got
+/// that quiet (when not, the next loop runs anyway and the caller says so).
+pub async fn settle(limit: Duration) -> (Duration, bool) {
+    let started = std::time::Instant::now();
+    loop {
+        let meter = CpuMeter::start(Vec::new());
+        tokio::time::sleep(SETTLE_WINDOW).await;
+        if meter.busy_share(SETTLE_WINDOW.as_secs_f64()).is_some_and(|busy| busy < 0.1) {
+            return (started.elapsed(), true);
+        }
+        if started.elapsed() >= limit {
+            return (started.elapsed(), false);
+        }
+    }
+}
+
 /// Busy CPU time of the machine since boot, from `/proc/stat`'s first line.
 fn machine_busy() -> Option<Duration> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
