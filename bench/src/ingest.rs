@@ -241,8 +241,10 @@ impl Rig {
         };
         let hook = Self::hook(&self.ceiling_url);
         let (rounds, publish_took) = load::in_turn(&hook, connections, ctx.duration, &self.seq, publish).await;
+        // Over the loop only, as in `closed_loop`.
+        let (used, busy) = (meter.used(), meter.busy_share(started.elapsed().as_secs_f64()));
         let held = crate::depth(ctx, &self.queue).await?;
-        let cpu = Cpu::read(&meter, held, started);
+        let cpu = Cpu::of(used, held, busy);
         crate::purge(ctx, &self.queue).await?;
         Ok((rounds, publish_took, cpu))
     }
