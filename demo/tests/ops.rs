@@ -100,32 +100,37 @@ async fn every_metric_the_alert_rules_and_the_dashboard_name_is_exported_by_the_
     let outcome = scenario::run(&stack, &|_| {}).await.unwrap();
     scenario::wait_for_rows(&stack, &outcome, Duration::from_secs(60)).await.unwrap();
 
-    let exported = report::scrape(&stack).await.unwrap();
     let http = calsync_demo::stack::http_client();
     let rabbit_url = rabbit.prometheus_url(0).expect("started with the Prometheus plugin");
     let detailed = format!("{rabbit_url}/metrics/detailed?family=queue_coarse_metrics");
-    // RabbitMQ collects queue statistics every few seconds: wait for the stack's work queues.
+    // Asked again until everything is there, with a deadline: RabbitMQ collects queue statistics
+    // every few seconds (the stack's work queues appear late), and a counter exists only once it
+    // was first counted — `calsync_changes_total` when the publisher's sequencer has numbered the
+    // scenario's changes, which it does after their rows committed, on its own schedule.
     let started = std::time::Instant::now();
-    let rabbit_samples = loop {
+    loop {
+        let exported = report::scrape(&stack).await.unwrap();
         let text = http.get(&detailed).send().await.unwrap().text().await.unwrap();
-        let samples = report::samples(&text);
-        let queues = queues_reported(&samples);
-        if queues.contains("ops.calsync.webhooks") && queues.contains("ops.calsync.sync") {
-            break samples;
+        let rabbit_samples = report::samples(&text);
+        let queues = queues_reported(&rabbit_samples);
+        let mut exported_names = names(&exported.ingest);
+        exported_names.extend(names(&exported.workers));
+        exported_names.extend(names(&rabbit_samples));
+        let missing: Vec<String> = named
+            .iter()
+            .filter(|(name, _)| !exported_names.contains(name.as_str()))
+            .map(|(name, file)| format!("{name} (ops/{file})"))
+            .collect();
+        let queues_there = queues.contains("ops.calsync.webhooks") && queues.contains("ops.calsync.sync");
+        if missing.is_empty() && queues_there {
+            break;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "RabbitMQ reported {queues:?} after 60 s");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "after 60 s, named in ops/ but exported by nothing: {missing:#?}; RabbitMQ reported queues {queues:?}"
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-
-    let mut exported_names = names(&exported.ingest);
-    exported_names.extend(names(&exported.workers));
-    exported_names.extend(names(&rabbit_samples));
-    let missing: Vec<String> = named
-        .iter()
-        .filter(|(name, _)| !exported_names.contains(name.as_str()))
-        .map(|(name, file)| format!("{name} (ops/{file})"))
-        .collect();
-    assert!(missing.is_empty(), "named in ops/ but exported by nothing: {missing:#?}");
+    }
 
     // The backlog rule counts queues by name (its pattern is unit-tested by promtool against
     // `calsync.webhooks` and `prod.calsync.webhooks`): the stack's real queues carry those names,
