@@ -222,7 +222,8 @@ impl Rig {
     /// measured rather than added up: RabbitMQ now waits between a connection's publishes as long
     /// as it does behind ingest (a broker gone idle meanwhile takes longer to answer than in the
     /// ceiling's back-to-back loop), and fewer publishes are in flight than connections. Rounds per
-    /// second, how long a publish took on average (µs), and the CPU per round of the HTTP-only
+    /// second, how long a publish took on average (µs; building the message included, as in the
+    /// ceiling's loop), and the CPU per round of the HTTP-only
     /// server, RabbitMQ and this process (load generator and publisher). Leaves the queue empty.
     async fn in_turn(&self, ctx: &Ctx, connections: usize) -> anyhow::Result<(f64, Option<f64>, Cpu)> {
         let meter = CpuMeter::start(vec![

@@ -105,24 +105,11 @@ pub async fn closed_loop(url: &str, connections: usize, duration: Duration, seq:
         .map(|_| {
             let (target, tally, seq) = (target.clone(), tally.clone(), seq.clone());
             tokio::spawn(async move {
-                // A connection that breaks (every send then fails) is replaced while time is left.
-                while started.elapsed() < duration {
-                    let Some((mut sender, connection)) = target.connect().await else {
-                        // Nothing was sent: not a request to count.
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    let send = async {
-                        // Not ready: ingest closed the connection (nothing sent on it): reconnect.
-                        while started.elapsed() < duration && sender.ready().await.is_ok() {
-                            let status = target.post(&mut sender, body(seq.fetch_add(1, Ordering::Relaxed))).await;
-                            tally.count(status);
-                        }
-                        // Dropping the sender lets the connection finish.
-                        drop(sender);
-                    };
-                    let _ = tokio::join!(connection, send);
-                }
+                keep_posting(&target, started, duration, &seq, |_, status| {
+                    tally.count(status);
+                    std::future::ready(())
+                })
+                .await
             })
         })
         .collect();
@@ -148,44 +135,70 @@ where
     F: Fn(u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = bool> + Send,
 {
+    /// What every connection's rounds came to.
+    #[derive(Default)]
+    struct Rounds {
+        done: AtomicU64,
+        calls: AtomicU64,
+        then_nanos: AtomicU64,
+    }
     let target = Target::parse(url);
+    let rounds = Arc::new(Rounds::default());
     let started = Instant::now();
     let tasks: Vec<_> = (0..connections)
         .map(|_| {
-            let (target, seq, then) = (target.clone(), seq.clone(), then.clone());
+            let (target, seq, then, rounds) = (target.clone(), seq.clone(), then.clone(), rounds.clone());
             tokio::spawn(async move {
-                let (mut done, mut calls, mut then_took) = (0u64, 0u64, Duration::ZERO);
-                while started.elapsed() < duration {
-                    let Some((mut sender, connection)) = target.connect().await else {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    let connection = tokio::spawn(connection);
-                    while started.elapsed() < duration && sender.ready().await.is_ok() {
-                        let n = seq.fetch_add(1, Ordering::Relaxed);
-                        if target.post(&mut sender, body(n)).await == Some(202) {
-                            let begun = Instant::now();
-                            let ok = then(n).await;
-                            then_took += begun.elapsed();
-                            calls += 1;
-                            done += u64::from(ok);
-                        }
+                keep_posting(&target, started, duration, &seq, move |n, status| {
+                    let (then, rounds) = ((status == Some(202)).then(|| then(n)), rounds.clone());
+                    async move {
+                        let Some(then) = then else { return };
+                        let begun = Instant::now();
+                        let ok = then.await;
+                        rounds.then_nanos.fetch_add(begun.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                        rounds.calls.fetch_add(1, Ordering::Relaxed);
+                        rounds.done.fetch_add(u64::from(ok), Ordering::Relaxed);
                     }
-                    drop(sender);
-                    let _ = connection.await;
-                }
-                (done, calls, then_took)
+                })
+                .await
             })
         })
         .collect();
-    let (mut done, mut calls, mut then_took) = (0u64, 0u64, Duration::ZERO);
     for task in tasks {
-        if let Ok((d, c, t)) = task.await {
-            (done, calls, then_took) = (done + d, calls + c, then_took + t);
-        }
+        let _ = task.await;
     }
-    let mean = (calls > 0).then(|| then_took.as_secs_f64() * 1e6 / calls as f64);
+    let (done, calls) = (rounds.done.load(Ordering::Relaxed), rounds.calls.load(Ordering::Relaxed));
+    let mean = (calls > 0).then(|| rounds.then_nanos.load(Ordering::Relaxed) as f64 / 1e3 / calls as f64);
     (done as f64 / started.elapsed().as_secs_f64(), mean)
+}
+
+/// One connection's requests until `duration` has passed since `started`: one signed webhook after
+/// another on a keep-alive connection, each answer (its status, `None` if none came) handed to
+/// `answered` and awaited before the next request. A connection that breaks (every send then
+/// fails) is replaced while time is left.
+async fn keep_posting<F, Fut>(target: &Target, started: Instant, duration: Duration, seq: &AtomicU64, mut answered: F)
+where
+    F: FnMut(u64, Option<u16>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    while started.elapsed() < duration {
+        let Some((mut sender, connection)) = target.connect().await else {
+            // Nothing was sent: not a request to count.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let send = async {
+            // Not ready: the server closed the connection (nothing sent on it): reconnect.
+            while started.elapsed() < duration && sender.ready().await.is_ok() {
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let status = target.post(&mut sender, body(n)).await;
+                answered(n, status).await;
+            }
+            // Dropping the sender lets the connection finish.
+            drop(sender);
+        };
+        let _ = tokio::join!(connection, send);
+    }
 }
 
 /// Where the closed loop posts: the address to connect to, the `Host` header and the path.
