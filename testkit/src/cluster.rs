@@ -233,10 +233,13 @@ impl RabbitCluster {
         self.nodes.iter().position(|node| node.amqp_port == port)
     }
 
-    /// SIGKILL: the node dies without a word to its peers or clients.
+    /// SIGKILL: the node dies without a word to its peers or clients. A node already dead (killed
+    /// earlier in the run; teardown kills every node) is left alone.
     pub fn kill(&self, n: usize) {
         let pid = std::fs::read_to_string(self.node_dir(n).join("pid")).unwrap_or_default();
-        if let Ok(pid) = pid.trim().parse::<i32>() {
+        if let Ok(pid) = pid.trim().parse::<i32>()
+            && Path::new(&format!("/proc/{pid}")).exists()
+        {
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             let started = Instant::now();
             while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < Duration::from_secs(10) {
