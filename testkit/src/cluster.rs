@@ -237,14 +237,15 @@ impl RabbitCluster {
     /// earlier in the run; teardown kills every node) is left alone.
     pub fn kill(&self, n: usize) {
         let pid = std::fs::read_to_string(self.node_dir(n).join("pid")).unwrap_or_default();
-        if let Ok(pid) = pid.trim().parse::<i32>()
-            && Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
-            let started = Instant::now();
-            while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < Duration::from_secs(10) {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        let Ok(pid) = pid.trim().parse::<i32>() else { return };
+        let alive = || Path::new(&format!("/proc/{pid}")).exists();
+        if !alive() {
+            return;
+        }
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        let started = Instant::now();
+        while alive() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
